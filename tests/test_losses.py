@@ -121,10 +121,15 @@ def test_padding_garbage_does_not_change_result() -> None:
         # response (index >= end - 1), is garbage
         ids2[b, end:] = torch.randint(0, VOCAB, (ids2.shape[1] - end,), generator=g)
         logits2[b, end - 1 :] = 1e4 * torch.randn(logits2.shape[1] - end + 1, VOCAB, generator=g)
+        # -inf logits there give -inf token log-probs that must not leak in (as NaN)
+        logits2[b, end - 1 :, : VOCAB // 2] = -math.inf
         # prompt ids also change what nothing reads: position p-1's id is context only
     changed = bool((ids2 != input_ids).any()) and bool((logits2 != logits).any())
     assert changed
     assert torch.equal(sequence_logprobs(logits2, ids2, mask), base)
+    logits2.requires_grad_(True)
+    nll_loss(logits2, ids2, mask).backward()
+    assert torch.isfinite(logits2.grad).all()
     # out-of-vocabulary pad ids (-100 labels, pad id = vocab size) are fine too
     ids3 = input_ids.clone()
     for b, (p, r) in enumerate(spans):
