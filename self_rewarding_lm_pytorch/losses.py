@@ -57,11 +57,12 @@ def _chunks(n_rows: int, vocab: int) -> list[tuple[int, int]]:
 
 
 class _TargetLogprobs(torch.autograd.Function):
-    """``out[n] = logits[n, targets[n]] - logsumexp(logits[n])`` for flat ``(N, V)`` logits.
+    """``out[n] = log_softmax(logits[n])[targets[n]]`` for flat ``(N, V)`` logits.
 
-    Computed chunk by chunk in float32 (or float64); the backward pass recomputes the
-    softmax from the saved low-precision logits and the saved ``logsumexp``, so no
-    float32 copy of the full ``(N, V)`` logits is kept alive for autograd.
+    Computed chunk by chunk with the fused ``log_softmax(..., dtype=float32)`` kernel (the
+    upcast happens inside the kernel).  The backward pass recomputes the softmax from the
+    saved low-precision logits, so autograd keeps no float32 copy of the ``(N, V)``
+    logits alive (the plain ``logits.float().log_softmax(-1)`` path keeps one).
     """
 
     @staticmethod
@@ -69,31 +70,27 @@ class _TargetLogprobs(torch.autograd.Function):
         cdtype = _compute_dtype(logits.dtype)
         n_rows, vocab = logits.shape
         out = torch.empty(n_rows, dtype=cdtype, device=logits.device)
-        lse = torch.empty(n_rows, dtype=cdtype, device=logits.device)
         for start, stop in _chunks(n_rows, vocab):
-            x = logits[start:stop].to(cdtype)
-            chunk_lse = torch.logsumexp(x, dim=-1)
-            picked = x.gather(-1, targets[start:stop, None]).squeeze(-1)
-            lse[start:stop] = chunk_lse
-            out[start:stop] = picked - chunk_lse
-        ctx.save_for_backward(logits, targets, lse)
+            logp = torch.log_softmax(logits[start:stop], dim=-1, dtype=cdtype)
+            out[start:stop] = logp.gather(-1, targets[start:stop, None]).squeeze(-1)
+        ctx.save_for_backward(logits, targets)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
-        logits, targets, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None
-        cdtype = lse.dtype
+        logits, targets = ctx.saved_tensors
+        cdtype = _compute_dtype(logits.dtype)
         n_rows, vocab = logits.shape
         grad_logits = torch.empty_like(logits)
         grad_out = grad_out.to(cdtype)
         for start, stop in _chunks(n_rows, vocab):
             g = grad_out[start:stop, None]
-            # d/dx [x_y - logsumexp(x)] = onehot(y) - softmax(x)
-            grad = torch.exp(logits[start:stop].to(cdtype) - lse[start:stop, None]).mul_(-g)
+            # d/dx log_softmax(x)[y] = onehot(y) - softmax(x)
+            grad = torch.softmax(logits[start:stop], dim=-1, dtype=cdtype).mul_(-g)
             grad.scatter_add_(-1, targets[start:stop, None], g)
-            grad_logits[start:stop] = grad.to(logits.dtype)
+            grad_logits[start:stop] = grad
         return grad_logits, None
 
 
@@ -205,9 +202,9 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     ``out[b, t] = log softmax(logits[b, t - 1])[input_ids[b, t]]``, i.e.
     ``log p(x_t | x_<t)``, for ``t >= 1``; ``out[:, 0] = 0`` (no context).
 
-    Computed as ``logit[target] - logsumexp(logits)`` in float32 (float64 for float64
-    input), in chunks so that bf16/fp16 logits are never upcast all at once; the
-    backward pass recomputes the softmax instead of storing a float32 copy.
+    Computed with ``log_softmax`` + ``gather`` in float32 (float64 for float64 input), in
+    chunks so that bf16/fp16 logits are never upcast all at once; the backward pass
+    recomputes the softmax instead of storing a float32 copy of the logits.
 
     Args:
         logits: ``(batch, seq, vocab)`` floating logits.
