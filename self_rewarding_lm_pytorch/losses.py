@@ -176,6 +176,8 @@ def _masked_token_logprobs(
     """Validated token log-probs with zeros outside the mask, and the bool mask."""
     _check_logits_and_ids(logits, input_ids)
     mask = _as_bool_mask(response_mask, input_ids.shape)
+    if mask.shape[0] == 0:
+        raise ValueError("the batch is empty (batch size 0); pass at least one sequence")
     if mask.shape[1] and bool(mask[:, 0].any()):
         rows = mask[:, 0].nonzero().flatten().tolist()
         raise ValueError(

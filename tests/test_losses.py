@@ -247,6 +247,12 @@ def test_integer_mask_accepted_and_single_token_sequence() -> None:
         sequence_logprobs(logits, input_ids, mask),
     )
     assert token_logprobs(logits[:, :1], input_ids[:, :1]).tolist() == [[0.0], [0.0]]
+    # non-contiguous logits (a transposed buffer) give the same values
+    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(
+        token_logprobs(strided, input_ids), token_logprobs(logits, input_ids), rtol=0, atol=0
+    )
 
 
 # --------------------------------------------------------------------------- DPO
@@ -435,6 +441,8 @@ def test_token_logprobs_errors() -> None:
         token_logprobs(logits, ids)
     with pytest.raises(ValueError, match="vocab = 0"):
         token_logprobs(logits[..., :0], input_ids)
+    with pytest.raises(ValueError, match="batch is empty"):
+        nll_loss(logits[:0], input_ids[:0], torch.zeros(0, 6, dtype=torch.bool))
 
 
 @pytest.mark.parametrize(
