@@ -1,0 +1,900 @@
+"""The self-rewarding training pipeline: ordered stages, a run directory, resume.
+
+Stages (each a config dataclass) run in the order listed:
+
+* :class:`SFTStage` — supervised fine-tuning on IFT (+ EFT) data; gives M1.
+* :class:`SPINStage` — self-play fine-tuning cycles (Chen et al., 2024).
+* :class:`PromptGenerationStage` — new prompts by few-shot prompting (Yuan et al., 2024, §2.2).
+* :class:`PreferenceStage` — one DPO iteration on pairs built from N sampled candidates
+  judged by the model itself (``judge="self"``, the paper's §2.3) or by an external judge
+  (OAIF style); gives M(t+1).
+
+The pipeline owns ordering, the run directory, checkpoints and resume; trainers own the
+training loops and ``losses.py`` the math. Every generated record is appended to JSONL as
+it is made, and ``state.json`` (written atomically) says which stages finished, so running
+the same command again resumes where it stopped without losing or duplicating a record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import math
+import shutil
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ConfigError, to_dict
+from .data import PreferenceExample, SFTExample, materialize, to_sft_example
+from .generation import GenerationConfig, generate_text
+from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
+from .models import CausalLM, Tokenizer, unwrap_model, wrap_model, wrap_tokenizer
+from .pairs import select_pairs
+from .prompts import generate_prompts
+from .store import JsonlStore, atomic_write_json, atomic_write_text, read_jsonl
+from .trainers import DPOTrainer, SFTTrainer, SPINTrainer
+from .trainers.base import load_checkpoint, save_checkpoint
+
+__all__ = [
+    "JudgeParseError",
+    "NotEnoughPairsError",
+    "PreferenceStage",
+    "PromptGenerationStage",
+    "SFTStage",
+    "SPINStage",
+    "SelfRewardingTrainer",
+    "Stage",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ====================================================================== stage configs
+
+
+@dataclass
+class SFTStage:
+    """Supervised fine-tuning on the named datasets (concatenated), e.g. ``["sft", "eft"]``."""
+
+    kind: Literal["sft"] = "sft"
+    datasets: list[str] = field(default_factory=lambda: ["sft"])
+    trainer: dict[str, Any] = field(default_factory=dict)  # SFTTrainer keyword arguments
+
+
+@dataclass
+class SPINStage:
+    """SPIN cycles on an SFT dataset: real responses vs the model's own samples."""
+
+    kind: Literal["spin"] = "spin"
+    dataset: str = "sft"
+    cycles: int = 1
+    trainer: dict[str, Any] = field(default_factory=dict)  # SPINTrainer keyword arguments
+
+
+@dataclass
+class PromptGenerationStage:
+    """New prompts from few-shot prompting (paper §2.2), filtered as in Self-Instruct."""
+
+    kind: Literal["prompt_generation"] = "prompt_generation"
+    num_prompts: int = 1000
+    seed_dataset: str = "prompts"
+    generator_model: str = "self"  # "self" or the name of a model given in `models=`
+    num_shots: int = 8
+    num_seed_shots: int = 6
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    max_attempts: int | None = None
+
+
+@dataclass
+class PreferenceStage:
+    """One iteration of DPO on pairs built from judged candidates.
+
+    ``judge="self"`` is the paper's self-rewarding iteration (the model being trained is
+    the judge); any other name picks an external judge given to the trainer (``judges=``).
+    ``prompts="generated"`` uses the output of the latest prompt-generation stage.
+    """
+
+    kind: Literal["self_reward_dpo", "external_reward_dpo"] = "self_reward_dpo"
+    num_preference_pairs: int = 1000
+    prompts: str = "prompts"
+    judge: str = "self"
+    num_candidates: int = 4  # paper: N = 4
+    temperature: float = 0.7  # paper: T = 0.7, top-p 0.9
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 128
+    judge_samples: int = 3  # paper: 3 judge samples, averaged
+    judge_mode: Literal["mean", "expected"] = "mean"
+    judge_temperature: float = 0.7
+    judge_max_new_tokens: int = 256
+    pair_strategy: Any = "best_worst"  # name in pairs.PAIR_STRATEGIES, or a callable
+    pair_margin: float = 0.0
+    length_tolerance: float = 0.0
+    chunk_size: int = 16  # prompts generated + judged (and saved) together
+    max_prompts: int | None = None  # bound on prompts tried; default: every prompt once
+    min_parse_rate: float = 0.2  # stop with an explanation when the judge parses less
+    replay: str | None = None  # SFT dataset replayed as auxiliary loss in every DPO step
+    trainer: dict[str, Any] = field(default_factory=dict)  # DPOTrainer keyword arguments
+
+
+Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
+STAGE_TYPES: dict[str, type] = {
+    "sft": SFTStage,
+    "spin": SPINStage,
+    "prompt_generation": PromptGenerationStage,
+    "self_reward_dpo": PreferenceStage,
+    "external_reward_dpo": PreferenceStage,
+}
+STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
+
+
+def _stage_slug(stage: Stage) -> str:
+    return stage.kind.replace("_", "-")
+
+
+def check_trainer_kwargs(stage: Stage) -> None:
+    """Reject unknown trainer keyword arguments before any work starts."""
+    trainer_cls = STAGE_TRAINERS.get(type(stage))
+    kwargs = getattr(stage, "trainer", {})
+    if trainer_cls is None or not kwargs:
+        return
+    import difflib
+
+    valid: set[str] = set()
+    for cls in trainer_cls.__mro__:  # trainers pass **kwargs up to their base classes
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            valid |= {
+                n
+                for n, p in inspect.signature(init).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ("self", "model")
+            }
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{stage.kind}.trainer: unknown {trainer_cls.__name__} argument {key!r}{hint}"
+            )
+
+
+# ====================================================================== errors
+
+
+class JudgeParseError(RuntimeError):
+    """The judge's outputs could not be parsed often enough to build preference pairs."""
+
+
+class NotEnoughPairsError(RuntimeError):
+    """The prompts ran out before the requested number of preference pairs was built."""
+
+
+def _parse_failure_message(stage: Stage, parse_rate: float, samples: list[str]) -> str:
+    shown = "\n".join(f"  [{i + 1}] {s[:300]!r}" for i, s in enumerate(samples[:3]))
+    return (
+        f"the judge produced a parsable score for only {parse_rate:.1%} of its outputs "
+        f"(stage {stage.kind}, minimum {stage.min_parse_rate:.0%}), so preference pairs "
+        f"cannot be built. Three of its outputs:\n{shown}\n"
+        "Fixes: fine-tune the model on EFT (judge) examples first (an SFT stage with an "
+        "'eft' dataset), give a RewardConfig whose template/regex matches what the model "
+        "writes, or use an external judge (judge='<name>' with judges={...})."
+    )
+
+
+# ====================================================================== helpers
+
+
+def _seed_for(*parts: Any) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def _as_prompt_list(dataset: Any, name: str) -> list[str]:
+    prompts = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if isinstance(item, dict):
+            item = item.get("prompt", item.get("instruction"))
+        if not isinstance(item, str):
+            raise TypeError(
+                f"prompt dataset {name!r} item {i} is {type(item).__name__}; prompts must be "
+                "strings (or dicts with a 'prompt' key)"
+            )
+        prompts.append(item)
+    if not prompts:
+        raise ValueError(f"prompt dataset {name!r} is empty; give at least one prompt")
+    return prompts
+
+
+def tokenize_sft_item(item: Any, tokenizer: Tokenizer) -> SFTExample:
+    """An SFT item as token ids: text dicts ``{"prompt", "response"}`` are tokenized
+    (prompt through the chat format, EOS appended to the response); token items go
+    through :func:`to_sft_example`."""
+    if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        if not isinstance(item.get("response"), str):
+            raise TypeError("a text SFT item needs string 'prompt' and 'response' fields")
+        prompt_ids = tokenizer.encode(tokenizer.format_prompt(item["prompt"]))
+        response_ids = tokenizer.encode(item["response"])
+        if tokenizer.eos_id is not None:
+            response_ids = response_ids + [tokenizer.eos_id]
+        return SFTExample(prompt_ids + response_ids, len(prompt_ids))
+    return to_sft_example(item, pad_id=getattr(tokenizer, "pad_id", None))
+
+
+def preference_example(
+    prompt: str, chosen: str, rejected: str, tokenizer: Tokenizer
+) -> PreferenceExample:
+    """Tokenize one (prompt, chosen, rejected) text triple; EOS ends both responses."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return PreferenceExample(
+        prompt_ids=tokenizer.encode(tokenizer.format_prompt(prompt)),
+        chosen_ids=tokenizer.encode(chosen) + eos,
+        rejected_ids=tokenizer.encode(rejected) + eos,
+    )
+
+
+# ====================================================================== the trainer
+
+
+class SelfRewardingTrainer:
+    """Run SFT, SPIN, prompt generation and self-/external-reward DPO stages in order.
+
+    Either give ``stages`` explicitly, or use the seed's keyword API, which builds the
+    paper's default order: SFT on ``train_sft_dataset``, ``num_spin_cycles`` SPIN cycles,
+    then ``self_reward_num_iterations`` self-rewarding DPO iterations with
+    ``num_preference_pairs[i]`` pairs each.
+
+    Datasets are named: ``train_sft_dataset`` is ``"sft"``, ``prompt_dataset`` is
+    ``"prompts"``, and ``datasets={"eft": ...}`` adds more. SFT items are the seed's
+    ``(token_ids, prompt_len)`` tuples or text dicts ``{"prompt", "response"}``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        tokenizer_encode: Callable[[str], Any] | None = None,
+        tokenizer_decode: Callable[[Any], str] | None = None,
+        eos_id: int | None = None,
+        stages: Sequence[Stage] | None = None,
+        train_sft_dataset: Any = None,
+        valid_sft_dataset: Any = None,
+        prompt_dataset: Any = None,
+        datasets: dict[str, Any] | None = None,
+        judges: dict[str, Any] | None = None,
+        models: dict[str, nn.Module] | None = None,
+        reward_prompt_config: RewardConfig | None = None,
+        oracle: Callable[[str, str], float] | None = None,
+        # the seed's keyword API
+        initial_sft: bool = True,
+        spin: bool = False,
+        num_spin_cycles: int = 0,
+        self_reward_num_iterations: int | None = None,
+        num_preference_pairs: int | Sequence[int] = 1000,
+        num_candidate_responses: int = 4,
+        preference_max_seq_len: int = 1024,
+        generate_reward_max_seq_len: int = 256,
+        dpo_beta: float = 0.1,
+        pad_id: int | None = None,
+        accelerate_kwargs: dict | None = None,
+        sft_trainer_kwargs: dict | None = None,
+        spin_trainer_kwargs: dict | None = None,
+        dpo_trainer_kwargs: dict | None = None,
+        early_stopper_eval_module: Callable[[nn.Module], float] | None = None,
+        checkpoints_folder: str | Path = "./checkpoints",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.lm: CausalLM = wrap_model(model)
+        self.model = self.lm.module
+        self.tokenizer = wrap_tokenizer(
+            tokenizer, encode=tokenizer_encode, decode=tokenizer_decode, eos_id=eos_id, pad_id=pad_id
+        )
+        self.pad_id = pad_id
+        self.reward_config = reward_prompt_config or DEFAULT_REWARD_CONFIG
+        self.oracle = oracle
+        self.run_dir = Path(checkpoints_folder)
+        self.seed = seed
+        self.progress = progress
+        self.early_stopper_eval_module = early_stopper_eval_module
+        self.preference_max_seq_len = preference_max_seq_len
+        self.accelerate_kwargs = dict(accelerate_kwargs or {})
+
+        self.datasets: dict[str, Any] = {}
+        if train_sft_dataset is not None:
+            self.datasets["sft"] = train_sft_dataset
+        if valid_sft_dataset is not None:
+            self.datasets["valid_sft"] = valid_sft_dataset
+        if prompt_dataset is not None:
+            self.datasets["prompts"] = prompt_dataset
+        self.datasets.update(datasets or {})
+        self.judges = dict(judges or {})
+        self.models = dict(models or {})
+
+        if stages is None:
+            stages = self._seed_stages(
+                initial_sft=initial_sft and train_sft_dataset is not None,
+                num_spin_cycles=num_spin_cycles if (spin or num_spin_cycles) else 0,
+                iterations=self_reward_num_iterations,
+                num_preference_pairs=num_preference_pairs,
+                num_candidates=num_candidate_responses,
+                judge_max_new_tokens=generate_reward_max_seq_len,
+                sft_kwargs=sft_trainer_kwargs or {},
+                spin_kwargs=spin_trainer_kwargs or {},
+                dpo_kwargs={"beta": dpo_beta, **(dpo_trainer_kwargs or {})},
+            )
+        self.stages: list[Stage] = list(stages)
+        self._validate()
+        self._accelerator = None
+
+    # ------------------------------------------------------------------ set-up
+    def _seed_stages(
+        self,
+        *,
+        initial_sft: bool,
+        num_spin_cycles: int,
+        iterations: int | None,
+        num_preference_pairs: int | Sequence[int],
+        num_candidates: int,
+        judge_max_new_tokens: int,
+        sft_kwargs: dict,
+        spin_kwargs: dict,
+        dpo_kwargs: dict,
+    ) -> list[Stage]:
+        stages: list[Stage] = []
+        if initial_sft:
+            stages.append(SFTStage(datasets=["sft"], trainer=dict(sft_kwargs)))
+        if num_spin_cycles:
+            stages.append(SPINStage(cycles=num_spin_cycles, trainer=dict(spin_kwargs)))
+        pairs = (
+            [num_preference_pairs] * (iterations or 2)
+            if isinstance(num_preference_pairs, int)
+            else list(num_preference_pairs)
+        )
+        if iterations is not None and len(pairs) != iterations:
+            raise ValueError(
+                f"num_preference_pairs has {len(pairs)} entries but self_reward_num_iterations "
+                f"is {iterations}; give one count per iteration or a single int"
+            )
+        for n in pairs:
+            stages.append(
+                PreferenceStage(
+                    num_preference_pairs=int(n),
+                    num_candidates=num_candidates,
+                    judge_max_new_tokens=judge_max_new_tokens,
+                    replay="eft" if "eft" in self.datasets else None,
+                    trainer=dict(dpo_kwargs),
+                )
+            )
+        return stages
+
+    def _validate(self) -> None:
+        if not self.stages:
+            raise ValueError("no stages to run: give stages=[...] or a train_sft_dataset / prompt_dataset")
+        for stage in self.stages:
+            check_trainer_kwargs(stage)
+            if isinstance(stage, SFTStage):
+                for name in stage.datasets:
+                    self._need_dataset(name, stage)
+            elif isinstance(stage, SPINStage):
+                self._need_dataset(stage.dataset, stage)
+            elif isinstance(stage, PromptGenerationStage):
+                self._need_dataset(stage.seed_dataset, stage)
+                if stage.generator_model != "self" and stage.generator_model not in self.models:
+                    raise ValueError(
+                        f"prompt_generation uses model {stage.generator_model!r}, which is not "
+                        f"in models= (known: {sorted(self.models)})"
+                    )
+            elif isinstance(stage, PreferenceStage):
+                if stage.prompts != "generated":
+                    self._need_dataset(stage.prompts, stage)
+                if stage.replay is not None:
+                    self._need_dataset(stage.replay, stage)
+                if stage.judge != "self" and stage.judge not in self.judges:
+                    raise ValueError(
+                        f"{stage.kind} uses judge {stage.judge!r}, which is not in judges= "
+                        f"(known: {sorted(self.judges)}); pass judges={{{stage.judge!r}: ...}}"
+                    )
+                if stage.kind == "self_reward_dpo" and stage.judge != "self":
+                    raise ValueError(
+                        "a self_reward_dpo stage judges with the model itself (judge='self'); "
+                        "use kind='external_reward_dpo' for an external judge"
+                    )
+                if stage.num_candidates < 2:
+                    raise ValueError("num_candidates must be at least 2 to form a preference pair")
+                if stage.num_preference_pairs < 1:
+                    raise ValueError("num_preference_pairs must be at least 1")
+
+    def _need_dataset(self, name: str, stage: Stage) -> None:
+        if name not in self.datasets:
+            raise ValueError(
+                f"stage {stage.kind} needs dataset {name!r}, which was not given "
+                f"(known datasets: {sorted(self.datasets)})"
+            )
+        if len(self.datasets[name]) == 0:
+            raise ValueError(f"dataset {name!r} (used by stage {stage.kind}) is empty")
+
+    @property
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(**self.accelerate_kwargs)
+        return self._accelerator
+
+    def _stage_dir(self, index: int, stage: Stage) -> Path:
+        return self.run_dir / f"{index + 1:02d}-{_stage_slug(stage)}"
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def _load_state(self) -> dict:
+        if self.state_path.exists():
+            return json.loads(self.state_path.read_text())
+        return {"finished": []}
+
+    def _save_state(self, state: dict) -> None:
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.state_path, state)
+
+    def _plan(self) -> list[str]:
+        return [f"{i + 1:02d}-{_stage_slug(s)}" for i, s in enumerate(self.stages)]
+
+    # ------------------------------------------------------------------ run
+    def __call__(self, overwrite_checkpoints: bool = False) -> dict:
+        return self.run(overwrite=overwrite_checkpoints)
+
+    def run(self, *, overwrite: bool = False) -> dict:
+        """Run every stage not yet finished; returns the run report (also written to disk)."""
+        if overwrite and self.run_dir.exists() and self.accelerator.is_main_process:
+            shutil.rmtree(self.run_dir)
+        self.accelerator.wait_for_everyone()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        plan = self._plan()
+        if state.get("plan") not in (None, plan):
+            raise RuntimeError(
+                f"{self.run_dir} holds a run with stages {state['plan']}, but this run has "
+                f"{plan}; use another checkpoints_folder / --out, or overwrite_checkpoints=True"
+            )
+        state["plan"] = plan
+        if self.accelerator.is_main_process:
+            atomic_write_text(self.run_dir / "config.yaml", self._config_yaml())
+        self._save_state(state)
+
+        finished = {r["stage"]: r for r in state["finished"]}
+        last_ckpt = None
+        for name in plan:
+            if name in finished and finished[name].get("checkpoint"):
+                last_ckpt = finished[name]["checkpoint"]
+        if last_ckpt is not None:
+            load_checkpoint(self.model, self.run_dir / last_ckpt)
+
+        for index, stage in enumerate(self.stages):
+            name = plan[index]
+            if name in finished:
+                continue
+            stage_dir = self._stage_dir(index, stage)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            log.info("stage %s", name)
+            result = self._run_stage(index, stage, stage_dir)
+            record = {"stage": name, **result}
+            state["finished"].append(record)
+            self._save_state(state)
+            finished[name] = record
+        report = self._write_report(state)
+        return report
+
+    def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
+        if isinstance(stage, SFTStage):
+            return self._run_sft(stage, stage_dir)
+        if isinstance(stage, SPINStage):
+            return self._run_spin(stage, stage_dir)
+        if isinstance(stage, PromptGenerationStage):
+            return self._run_prompt_generation(index, stage, stage_dir)
+        return self._run_preference(index, stage, stage_dir)
+
+    def _checkpoint(self, stage_dir: Path) -> str:
+        path = stage_dir / "checkpoint"
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.model, path)
+            hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
+            if hasattr(hf_tokenizer, "save_pretrained"):
+                hf_tokenizer.save_pretrained(path)  # so from_pretrained(path) finds both
+        self.accelerator.wait_for_everyone()
+        return str(path.relative_to(self.run_dir))
+
+    # ------------------------------------------------------------------ SFT / SPIN
+    def _sft_examples(self, names: Sequence[str]) -> list[SFTExample]:
+        examples: list[SFTExample] = []
+        for name in names:
+            examples += materialize(
+                self.datasets[name], lambda item: tokenize_sft_item(item, self.tokenizer), name=name
+            )
+        return examples
+
+    def _run_sft(self, stage: SFTStage, stage_dir: Path) -> dict:
+        kwargs = {"seed": self.seed, **stage.trainer}
+        trainer = SFTTrainer(
+            self.model,
+            train_dataset=self._sft_examples(stage.datasets),
+            accelerator=self.accelerator,
+            output_dir=stage_dir,
+            **kwargs,
+        )
+        metrics = trainer.train()
+        return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
+
+    def _run_spin(self, stage: SPINStage, stage_dir: Path) -> dict:
+        kwargs = {"epochs": stage.cycles, **stage.trainer}
+        max_seq_len = kwargs.pop("max_seq_len", self.preference_max_seq_len)
+        trainer = SPINTrainer(
+            self.model,
+            sft_dataset=self._sft_examples([stage.dataset]),
+            max_seq_len=max_seq_len,
+            eos_id=self.tokenizer.eos_id,
+            accelerator=self.accelerator,
+            checkpoint_folder=str(stage_dir / "spin-checkpoints"),
+            **kwargs,
+        )
+        metrics = trainer.train()
+        return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
+
+    # ------------------------------------------------------------------ prompt generation
+    def _run_prompt_generation(
+        self, index: int, stage: PromptGenerationStage, stage_dir: Path
+    ) -> dict:
+        model = self.model if stage.generator_model == "self" else self.models[stage.generator_model]
+        seed_prompts = _as_prompt_list(self.datasets[stage.seed_dataset], stage.seed_dataset)
+        generator = torch.Generator(device=wrap_model(model).device)
+        generator.manual_seed(_seed_for(self.seed, index, "prompts"))
+        result = generate_prompts(
+            model,
+            self.tokenizer,
+            seed_prompts,
+            stage.num_prompts,
+            num_shots=stage.num_shots,
+            num_seed_shots=stage.num_seed_shots,
+            temperature=stage.temperature,
+            top_p=stage.top_p,
+            max_new_tokens=stage.max_new_tokens,
+            max_attempts=stage.max_attempts,
+            generator=generator,
+            progress=self.progress,
+        )
+        if self.accelerator.is_main_process:
+            store = JsonlStore(stage_dir / "prompts.jsonl")
+            store.extend({"id": f"{index + 1}-{i}", "prompt": p} for i, p in enumerate(result.prompts))
+        stats = _plain(dataclasses.asdict(result)) if dataclasses.is_dataclass(result) else {}
+        stats.pop("prompts", None)
+        stats["num_prompts"] = len(result.prompts)
+        atomic_write_json(stage_dir / "stats.json", stats)
+        return {"prompts": str((stage_dir / "prompts.jsonl").relative_to(self.run_dir)), "stats": stats}
+
+    def _latest_generated_prompts(self, index: int) -> list[str]:
+        for j in range(index - 1, -1, -1):
+            if isinstance(self.stages[j], PromptGenerationStage):
+                path = self._stage_dir(j, self.stages[j]) / "prompts.jsonl"
+                prompts = [r["prompt"] for r in read_jsonl(path)]
+                if not prompts:
+                    raise ValueError(f"the prompt-generation stage wrote no prompts to {path}")
+                return prompts
+        raise ValueError(
+            "prompts='generated' needs a prompt_generation stage before this stage; add one "
+            "or name a prompt dataset"
+        )
+
+    # ------------------------------------------------------------------ preference iteration
+    def _judge_for(self, stage: PreferenceStage):
+        if stage.judge != "self":
+            judge = self.judges[stage.judge]
+            return judge if hasattr(judge, "score") else CallableJudge(judge)
+        return LLMJudge(
+            self.model,
+            self.tokenizer,
+            self.reward_config,
+            num_samples=stage.judge_samples,
+            mode=stage.judge_mode,
+            temperature=stage.judge_temperature,
+            max_new_tokens=stage.judge_max_new_tokens,
+        )
+
+    def _run_preference(self, index: int, stage: PreferenceStage, stage_dir: Path) -> dict:
+        prompts = (
+            self._latest_generated_prompts(index)
+            if stage.prompts == "generated"
+            else _as_prompt_list(self.datasets[stage.prompts], stage.prompts)
+        )
+        pairs = self._build_pairs(index, stage, stage_dir, prompts)
+        examples = [
+            preference_example(p["prompt"], p["chosen"], p["rejected"], self.tokenizer) for p in pairs
+        ]
+        replay = self._sft_examples([stage.replay]) if stage.replay else None
+        kwargs = {"max_seq_len": self.preference_max_seq_len, "seed": self.seed, **stage.trainer}
+        if self.early_stopper_eval_module is not None:
+            kwargs.setdefault("early_stopper_eval_module", self.early_stopper_eval_module)
+        trainer = DPOTrainer(
+            self.model,
+            train_dataset=examples,
+            replay_dataset=replay,
+            accelerator=self.accelerator,
+            output_dir=stage_dir,
+            **kwargs,
+        )
+        metrics = trainer.train()
+        stats = json.loads((stage_dir / "stats.json").read_text())
+        return {
+            "checkpoint": self._checkpoint(stage_dir),
+            "pairs": str((stage_dir / "pairs.jsonl").relative_to(self.run_dir)),
+            "stats": stats,
+            "metrics": _plain(metrics),
+        }
+
+    def _build_pairs(
+        self, index: int, stage: PreferenceStage, stage_dir: Path, prompts: list[str]
+    ) -> list[dict]:
+        """Generate, judge and pair, chunk by chunk, appending records as they are made.
+
+        Each chunk's randomness is seeded by (run seed, stage, chunk), so a resumed run
+        regenerates an interrupted chunk exactly and appends only its missing records.
+        """
+        candidates = JsonlStore(stage_dir / "candidates.jsonl")
+        pair_store = JsonlStore(stage_dir / "pairs.jsonl")
+        target = stage.num_preference_pairs
+        max_prompts = min(stage.max_prompts or len(prompts), len(prompts))
+        judge = self._judge_for(stage)
+        gen_config = GenerationConfig(
+            max_new_tokens=stage.max_new_tokens,
+            temperature=stage.temperature,
+            top_p=stage.top_p,
+            top_k=stage.top_k,
+            min_p=stage.min_p,
+            eos_token_id=self.tokenizer.eos_id,
+            num_return_sequences=stage.num_candidates,
+        )
+        self._max_new_tokens_check(prompts[:max_prompts], stage)
+
+        def add_pairs(record: dict) -> None:
+            if len(pair_store) >= target:
+                return
+            chosen_rejected = select_pairs(
+                record["responses"],
+                record["scores"],
+                strategy=stage.pair_strategy,
+                margin=stage.pair_margin,
+                length_tolerance=stage.length_tolerance,
+            )
+            new = []
+            for c, r in chosen_rejected:
+                if len(pair_store) + len(new) >= target:
+                    break
+                new.append(
+                    {
+                        "id": f"{record['id']}/{c}-{r}",
+                        "prompt_id": record["id"],
+                        "prompt": record["prompt"],
+                        "chosen": record["responses"][c],
+                        "rejected": record["responses"][r],
+                        "chosen_index": c,
+                        "rejected_index": r,
+                        "score_chosen": record["scores"][c],
+                        "score_rejected": record["scores"][r],
+                    }
+                )
+            pair_store.extend(new)
+
+        # a crash between the candidate write and the pair write is repaired here
+        for record in candidates:
+            add_pairs(record)
+
+        chunk = stage.chunk_size
+        num_chunks = math.ceil(max_prompts / chunk)
+        bar = tqdm(
+            total=target,
+            initial=min(len(pair_store), target),
+            desc=f"{_stage_slug(stage)} pairs",
+            disable=not (self.progress and self.accelerator.is_main_process),
+        )
+        for c in range(num_chunks):
+            if len(pair_store) >= target:
+                break
+            ids = [f"{index + 1}-{i}" for i in range(c * chunk, min((c + 1) * chunk, max_prompts))]
+            if all(i in candidates for i in ids):
+                continue
+            chunk_prompts = [prompts[int(i.split("-")[1])] for i in ids]
+            generator = torch.Generator(device=self.lm.device)
+            generator.manual_seed(_seed_for(self.seed, index, c))
+            responses = generate_text(
+                self.model, self.tokenizer, chunk_prompts, gen_config, generator=generator
+            )
+            flat_prompts = [p for p, rs in zip(chunk_prompts, responses) for _ in rs]
+            flat_responses = [r for rs in responses for r in rs]
+            results = judge.score(flat_prompts, flat_responses, generator=generator)
+            k = stage.num_candidates
+            records = []
+            for j, (rid, prompt) in enumerate(zip(ids, chunk_prompts)):
+                if rid in candidates:
+                    continue
+                res = results[j * k : (j + 1) * k]
+                record = {
+                    "id": rid,
+                    "prompt": prompt,
+                    "responses": flat_responses[j * k : (j + 1) * k],
+                    "scores": [r.score for r in res],
+                    "judgements": [r.to_dict() for r in res],
+                }
+                if self.oracle is not None:
+                    record["oracle_scores"] = [self.oracle(prompt, r) for r in record["responses"]]
+                records.append(record)
+            candidates.extend(records)
+            before = len(pair_store)
+            for record in records:
+                add_pairs(record)
+            bar.update(min(len(pair_store), target) - min(before, target))
+            self._check_parse_rate(stage, list(candidates))
+        bar.close()
+
+        stats = candidate_stats(list(candidates), list(pair_store))
+        atomic_write_json(stage_dir / "stats.json", stats)
+        if len(pair_store) < target:
+            raise NotEnoughPairsError(
+                f"{stage.kind}: built {len(pair_store)} of {target} preference pairs after "
+                f"trying {len(candidates)} prompts (all {max_prompts} allowed were used). "
+                f"Judge parse rate {stats['parse_rate']:.1%}, tie rate {stats['tie_rate']:.1%}. "
+                "Give more prompts (or a prompt_generation stage), raise max_prompts, lower "
+                "num_preference_pairs, or sample more candidates per prompt. The records built "
+                f"so far are kept in {stage_dir}."
+            )
+        return list(pair_store)[:target]
+
+    def _check_parse_rate(self, stage: PreferenceStage, records: list[dict]) -> None:
+        outputs, parsed = [], 0
+        for r in records:
+            for j in r["judgements"]:
+                for s, score in zip(j.get("samples", []), j.get("sample_scores", [])):
+                    outputs.append(s)
+                    parsed += score is not None
+        if len(outputs) < 8:  # judge at least a few outputs before deciding
+            return
+        rate = parsed / len(outputs)
+        if rate < stage.min_parse_rate:
+            failures = [
+                s
+                for r in records
+                for j in r["judgements"]
+                for s, sc in zip(j.get("samples", []), j.get("sample_scores", []))
+                if sc is None
+            ]
+            raise JudgeParseError(_parse_failure_message(stage, rate, failures))
+
+    def _max_new_tokens_check(self, prompts: list[str], stage: PreferenceStage) -> None:
+        ctx = self.lm.max_seq_len
+        limit = min(ctx, self.preference_max_seq_len) if ctx else self.preference_max_seq_len
+        for i, p in enumerate(prompts):
+            n = len(self.tokenizer.encode(self.tokenizer.format_prompt(p)))
+            if n + 1 > limit:
+                raise ValueError(
+                    f"prompt {i} is {n} tokens long, which leaves no room for a response within "
+                    f"{limit} tokens (preference_max_seq_len / the model's context); shorten it "
+                    "or raise preference_max_seq_len"
+                )
+        if ctx is not None:
+            stage.max_new_tokens = min(stage.max_new_tokens, max(1, limit - 1))
+
+    # ------------------------------------------------------------------ report
+    def _config_yaml(self) -> str:
+        import yaml
+
+        cfg = {"seed": self.seed, "stages": [to_dict(s) for s in self.stages]}
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+    def _write_report(self, state: dict) -> dict:
+        report = {"run_dir": str(self.run_dir), "stages": state["finished"]}
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.run_dir / "report.json", report)
+            atomic_write_text(self.run_dir / "report.md", render_report_md(report))
+        return report
+
+
+# ====================================================================== statistics
+
+
+def candidate_stats(candidates: list[dict], pairs: list[dict]) -> dict:
+    """Per-iteration judge and pair statistics (paper-style reporting)."""
+    sample_scores = [
+        s for r in candidates for j in r["judgements"] for s in j.get("sample_scores", [])
+    ]
+    scores = [s for r in candidates for s in r["scores"]]
+    parsable = [s for s in scores if s is not None]
+    prompts_with_pair = {p["prompt_id"] for p in pairs}
+    tied = sum(
+        1
+        for r in candidates
+        if len([s for s in r["scores"] if s is not None]) >= 2
+        and len({s for s in r["scores"] if s is not None}) == 1
+    )
+    with_two = sum(1 for r in candidates if len([s for s in r["scores"] if s is not None]) >= 2)
+    hist = Counter(str(round(s)) if float(s).is_integer() else f"{s:.2f}" for s in parsable)
+    stats: dict[str, Any] = {
+        "prompts": len(candidates),
+        "candidates": len(scores),
+        "judge_outputs": len(sample_scores),
+        "parse_rate": (
+            sum(s is not None for s in sample_scores) / len(sample_scores) if sample_scores else 0.0
+        ),
+        "candidate_score_rate": len(parsable) / len(scores) if scores else 0.0,
+        "score_histogram": dict(sorted(hist.items())),
+        "tie_rate": tied / with_two if with_two else 0.0,
+        "pairs": len(pairs),
+        "prompts_with_pair": len(prompts_with_pair),
+        "mean_chosen_chars": _mean([len(p["chosen"]) for p in pairs]),
+        "mean_rejected_chars": _mean([len(p["rejected"]) for p in pairs]),
+    }
+    if candidates and "oracle_scores" in candidates[0]:
+        from .metrics import pairwise_accuracy
+
+        pred = [s for r in candidates for s in r["scores"]]
+        gold = [s for r in candidates for s in r["oracle_scores"]]
+        groups = [i for i, r in enumerate(candidates) for _ in r["scores"]]
+        stats["judge_pairwise_accuracy_on_policy"] = pairwise_accuracy(pred, gold, groups=groups)
+        by_id = {r["id"]: r for r in candidates}
+        correct = sum(
+            by_id[p["prompt_id"]]["oracle_scores"][p["chosen_index"]]
+            > by_id[p["prompt_id"]]["oracle_scores"][p["rejected_index"]]
+            for p in pairs
+        )
+        stats["pairs_oracle_correct"] = correct / len(pairs) if pairs else 0.0
+    return stats
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def render_report_md(report: dict) -> str:
+    """The run report as Markdown: one section per finished stage."""
+    lines = [f"# Run report: {report['run_dir']}", ""]
+    for rec in report["stages"]:
+        lines += [f"## {rec['stage']}", ""]
+        for key in ("checkpoint", "pairs", "prompts"):
+            if rec.get(key):
+                lines.append(f"- {key}: `{rec[key]}`")
+        for section in ("stats", "metrics"):
+            values = rec.get(section) or {}
+            if values:
+                lines += ["", f"| {section} | value |", "|---|---|"]
+                for k, v in values.items():
+                    v = f"{v:.4g}" if isinstance(v, float) else v
+                    lines.append(f"| {k} | {v} |")
+        lines.append("")
+    return "\n".join(lines)
