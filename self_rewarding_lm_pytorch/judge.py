@@ -18,6 +18,8 @@ Templates are Jinja2 rendered in an ``ImmutableSandboxedEnvironment`` with
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import re
 import textwrap
@@ -55,6 +57,14 @@ __all__ = [
 NUMBER_PATTERN = r"[-+]?\d+(?:\.\d+)?"
 
 _SENTINEL = "\x00REWARD\x00"
+
+#: keyword options of ``generate`` beyond the config (engine-dependent: read, not assumed)
+_GENERATE_PARAMS = {
+    name
+    for name, p in inspect.signature(generate).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    and name not in ("generator", "decode", "return_logprobs")
+}
 
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 
@@ -497,7 +507,7 @@ class LLMJudge:
             the result has ``truncated=True``) or ``"truncate_left"`` (keep the last
             tokens of the judge prompt: only sensible for toy models with tiny contexts).
         generation_kwargs: extra :class:`GenerationConfig` fields (``top_k``,
-            ``stop_strings``, ...).
+            ``stop_strings``, ...) or keyword options of ``generate``.
     """
 
     def __init__(
@@ -550,6 +560,15 @@ class LLMJudge:
         self.token_budget = token_budget
         self.on_too_long = on_too_long
         self.generation_kwargs = dict(generation_kwargs or {})
+        fields = {f.name for f in dataclasses.fields(GenerationConfig)}
+        self._config_kwargs = {k: v for k, v in self.generation_kwargs.items() if k in fields}
+        self._generate_kwargs = {k: v for k, v in self.generation_kwargs.items() if k not in fields}
+        unknown = sorted(set(self._generate_kwargs) - set(_GENERATE_PARAMS))
+        if unknown:
+            raise ValueError(
+                f"generation_kwargs {unknown} are neither GenerationConfig fields nor "
+                f"generate() options; valid: {sorted(fields | set(_GENERATE_PARAMS))}"
+            )
         if mode == "expected":
             self._check_expected_mode()
 
@@ -633,7 +652,7 @@ class LLMJudge:
             top_p=self.top_p,
             eos_token_id=self.tokenizer.eos_id,
         )
-        kwargs.update(self.generation_kwargs)
+        kwargs.update(self._config_kwargs)
         kwargs.update(overrides)
         return GenerationConfig(**kwargs)
 
@@ -660,25 +679,32 @@ class LLMJudge:
             res.truncated = cut
         return results
 
-    def _generate(self, ids: list[list[int]], config: GenerationConfig, generator) -> list[str]:
+    def _generate(
+        self, ids: list[list[int]], config: GenerationConfig, generator
+    ) -> list[list[int]]:
         k = config.num_return_sequences
+        extra = dict(self._generate_kwargs)
+        budget = self.token_budget
+        if budget is not None and "token_budget" in _GENERATE_PARAMS:
+            extra["token_budget"], budget = budget, None  # the engine micro-batches itself
         costs = [(len(x) + self.max_new_tokens) * k for x in ids]
-        texts: list[list[int]] = []
-        for chunk in _chunks(costs, self.batch_size, self.token_budget):
+        seqs: list[list[int]] = []
+        for chunk in _chunks(costs, self.batch_size, budget):
             out = generate(
                 self.lm,
                 [ids[i] for i in chunk],
                 config,
                 generator=generator,
                 decode=self.tokenizer.decode,
+                **extra,
             )
             if len(out.sequences) != len(chunk) * k:
                 raise RuntimeError(
                     f"generate returned {len(out.sequences)} sequences for {len(chunk)} prompts "
                     f"x {k} samples"
                 )
-            texts.extend(out.sequences)
-        return texts
+            seqs.extend(out.sequences)
+        return seqs
 
     def _score_mean(self, ids: list[list[int]], generator) -> list[JudgeResult]:
         k = self.num_samples

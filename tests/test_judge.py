@@ -449,6 +449,13 @@ def test_judge_restores_training_mode_and_validates_inputs():
         judge.score("q", "a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode"):
         make_judge(mode="median")
+    with pytest.raises(ValueError, match=r"generation_kwargs \['nucleus'\]"):
+        make_judge(generation_kwargs={"nucleus": 0.5})
+    # GenerationConfig fields pass through: top_k=1 makes sampling greedy
+    greedy = make_judge(num_samples=3, generation_kwargs={"top_k": 1}).score(
+        ["q"], ["aa"], generator=0
+    )
+    assert greedy[0].samples == ["#2"] * 3
     assert isinstance(judge, Judge)
 
 
