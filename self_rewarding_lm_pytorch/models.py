@@ -55,9 +55,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen += 1
         if isinstance(model, CausalLM):
             model = model.module
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and type(
-            model
-        ).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
+        elif (
+            hasattr(model, "module")
+            and isinstance(model.module, nn.Module)
+            and type(model).__name__
+            in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+        ):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

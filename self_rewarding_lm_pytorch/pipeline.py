@@ -38,7 +38,7 @@ from .config import ConfigError, to_dict
 from .data import PreferenceExample, SFTExample, materialize, to_sft_example
 from .generation import GenerationConfig, generate_text
 from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
-from .models import CausalLM, Tokenizer, unwrap_model, wrap_model, wrap_tokenizer
+from .models import CausalLM, Tokenizer, wrap_model, wrap_tokenizer
 from .pairs import select_pairs
 from .prompts import generate_prompts
 from .store import JsonlStore, atomic_write_json, atomic_write_text, read_jsonl
@@ -302,7 +302,11 @@ class SelfRewardingTrainer:
         self.lm: CausalLM = wrap_model(model)
         self.model = self.lm.module
         self.tokenizer = wrap_tokenizer(
-            tokenizer, encode=tokenizer_encode, decode=tokenizer_decode, eos_id=eos_id, pad_id=pad_id
+            tokenizer,
+            encode=tokenizer_encode,
+            decode=tokenizer_decode,
+            eos_id=eos_id,
+            pad_id=pad_id,
         )
         self.pad_id = pad_id
         self.reward_config = reward_prompt_config or DEFAULT_REWARD_CONFIG
@@ -384,7 +388,9 @@ class SelfRewardingTrainer:
 
     def _validate(self) -> None:
         if not self.stages:
-            raise ValueError("no stages to run: give stages=[...] or a train_sft_dataset / prompt_dataset")
+            raise ValueError(
+                "no stages to run: give stages=[...] or a train_sft_dataset / prompt_dataset"
+            )
         for stage in self.stages:
             check_trainer_kwargs(stage)
             if isinstance(stage, SFTStage):
@@ -560,7 +566,9 @@ class SelfRewardingTrainer:
     def _run_prompt_generation(
         self, index: int, stage: PromptGenerationStage, stage_dir: Path
     ) -> dict:
-        model = self.model if stage.generator_model == "self" else self.models[stage.generator_model]
+        model = (
+            self.model if stage.generator_model == "self" else self.models[stage.generator_model]
+        )
         seed_prompts = _as_prompt_list(self.datasets[stage.seed_dataset], stage.seed_dataset)
         generator = torch.Generator(device=wrap_model(model).device)
         generator.manual_seed(_seed_for(self.seed, index, "prompts"))
@@ -580,12 +588,17 @@ class SelfRewardingTrainer:
         )
         if self.accelerator.is_main_process:
             store = JsonlStore(stage_dir / "prompts.jsonl")
-            store.extend({"id": f"{index + 1}-{i}", "prompt": p} for i, p in enumerate(result.prompts))
+            store.extend(
+                {"id": f"{index + 1}-{i}", "prompt": p} for i, p in enumerate(result.prompts)
+            )
         stats = _plain(dataclasses.asdict(result)) if dataclasses.is_dataclass(result) else {}
         stats.pop("prompts", None)
         stats["num_prompts"] = len(result.prompts)
         atomic_write_json(stage_dir / "stats.json", stats)
-        return {"prompts": str((stage_dir / "prompts.jsonl").relative_to(self.run_dir)), "stats": stats}
+        return {
+            "prompts": str((stage_dir / "prompts.jsonl").relative_to(self.run_dir)),
+            "stats": stats,
+        }
 
     def _latest_generated_prompts(self, index: int) -> list[str]:
         for j in range(index - 1, -1, -1):
@@ -623,7 +636,8 @@ class SelfRewardingTrainer:
         )
         pairs = self._build_pairs(index, stage, stage_dir, prompts)
         examples = [
-            preference_example(p["prompt"], p["chosen"], p["rejected"], self.tokenizer) for p in pairs
+            preference_example(p["prompt"], p["chosen"], p["rejected"], self.tokenizer)
+            for p in pairs
         ]
         replay = self._sft_examples([stage.replay]) if stage.replay else None
         kwargs = {"max_seq_len": self.preference_max_seq_len, "seed": self.seed, **stage.trainer}

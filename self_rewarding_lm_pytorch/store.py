@@ -29,7 +29,9 @@ def _explain(exc: OSError, path: Path) -> StoreError:
     if exc.errno == errno.ENOSPC:
         hint = "the disk is full: free space or point the run at another --out directory"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "the directory is not writable: fix its permissions or choose another output directory"
+        hint = (
+            "the directory is not writable: fix its permissions or choose another output directory"
+        )
     else:
         hint = "check that the output directory exists and is writable"
     err = StoreError(exc.errno, f"cannot write {path}: {exc.strerror or exc}; {hint}")

@@ -53,9 +53,17 @@ def test_kinds_detected():
     from transformers import LlamaConfig, LlamaForCausalLM
     from x_transformers import Decoder, TransformerWrapper
 
-    xt = TransformerWrapper(num_tokens=32, max_seq_len=16, attn_layers=Decoder(dim=16, depth=1, heads=2))
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=64)
+    xt = TransformerWrapper(
+        num_tokens=32, max_seq_len=16, attn_layers=Decoder(dim=16, depth=1, heads=2)
+    )
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
     hf = LlamaForCausalLM(cfg)
     a, b = wrap_model(xt), wrap_model(hf)
     assert (a.kind, a.max_seq_len, a.vocab_size) == ("xtransformers", 16, 32)
@@ -67,7 +75,9 @@ def test_kinds_detected():
 
 
 def test_callable_tokenizer_accepts_seed_float_tensors():
-    tok = CallableTokenizer(lambda s: torch.Tensor([ord(c) for c in s]), lambda t: "".join(chr(int(i)) for i in t))
+    tok = CallableTokenizer(
+        lambda s: torch.Tensor([ord(c) for c in s]), lambda t: "".join(chr(int(i)) for i in t)
+    )
     assert tok.encode("ab") == [97, 98]
     assert tok.decode([97, 98]) == "ab"
     bad = CallableTokenizer(lambda s: torch.tensor([0.5]), str)

@@ -1,0 +1,80 @@
+"""Tiny models, tokenizers and judges shared by the pipeline tests (and run as a script
+by the kill test: ``python tests/tiny.py RUN_DIR``)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from x_transformers import Decoder, TransformerWrapper
+
+from self_rewarding_lm_pytorch.models import CallableTokenizer
+from self_rewarding_lm_pytorch.pipeline import PreferenceStage, SelfRewardingTrainer, SFTStage
+
+EOS = 10  # "\n"
+
+
+def tiny_model(seed: int = 0, dim: int = 32, max_seq_len: int = 96) -> TransformerWrapper:
+    torch.manual_seed(seed)
+    return TransformerWrapper(
+        num_tokens=128, max_seq_len=max_seq_len, attn_layers=Decoder(dim=dim, depth=1, heads=2)
+    )
+
+
+def char_tokenizer() -> CallableTokenizer:
+    return CallableTokenizer(
+        lambda s: [ord(c) % 128 for c in s],
+        lambda ids: "".join(chr(max(32, int(i))) for i in ids),
+        eos_id=EOS,
+    )
+
+
+def scripted_score(prompt: str, response: str) -> float | None:
+    """A deterministic judge: unparsable for some responses, few score levels (many ties)."""
+    if not response or ord(response[0]) % 5 == 0:
+        return None
+    return float(ord(response[-1]) % 3)
+
+
+SFT_DATA = [{"prompt": f"say {w}", "response": w} for w in ["abc", "hello", "xyz", "ok"] * 4]
+PROMPTS = [f"prompt number {i}" for i in range(60)]
+
+
+def make_trainer(
+    run_dir: str,
+    *,
+    num_pairs: int = 12,
+    max_new_tokens: int = 6,
+    chunk_size: int = 4,
+    sft: bool = False,
+    seed: int = 0,
+) -> SelfRewardingTrainer:
+    stages = [SFTStage(trainer=dict(batch_size=4))] if sft else []
+    stages.append(
+        PreferenceStage(
+            kind="external_reward_dpo",
+            judge="scripted",
+            num_preference_pairs=num_pairs,
+            max_new_tokens=max_new_tokens,
+            chunk_size=chunk_size,
+            temperature=1.0,
+            top_p=1.0,
+            trainer=dict(batch_size=4, beta=0.5, start_learning_rate=1e-3),
+        )
+    )
+    return SelfRewardingTrainer(
+        tiny_model(seed),
+        tokenizer=char_tokenizer(),
+        datasets={"sft": SFT_DATA, "prompts": PROMPTS},
+        judges={"scripted": scripted_score},
+        stages=stages,
+        checkpoints_folder=run_dir,
+        accelerate_kwargs=dict(cpu=True),
+        seed=seed,
+        progress=False,
+    )
+
+
+if __name__ == "__main__":  # the kill test's job: a slower run with many small chunks
+    torch.set_num_threads(1)
+    make_trainer(sys.argv[1], num_pairs=40, max_new_tokens=24, chunk_size=2).run()
