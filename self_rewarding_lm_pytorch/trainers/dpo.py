@@ -1,0 +1,361 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) as used by the self-rewarding
+iterations (Yuan et al. 2024, section 2.3: reference = the current model Mt, beta 0.1,
+learning rate 1e-6 decaying to 1e-7, batch 16).
+
+Reference log-probabilities are computed once per dataset, in eval mode without
+gradients, before the first step (the reference never changes during a DPO run), so no
+second copy of the model is held in memory.  ``precompute_ref_logps=False`` keeps the
+textbook path instead: a frozen deep copy of the starting model scores every batch.
+Chosen and rejected responses go through the policy in one concatenated forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import (
+    PreferenceExample,
+    SFTExample,
+    collate_preference,
+    collate_sft,
+    materialize,
+    to_preference_example,
+    to_sft_example,
+)
+from ..losses import (
+    DPO_LOSS_TYPES,
+    PreferenceLossOutput,
+    dpo_loss,
+    nll_loss,
+    sequence_logprobs,
+)
+from ..models import CausalLM, unwrap_model, wrap_model
+from .base import BaseTrainer
+
+__all__ = ["DPOTrainer", "PreferenceTrainer"]
+
+
+def _collate_pairs(
+    indices: list[int], *, examples: list[PreferenceExample], max_seq_len: int | None
+) -> dict[str, Tensor]:
+    batch = collate_preference([examples[i] for i in indices], max_seq_len=max_seq_len)
+    batch["index"] = torch.tensor(indices, dtype=torch.long)
+    return batch
+
+
+def _collate_sft(examples: list[SFTExample], *, max_seq_len: int | None) -> dict[str, Tensor]:
+    return collate_sft(examples, max_seq_len=max_seq_len)
+
+
+class PreferenceTrainer(BaseTrainer):
+    """Shared machinery of pairwise preference training (DPO, SPIN).
+
+    Holds ``self.pairs`` (a list of :class:`PreferenceExample`), their reference
+    log-probs ``self.ref_logps`` (``(N, 2)``: chosen, rejected) and an optional replay
+    set of SFT examples whose NLL is added to every micro-batch's loss.
+    """
+
+    pos_name = "chosen"
+    neg_name = "rejected"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        nll_weight: float = 0.0,
+        replay_dataset: Any = None,
+        replay_weight: float = 1.0,
+        replay_batch_size: int | None = None,
+        ref_batch_size: int | None = None,
+        pad_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("nll_weight", nll_weight), ("replay_weight", replay_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name, value in (
+            ("replay_batch_size", replay_batch_size),
+            ("ref_batch_size", ref_batch_size),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        self.pad_id = pad_id
+        self.nll_weight = float(nll_weight)
+        self.replay_weight = float(replay_weight)
+        self.replay_examples: list[SFTExample] | None = None
+        if replay_dataset is not None:
+            self.replay_examples = materialize(
+                replay_dataset, partial(to_sft_example, pad_id=pad_id), name="replay_dataset"
+            )
+        super().__init__(model, **kwargs)
+        self.replay_batch_size = replay_batch_size or self.batch_size
+        self.ref_batch_size = ref_batch_size or 2 * self.batch_size
+        self.pairs: list[PreferenceExample] = []
+        self.ref_logps: Tensor | None = None
+        self.ref_lm: CausalLM | None = None  # only for on-the-fly references
+        self._replay_iter: Iterator[dict[str, Tensor]] | None = None
+
+    # ------------------------------------------------------------------ reference
+    @torch.no_grad()
+    def compute_reference_logps(
+        self, pairs: list[PreferenceExample], lm: nn.Module | None = None
+    ) -> Tensor:
+        """``(N, 2)`` summed response log-probs (chosen, rejected) of ``pairs`` under
+        ``lm`` (default: the policy as it is now), in eval mode, without gradients."""
+        lm = self.lm if lm is None else lm
+        loader = self._make_loader(
+            list(range(len(pairs))),
+            partial(_collate_pairs, examples=pairs, max_seq_len=self.max_seq_len),
+            shuffle=False,
+            batch_size=self.ref_batch_size,
+        )
+        out = torch.full((len(pairs), 2), float("nan"), device=self.device)
+        was_training = lm.training
+        lm.eval()
+        try:
+            for batch in loader:
+                with self.accelerator.autocast():
+                    logits = lm(batch["input_ids"], batch["attention_mask"])
+                logps = sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
+                b = batch["index"].numel()
+                pair_logps = torch.stack([logps[:b], logps[b:]], dim=1).float()
+                idx, pair_logps = self.accelerator.gather_for_metrics((batch["index"], pair_logps))
+                out[idx] = pair_logps
+        finally:
+            lm.train(was_training)
+        if bool(torch.isnan(out).any()):
+            raise RuntimeError("internal error: some reference log-probs were not computed")
+        return out
+
+    def _reference_for(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.ref_logps is not None:
+            ref = self.ref_logps[batch["index"]]
+            return ref[:, 0], ref[:, 1]
+        assert self.ref_lm is not None
+        with torch.no_grad(), self.accelerator.autocast():
+            logits = self.ref_lm(batch["input_ids"], batch["attention_mask"])
+            logps = sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
+        b = batch["index"].numel()
+        return logps[:b], logps[b:]
+
+    # ------------------------------------------------------------------ data
+    def _num_items(self) -> int:
+        return len(self.pairs)
+
+    def _pair_loader(self) -> Iterable[dict[str, Tensor]]:
+        return self._make_loader(
+            list(range(len(self.pairs))),
+            partial(_collate_pairs, examples=self.pairs, max_seq_len=self.max_seq_len),
+            shuffle=True,
+            batch_size=self.batch_size,
+        )
+
+    def _replay_batches(self) -> Iterator[dict[str, Tensor]]:
+        assert self.replay_examples is not None
+        while True:  # the replay set is non-empty, so every pass yields batches
+            yield from self._make_loader(
+                self.replay_examples,
+                partial(_collate_sft, max_seq_len=self.max_seq_len),
+                shuffle=True,
+                batch_size=self.replay_batch_size,
+            )
+
+    def _count(self, batch: dict[str, Tensor]) -> int:
+        return int(batch["index"].numel())
+
+    # ------------------------------------------------------------------ loss
+    def _preference_loss(
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor
+    ) -> PreferenceLossOutput:
+        raise NotImplementedError
+
+    def _compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        ids, am, rm = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        b = batch["index"].numel()
+        logits = self.model(ids, am)  # chosen rows then rejected rows: one forward
+        logps = sequence_logprobs(logits, ids, rm)
+        pc, pr = logps[:b], logps[b:]
+        rc, rr = self._reference_for(batch)
+        out = self._preference_loss(pc, pr, rc, rr)
+        per_pair = out.losses
+        metrics: dict[str, Tensor] = {
+            "pref_loss": out.losses.mean().detach(),
+            "reward_accuracy": out.reward_accuracies.mean(),
+            "reward_margin": out.reward_margins.mean(),
+            f"{self.pos_name}_reward": out.chosen_rewards.mean(),
+            f"{self.neg_name}_reward": out.rejected_rewards.mean(),
+            f"{self.pos_name}_logps": pc.detach().mean(),
+            f"{self.neg_name}_logps": pr.detach().mean(),
+        }
+        if self.nll_weight > 0:
+            # iterative RPO (Pang et al. 2024, Eq. 3): length-normalised NLL of the chosen
+            nll = -sequence_logprobs(logits[:b], ids[:b], rm[:b], average=True)
+            per_pair = per_pair + self.nll_weight * nll
+            metrics["nll"] = nll.detach().mean()
+        loss = per_pair.mean()
+        if self.replay_examples is not None and self.replay_weight > 0:
+            if self._replay_iter is None:
+                self._replay_iter = self._replay_batches()
+            rb = next(self._replay_iter)
+            r_logits = self.model(rb["input_ids"], rb["attention_mask"])
+            replay = nll_loss(r_logits, rb["input_ids"], rb["response_mask"])
+            loss = loss + self.replay_weight * replay
+            metrics["replay_nll"] = replay.detach()
+        return loss, metrics
+
+
+class DPOTrainer(PreferenceTrainer):
+    """DPO on a fixed set of preference pairs.
+
+    Args:
+        model: the policy (any causal LM accepted by :func:`~self_rewarding_lm_pytorch.models.wrap_model`).
+        train_dataset: items accepted by :func:`~self_rewarding_lm_pytorch.data.to_preference_example`
+            (``PreferenceExample``, dicts with ``prompt_ids/chosen_ids/rejected_ids``,
+            3-tuples, the seed's ``(preferred_seq, unpreferred_seq, prompt_len)``); read once.
+        beta, loss_type, label_smoothing: see :func:`~self_rewarding_lm_pytorch.losses.dpo_loss`.
+        nll_weight: weight of the chosen response's length-normalised NLL (iterative RPO).
+        replay_dataset: SFT examples (e.g. the EFT judge data) whose NLL, times
+            ``replay_weight``, is added to the loss of every micro-batch
+            (``replay_batch_size`` examples each, default ``batch_size``).
+        ref_model: the reference; default the policy as it is when ``train()`` starts.
+        precompute_ref_logps: score the whole dataset with the reference once before
+            training (default) instead of running the reference on every batch.
+        early_stopper_eval_module: ``(model) -> float`` evaluated at the start, every
+            ``check_early_stop_every`` steps and at the end; training stops after
+            ``early_stop_patience`` evaluations without improvement (``early_stop_mode``
+            "min" or "max") and the best state is restored.
+
+    Other keyword arguments are those of :class:`~self_rewarding_lm_pytorch.trainers.base.BaseTrainer`.
+    """
+
+    desc = "dpo"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        train_dataset: Any,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        nll_weight: float = 0.0,
+        replay_dataset: Any = None,
+        replay_weight: float = 1.0,
+        replay_batch_size: int | None = None,
+        ref_model: nn.Module | None = None,
+        precompute_ref_logps: bool = True,
+        batch_size: int = 16,
+        grad_accum_steps: int = 1,
+        num_epochs: int = 1,
+        num_train_steps: int | None = None,
+        start_learning_rate: float = 1e-6,
+        end_learning_rate: float = 1e-7,
+        warmup_steps: int = 0,
+        max_grad_norm: float | None = 1.0,
+        dropout: float | None = None,
+        max_seq_len: int | None = None,
+        early_stopper_eval_module: Callable[[nn.Module], Any] | None = None,
+        early_stop_mode: str = "min",
+        check_early_stop_every: int = 200,
+        early_stop_patience: int = 1,
+        accelerator: Any = None,
+        accelerate_kwargs: dict[str, Any] | None = None,
+        output_dir: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        seed: int | None = None,
+        pad_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(
+                f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}"
+            )
+        # validate beta / label_smoothing now rather than at the first step
+        z = torch.zeros(1)
+        dpo_loss(z, z, z, z, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        if ref_model is not None and not isinstance(ref_model, nn.Module):
+            raise TypeError(f"ref_model must be an nn.Module, got {type(ref_model).__name__}")
+        pairs = materialize(
+            train_dataset, partial(to_preference_example, pad_id=pad_id), name="train_dataset"
+        )
+        super().__init__(
+            model,
+            nll_weight=nll_weight,
+            replay_dataset=replay_dataset,
+            replay_weight=replay_weight,
+            replay_batch_size=replay_batch_size,
+            pad_id=pad_id,
+            batch_size=batch_size,
+            grad_accum_steps=grad_accum_steps,
+            num_epochs=num_epochs,
+            num_train_steps=num_train_steps,
+            start_learning_rate=start_learning_rate,
+            end_learning_rate=end_learning_rate,
+            warmup_steps=warmup_steps,
+            max_grad_norm=max_grad_norm,
+            dropout=dropout,
+            max_seq_len=max_seq_len,
+            early_stopper_eval_module=early_stopper_eval_module,
+            early_stop_mode=early_stop_mode,
+            check_early_stop_every=check_early_stop_every,
+            early_stop_patience=early_stop_patience,
+            accelerator=accelerator,
+            accelerate_kwargs=accelerate_kwargs,
+            output_dir=output_dir,
+            checkpoint_every=checkpoint_every,
+            seed=seed,
+            **kwargs,
+        )
+        self.pairs = pairs
+        self.beta = float(beta)
+        self.loss_type = loss_type
+        self.label_smoothing = float(label_smoothing)
+        self.precompute_ref_logps = bool(precompute_ref_logps)
+        self._given_ref: CausalLM | None = None
+        if ref_model is not None:
+            ref = wrap_model(unwrap_model(ref_model)).to(self.device)
+            ref.requires_grad_(False)
+            ref.eval()
+            self._given_ref = ref
+
+    def _on_train_start(self) -> None:
+        if self.precompute_ref_logps:
+            if self.ref_logps is None:
+                source = self._given_ref if self._given_ref is not None else self.lm
+                self.ref_logps = self.compute_reference_logps(self.pairs, source)
+                self._given_ref = None  # not needed any more: free its memory
+        elif self.ref_lm is None:
+            if self._given_ref is not None:
+                self.ref_lm = self._given_ref
+            else:  # frozen copy of the policy as training starts
+                self.ref_lm = copy.deepcopy(self.lm)
+                self.ref_lm.requires_grad_(False)
+                self.ref_lm.eval()
+
+    def _epoch_loader(self, epoch: int) -> Iterable[dict[str, Tensor]]:
+        return self._pair_loader()
+
+    def _preference_loss(
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor
+    ) -> PreferenceLossOutput:
+        return dpo_loss(
+            pc,
+            pr,
+            rc,
+            rr,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )

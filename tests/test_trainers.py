@@ -1,0 +1,404 @@
+"""SFT / DPO trainers: learning, exact accumulation, NaN guard, checkpoints, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+from x_transformers import Decoder, TransformerWrapper
+
+from self_rewarding_lm_pytorch.data import (
+    PreferenceExample,
+    SFTExample,
+    collate_preference,
+    collate_sft,
+)
+from self_rewarding_lm_pytorch.losses import nll_loss, sequence_logprobs
+from self_rewarding_lm_pytorch.trainers import (
+    DPOTrainer,
+    SFTTrainer,
+    load_checkpoint,
+    save_checkpoint,
+)
+from self_rewarding_lm_pytorch.trainers.base import lr_multiplier
+
+VOCAB = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: extra intra-op threads only oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CPU = dict(cpu=True)
+# Adam with a huge eps and learning rate: the first update is lr * g / (|g| + eps) ~= g,
+# i.e. linear in the gradient, so update differences expose gradient differences
+LINEAR_ADAM = dict(start_learning_rate=1e3, end_learning_rate=1e3, adam_kwargs=dict(eps=1e3))
+
+
+def tiny_lm(seed: int = 0, **kw) -> TransformerWrapper:
+    torch.manual_seed(seed)
+    return TransformerWrapper(
+        num_tokens=VOCAB, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2), **kw
+    )
+
+
+def rand_ids(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+def pref_data(n: int = 8, seed: int = 1) -> list[PreferenceExample]:
+    g = torch.Generator().manual_seed(seed)
+    return [PreferenceExample(rand_ids(g, 3), rand_ids(g, 4), rand_ids(g, 5)) for _ in range(n)]
+
+
+def sft_data(n: int = 8, seed: int = 2) -> list[SFTExample]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(4, 13, (1,), generator=g))
+        prompt_len = int(torch.randint(1, 4, (1,), generator=g))
+        out.append(SFTExample(rand_ids(g, length), prompt_len))
+    return out
+
+
+@torch.no_grad()
+def mean_margin(model: nn.Module, pairs: list[PreferenceExample]) -> float:
+    batch = collate_preference(pairs)
+    lp = sequence_logprobs(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
+    n = len(pairs)
+    return float((lp[:n] - lp[n:]).mean())
+
+
+def params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedule_warmup_then_decay():
+    kw = dict(start_lr=1.0, end_lr=0.1, warmup_steps=2, decay_steps=4)
+    lin = [lr_multiplier(s, schedule="linear", **kw) for s in range(8)]
+    cos = [lr_multiplier(s, schedule="cosine", **kw) for s in range(8)]
+    assert lin[:2] == [0.5, 1.0] and cos[:2] == [0.5, 1.0]
+    assert lin[2] == pytest.approx(1.0) and lin[4] == pytest.approx(0.55)
+    assert lin[6] == pytest.approx(0.1) and lin[7] == pytest.approx(0.1)
+    assert cos[4] == pytest.approx(0.55) and cos[3] > lin[3] and cos[6] == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------- DPO
+
+
+def test_dpo_raises_margin_and_precomputed_reference_equals_on_the_fly():
+    pairs = pref_data()
+    model = tiny_lm()
+    start = copy.deepcopy(model)
+    before = mean_margin(model, pairs)
+    kw = dict(
+        train_dataset=pairs,
+        batch_size=4,
+        start_learning_rate=1e-3,
+        end_learning_rate=1e-4,
+        accelerate_kwargs=CPU,
+        seed=0,
+        progress=False,
+    )
+    trainer = DPOTrainer(model, num_epochs=10, **kw)
+    out = trainer.train()
+    after = mean_margin(model, pairs)
+    assert after > before + 2.0, (before, after)
+    assert out["reward_accuracy"] == 1.0 and out["loss"] < math.log(2) - 0.1
+    # precomputed: no second model copy; reference = the starting model's log-probs
+    assert trainer.ref_lm is None
+    batch = collate_preference(pairs)
+    with torch.no_grad():
+        lp0 = sequence_logprobs(
+            start(batch["input_ids"]), batch["input_ids"], batch["response_mask"]
+        )
+    torch.testing.assert_close(trainer.ref_logps[:, 0], lp0[:8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.ref_logps[:, 1], lp0[8:], atol=1e-5, rtol=0)
+
+    # same first steps with the reference run on the fly by a frozen copy
+    a = DPOTrainer(copy.deepcopy(start), num_train_steps=3, **kw)
+    b = DPOTrainer(copy.deepcopy(start), num_train_steps=3, precompute_ref_logps=False, **kw)
+    a.train()
+    b.train()
+    assert b.ref_logps is None and b.ref_lm is not None
+    la = [h["loss"] for h in a.history if "loss" in h]
+    lb = [h["loss"] for h in b.history if "loss" in h]
+    assert abs(la[0] - lb[0]) < 1e-6
+    assert la[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    assert la[1] != pytest.approx(math.log(2), abs=1e-4)  # ... but not afterwards
+    assert la[1:] == pytest.approx(lb[1:], abs=1e-5)
+
+
+def test_dpo_replay_loss_adds_its_gradient_to_the_update():
+    pairs = pref_data(4)
+    replay = sft_data(3)
+    kw = dict(
+        train_dataset=pairs,
+        batch_size=4,
+        num_train_steps=1,
+        max_grad_norm=None,
+        accelerate_kwargs=CPU,
+        seed=0,
+        progress=False,
+        **LINEAR_ADAM,
+    )
+    base = tiny_lm()
+    start = params(base)
+    DPOTrainer(base, **kw).train()
+    with_replay = tiny_lm()
+    tr = DPOTrainer(
+        with_replay, replay_dataset=replay, replay_weight=2.0, replay_batch_size=3, **kw
+    )
+    tr.train()
+    assert "replay_nll" in tr.history[-1]
+    # the replay term's own gradient, from the starting model
+    ref = tiny_lm()
+    batch = collate_sft(replay)
+    loss = 2.0 * nll_loss(ref(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
+    loss.backward()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    checked = 0
+    for name, p in with_replay.named_parameters():
+        diff = (p.detach() - start[name]) - (
+            dict(base.named_parameters())[name].detach() - start[name]
+        )
+        g = grads[name]
+        assert diff.abs().max() > 0 or g.abs().max() == 0
+        # linear regime: the extra update is -lr * g / (|g| + eps) ~= -g
+        torch.testing.assert_close(diff, -g, atol=2e-4, rtol=2e-2)
+        checked += 1
+    assert checked > 3
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_grad_accumulation_equals_one_big_batch(kind):
+    if kind == "sft":
+        data, cls = sft_data(4, seed=5), SFTTrainer  # ragged response lengths
+        assert len({len(e.response_ids) for e in data}) > 1
+    else:
+        data, cls = pref_data(4, seed=5), DPOTrainer
+    kw = dict(
+        train_dataset=data,
+        num_train_steps=1,
+        max_grad_norm=None,
+        dropout=0.0,
+        accelerate_kwargs=CPU,
+        seed=0,
+        progress=False,
+        **LINEAR_ADAM,
+    )
+    if kind == "dpo":  # make step 1 non-trivial: reference != policy
+        kw["ref_model"] = tiny_lm(seed=7)
+    start = params(tiny_lm())
+    big, acc = tiny_lm(), tiny_lm()
+    cls(big, batch_size=4, grad_accum_steps=1, **kw).train()
+    cls(acc, batch_size=2, grad_accum_steps=2, **kw).train()
+    moved = max((big.state_dict()[k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # the update is large enough for the tolerance to mean something
+    for k, v in acc.state_dict().items():
+        torch.testing.assert_close(v, big.state_dict()[k], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- SFT
+
+
+class PositionalLM(nn.Module):
+    """Logits depend on the position only: changing a token changes only its own target."""
+
+    def __init__(self, max_len: int = 16, vocab: int = VOCAB) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(max_len, vocab))
+        self.max_seq_len = max_len
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[: ids.shape[1]].unsqueeze(0).expand(ids.shape[0], -1, -1)
+
+
+def test_sft_lowers_response_nll_and_ignores_prompt_targets():
+    data = [SFTExample([1, 2, 3, 4, 5, 6], 3), SFTExample([7, 8, 9, 10, 11], 2)]
+    model = PositionalLM()
+    trainer = SFTTrainer(
+        model,
+        train_dataset=data,
+        batch_size=2,
+        num_epochs=30,
+        start_learning_rate=0.1,
+        end_learning_rate=0.01,
+        accelerate_kwargs=CPU,
+        seed=0,
+        progress=False,
+    )
+    batch = collate_sft(data)
+    loss_a, _ = trainer._compute_loss(batch)
+    loss_a.backward()
+    grad = model.table.grad.clone()
+    model.table.grad = None
+    # rows predicting prompt tokens (logits[t-1] for t < prompt_len) get no gradient
+    assert grad[0:1].abs().max() == 0  # row 0 predicts token 1: prompt in both rows
+    assert grad[2].abs().max() > 0  # row 2 predicts token 3: response of example 2
+    # other prompt tokens, same responses: same loss
+    changed = [SFTExample([30, 29, 28, 4, 5, 6], 3), SFTExample([27, 26, 9, 10, 11], 2)]
+    loss_b, _ = trainer._compute_loss(collate_sft(changed))
+    assert float(loss_b) == pytest.approx(float(loss_a), abs=1e-7)
+    # while changing a response token does change it (the check can fail)
+    other = [SFTExample([1, 2, 3, 4, 5, 31], 3), SFTExample([7, 8, 9, 10, 11], 2)]
+    model.table.data.normal_(generator=torch.Generator().manual_seed(0))
+    la, _ = trainer._compute_loss(batch)
+    lo, _ = trainer._compute_loss(collate_sft(other))
+    assert abs(float(la) - float(lo)) > 1e-3
+    model.table.data.zero_()
+
+    with torch.no_grad():
+        nll_before = float(
+            nll_loss(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
+        )
+    out = trainer.train()
+    with torch.no_grad():
+        nll_after = float(
+            nll_loss(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
+        )
+    assert nll_before == pytest.approx(math.log(VOCAB), abs=1e-5)
+    assert nll_after < 0.5 * nll_before
+    assert out["loss"] < nll_before
+
+
+# ---------------------------------------------------------------------------- safety
+
+
+class ExplodingLM(nn.Module):
+    """A tiny LM whose ``explode_at``-th training forward returns NaN logits."""
+
+    def __init__(self, explode_at: int) -> None:
+        super().__init__()
+        self.inner = tiny_lm()
+        self.max_seq_len = 32
+        self.explode_at = explode_at
+        self.calls = 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        logits = self.inner(ids)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.explode_at:
+                return logits * float("nan")
+        return logits
+
+
+def test_nan_guard_names_step_and_keeps_last_checkpoint_loadable(tmp_path):
+    model = ExplodingLM(explode_at=3)
+    trainer = SFTTrainer(
+        model,
+        train_dataset=sft_data(4),
+        batch_size=2,
+        num_epochs=5,
+        start_learning_rate=1e-3,
+        end_learning_rate=1e-3,
+        accelerate_kwargs=CPU,
+        output_dir=tmp_path,
+        checkpoint_every=1,
+        seed=0,
+        progress=False,
+    )
+    with pytest.raises(FloatingPointError, match=r"step 3 .*checkpoint-2"):
+        trainer.train()
+    assert trainer.step == 2
+    assert (tmp_path / "checkpoint-2").is_dir()
+    assert not (tmp_path / "checkpoint-3").exists() and not (tmp_path / "checkpoint").exists()
+    # the in-memory model was not updated by the bad step and matches the checkpoint
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    fresh = ExplodingLM(explode_at=0)
+    fresh.inner = tiny_lm(seed=123)
+    load_checkpoint(fresh, tmp_path / "checkpoint-2")
+    ids = torch.randint(0, VOCAB, (2, 9))
+    model.eval()
+    fresh.eval()
+    torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+
+
+def test_checkpoint_roundtrip_safetensors_tied_weights(tmp_path):
+    model = tiny_lm(seed=3, tie_embedding=True)
+    save_checkpoint(model, tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temp folders left behind
+    fresh = tiny_lm(seed=4, tie_embedding=True)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model.eval()
+    fresh.eval()
+    assert not torch.equal(fresh(ids), model(ids))
+    load_checkpoint(fresh, tmp_path / "ck")
+    torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_checkpoint(model, tmp_path / "ck", overwrite=False)
+    model.token_emb.emb.weight.data[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        save_checkpoint(model, tmp_path / "ck")
+    load_checkpoint(fresh, tmp_path / "ck")  # the old checkpoint is intact
+
+
+def test_checkpoint_roundtrip_hugging_face_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    save_checkpoint(model, tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    torch.manual_seed(1)
+    fresh = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 6))
+    load_checkpoint(fresh, tmp_path / "hf")
+    torch.testing.assert_close(fresh(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_early_stopping_stops_and_restores_best_state():
+    scores = iter([3.0, 2.0, 1.0, 1.5, 1.6, 0.5, 0.4])
+    seen: list[dict[str, torch.Tensor]] = []
+
+    def evaluate(model: nn.Module) -> float:
+        seen.append(params(model))
+        return next(scores)
+
+    model = tiny_lm()
+    trainer = DPOTrainer(
+        model,
+        train_dataset=pref_data(4),
+        batch_size=1,
+        num_train_steps=20,
+        start_learning_rate=1e-3,
+        end_learning_rate=1e-3,
+        early_stopper_eval_module=evaluate,
+        check_early_stop_every=1,
+        early_stop_patience=2,
+        accelerate_kwargs=CPU,
+        seed=0,
+        progress=False,
+    )
+    out = trainer.train()
+    # evaluations at steps 0..4; two evaluations without improvement after step 2
+    assert len(seen) == 5 and trainer.step == 4 and trainer.early_stopped
+    assert out["early_stop_best_step"] == 2 and out["restored_best"] == 1.0
+    final = params(model)
+    assert any(not torch.equal(seen[2][k], seen[4][k]) for k in final)
+    for k, v in final.items():
+        assert torch.equal(v, seen[2][k]), k
