@@ -119,7 +119,9 @@ class PreferenceStage:
     judge_samples: int = 3  # paper: 3 judge samples, averaged
     judge_mode: Literal["mean", "expected"] = "mean"
     judge_temperature: float = 0.7
+    judge_top_p: float = 0.9
     judge_max_new_tokens: int = 256
+    judge_on_too_long: Literal["error", "truncate_response", "truncate_left"] = "error"
     pair_strategy: Any = "best_worst"  # name in pairs.PAIR_STRATEGIES, or a callable
     pair_margin: float = 0.0
     length_tolerance: float = 0.0
@@ -625,7 +627,9 @@ class SelfRewardingTrainer:
             num_samples=stage.judge_samples,
             mode=stage.judge_mode,
             temperature=stage.judge_temperature,
+            top_p=stage.judge_top_p,
             max_new_tokens=stage.judge_max_new_tokens,
+            on_too_long=stage.judge_on_too_long,
         )
 
     def _run_preference(self, index: int, stage: PreferenceStage, stage_dir: Path) -> dict:
@@ -667,12 +671,22 @@ class SelfRewardingTrainer:
 
         Each chunk's randomness is seeded by (run seed, stage, chunk), so a resumed run
         regenerates an interrupted chunk exactly and appends only its missing records.
+        With several processes, chunks are dealt round-robin to the ranks; every round's
+        records are gathered, and the main process writes them in chunk order, so the
+        files do not depend on the number of processes.
         """
+        acc = self.accelerator
+        main = acc.is_main_process
         candidates = JsonlStore(stage_dir / "candidates.jsonl")
         pair_store = JsonlStore(stage_dir / "pairs.jsonl")
+        records = candidates.records  # every rank reads the same files at the start
+        pairs = pair_store.records
+        acc.wait_for_everyone()
+        done_ids = {r["id"] for r in records}
         target = stage.num_preference_pairs
         max_prompts = min(stage.max_prompts or len(prompts), len(prompts))
         judge = self._judge_for(stage)
+        self._max_new_tokens_check(prompts[:max_prompts], stage)
         gen_config = GenerationConfig(
             max_new_tokens=stage.max_new_tokens,
             temperature=stage.temperature,
@@ -682,100 +696,150 @@ class SelfRewardingTrainer:
             eos_token_id=self.tokenizer.eos_id,
             num_return_sequences=stage.num_candidates,
         )
-        self._max_new_tokens_check(prompts[:max_prompts], stage)
 
-        def add_pairs(record: dict) -> None:
-            if len(pair_store) >= target:
-                return
-            chosen_rejected = select_pairs(
-                record["responses"],
-                record["scores"],
-                strategy=stage.pair_strategy,
-                margin=stage.pair_margin,
-                length_tolerance=stage.length_tolerance,
-            )
-            new = []
-            for c, r in chosen_rejected:
-                if len(pair_store) + len(new) >= target:
-                    break
-                new.append(
-                    {
-                        "id": f"{record['id']}/{c}-{r}",
-                        "prompt_id": record["id"],
-                        "prompt": record["prompt"],
-                        "chosen": record["responses"][c],
-                        "rejected": record["responses"][r],
-                        "chosen_index": c,
-                        "rejected_index": r,
-                        "score_chosen": record["scores"][c],
-                        "score_rejected": record["scores"][r],
-                    }
-                )
-            pair_store.extend(new)
+        def add(new_records: list[dict]) -> None:
+            new_pairs = []
+            for record in new_records:
+                new_pairs += self._pairs_of(record, stage, target - len(pairs) - len(new_pairs))
+            if main:
+                candidates.extend(new_records)
+                pair_store.extend(new_pairs)
+            records.extend(r for r in new_records if r["id"] not in done_ids)
+            done_ids.update(r["id"] for r in new_records)
+            pairs.extend(new_pairs)
 
         # a crash between the candidate write and the pair write is repaired here
-        for record in candidates:
-            add_pairs(record)
+        paired = {p["prompt_id"] for p in pairs}
+        missing_pairs = []
+        for record in records:
+            if record["id"] not in paired and len(pairs) + len(missing_pairs) < target:
+                missing_pairs += self._pairs_of(
+                    record, stage, target - len(pairs) - len(missing_pairs)
+                )
+        if main:
+            pair_store.extend(missing_pairs)
+        pairs.extend(missing_pairs)
 
         chunk = stage.chunk_size
-        num_chunks = math.ceil(max_prompts / chunk)
+        chunk_ids = [
+            [f"{index + 1}-{i}" for i in range(c * chunk, min((c + 1) * chunk, max_prompts))]
+            for c in range(math.ceil(max_prompts / chunk))
+        ]
+        todo = [c for c, ids in enumerate(chunk_ids) if not all(i in done_ids for i in ids)]
         bar = tqdm(
             total=target,
-            initial=min(len(pair_store), target),
-            desc=f"{_stage_slug(stage)} pairs",
-            disable=not (self.progress and self.accelerator.is_main_process),
+            initial=min(len(pairs), target),
+            desc=f"{_stage_slug(stage)}: generate + judge",
+            unit="pair",
+            disable=not (self.progress and main),
         )
-        for c in range(num_chunks):
-            if len(pair_store) >= target:
+        world, rank = acc.num_processes, acc.process_index
+        for start in range(0, len(todo), world):
+            if len(pairs) >= target:
                 break
-            ids = [f"{index + 1}-{i}" for i in range(c * chunk, min((c + 1) * chunk, max_prompts))]
-            if all(i in candidates for i in ids):
-                continue
-            chunk_prompts = [prompts[int(i.split("-")[1])] for i in ids]
-            generator = torch.Generator(device=self.lm.device)
-            generator.manual_seed(_seed_for(self.seed, index, c))
-            responses = generate_text(
-                self.model, self.tokenizer, chunk_prompts, gen_config, generator=generator
+            mine = todo[start + rank] if start + rank < len(todo) else None
+            fresh = (
+                []
+                if mine is None
+                else self._judge_chunk(
+                    index, stage, mine, chunk_ids[mine], prompts, judge, gen_config, done_ids
+                )
             )
-            flat_prompts = [p for p, rs in zip(chunk_prompts, responses) for _ in rs]
-            flat_responses = [r for rs in responses for r in rs]
-            results = judge.score(flat_prompts, flat_responses, generator=generator)
-            k = stage.num_candidates
-            records = []
-            for j, (rid, prompt) in enumerate(zip(ids, chunk_prompts)):
-                if rid in candidates:
-                    continue
-                res = results[j * k : (j + 1) * k]
-                record = {
-                    "id": rid,
-                    "prompt": prompt,
-                    "responses": flat_responses[j * k : (j + 1) * k],
-                    "scores": [r.score for r in res],
-                    "judgements": [r.to_dict() for r in res],
-                }
-                if self.oracle is not None:
-                    record["oracle_scores"] = [self.oracle(prompt, r) for r in record["responses"]]
-                records.append(record)
-            candidates.extend(records)
-            before = len(pair_store)
-            for record in records:
-                add_pairs(record)
-            bar.update(min(len(pair_store), target) - min(before, target))
-            self._check_parse_rate(stage, list(candidates))
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                fresh = gather_object([fresh])
+                fresh = [
+                    r
+                    for part in sorted(fresh, key=lambda p: p[0]["chunk"] if p else -1)
+                    for r in part
+                ]
+            before = len(pairs)
+            add(fresh)
+            bar.update(min(len(pairs), target) - min(before, target))
+            self._check_parse_rate(stage, records)
         bar.close()
 
-        stats = candidate_stats(list(candidates), list(pair_store))
-        atomic_write_json(stage_dir / "stats.json", stats)
-        if len(pair_store) < target:
+        stats = candidate_stats(records, pairs)
+        if main:
+            atomic_write_json(stage_dir / "stats.json", stats)
+        acc.wait_for_everyone()
+        if len(pairs) < target:
             raise NotEnoughPairsError(
-                f"{stage.kind}: built {len(pair_store)} of {target} preference pairs after "
-                f"trying {len(candidates)} prompts (all {max_prompts} allowed were used). "
+                f"{stage.kind}: built {len(pairs)} of {target} preference pairs after "
+                f"trying {len(records)} prompts (all {max_prompts} allowed were used). "
                 f"Judge parse rate {stats['parse_rate']:.1%}, tie rate {stats['tie_rate']:.1%}. "
                 "Give more prompts (or a prompt_generation stage), raise max_prompts, lower "
                 "num_preference_pairs, or sample more candidates per prompt. The records built "
                 f"so far are kept in {stage_dir}."
             )
-        return list(pair_store)[:target]
+        return pairs[:target]
+
+    def _judge_chunk(
+        self,
+        index: int,
+        stage: PreferenceStage,
+        chunk_index: int,
+        ids: list[str],
+        prompts: list[str],
+        judge: Any,
+        gen_config: GenerationConfig,
+        done_ids: set[str],
+    ) -> list[dict]:
+        """Candidates for one chunk of prompts, judged; one record per prompt."""
+        chunk_prompts = [prompts[int(i.rsplit("-", 1)[1])] for i in ids]
+        generator = torch.Generator(device=self.lm.device)
+        generator.manual_seed(_seed_for(self.seed, index, chunk_index))
+        responses = generate_text(
+            self.model, self.tokenizer, chunk_prompts, gen_config, generator=generator
+        )
+        flat_prompts = [p for p, rs in zip(chunk_prompts, responses) for _ in rs]
+        flat_responses = [r for rs in responses for r in rs]
+        results = judge.score(flat_prompts, flat_responses, generator=generator)
+        k = stage.num_candidates
+        out = []
+        for j, (rid, prompt) in enumerate(zip(ids, chunk_prompts)):
+            if rid in done_ids:
+                continue
+            res = results[j * k : (j + 1) * k]
+            record = {
+                "id": rid,
+                "chunk": chunk_index,
+                "prompt": prompt,
+                "responses": flat_responses[j * k : (j + 1) * k],
+                "scores": [r.score for r in res],
+                "judgements": [r.to_dict() for r in res],
+            }
+            if self.oracle is not None:
+                record["oracle_scores"] = [self.oracle(prompt, r) for r in record["responses"]]
+            out.append(record)
+        return out
+
+    def _pairs_of(self, record: dict, stage: PreferenceStage, room: int) -> list[dict]:
+        """At most ``room`` preference pairs from one judged record (TRL columns + scores)."""
+        if room <= 0:
+            return []
+        chosen_rejected = select_pairs(
+            record["responses"],
+            record["scores"],
+            strategy=stage.pair_strategy,
+            margin=stage.pair_margin,
+            length_tolerance=stage.length_tolerance,
+        )
+        return [
+            {
+                "id": f"{record['id']}/{c}-{r}",
+                "prompt_id": record["id"],
+                "prompt": record["prompt"],
+                "chosen": record["responses"][c],
+                "rejected": record["responses"][r],
+                "chosen_index": c,
+                "rejected_index": r,
+                "score_chosen": record["scores"][c],
+                "score_rejected": record["scores"][r],
+            }
+            for c, r in chosen_rejected[:room]
+        ]
 
     def _check_parse_rate(self, stage: PreferenceStage, records: list[dict]) -> None:
         outputs, parsed = [], 0
