@@ -1,0 +1,618 @@
+"""The ``srlm run`` YAML schema as dataclasses, validated before any work starts.
+
+``load_run_config(path)`` reads a YAML file into a :class:`RunConfig` with
+:func:`~self_rewarding_lm_pytorch.config.from_dict` (an unknown key names the closest
+valid key, a wrong type names the expected type), then checks what a type cannot say:
+each stage against the pipeline stage dataclass of its ``kind`` and its ``trainer:``
+mapping against the trainer's signature, the names stages use (datasets, judges), the
+files the config points to, and the trackers in ``accelerate.log_with``. Nothing is
+loaded (no model, no data) until the whole file is known to be good.
+
+Relative paths in the file are relative to the folder of the file, so a config and its
+data can move together. A minimal config::
+
+    model: {path: ./tiny-llama}
+    data:
+      sft: {path: sft.jsonl}
+      prompts: {path: prompts.csv, prompt_field: instruction}
+    stages:
+      - {kind: sft, trainer: {num_train_steps: 10}}
+      - {kind: self_reward_dpo, num_preference_pairs: 8}
+    out: runs/tiny
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .config import ConfigError, from_dict
+
+__all__ = [
+    "AccelerateConfig",
+    "ConfigError",
+    "DataSource",
+    "JudgeSpec",
+    "LoRAConfig",
+    "ModelConfig",
+    "RewardConfigSpec",
+    "RunConfig",
+    "TokenizerConfig",
+    "build_stages",
+    "load_run_config",
+    "parse_run_config",
+    "resolve_object",
+]
+
+#: trackers implemented here that need no extra package
+BUILTIN_TRACKERS = ("jsonl",)
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (peft ``LoraConfig``) trained instead of the full model.
+
+    ``export``: what ``srlm run`` writes to ``<out>/final`` at the end: ``merged`` (the
+    adapter folded into the weights, a plain Hugging Face model) or ``adapter`` (the
+    adapter only, loadable on top of the base model).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    export: Literal["merged", "adapter"] = "merged"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules is empty; name modules or use 'all-linear'")
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: a local Hugging Face folder (``path``) or an x-transformers
+    ``TransformerWrapper`` built from keyword arguments (``xtransformers``, with the
+    decoder's keywords under ``attn_layers``), optionally loaded from ``checkpoint``
+    (a safetensors file or folder written by a previous run)."""
+
+    path: str | None = None
+    xtransformers: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    dtype: DType = "float32"
+    lora: LoRAConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.xtransformers is None):
+            raise ValueError(
+                "give exactly one of model.path (a local Hugging Face model folder) or "
+                "model.xtransformers (TransformerWrapper keyword arguments)"
+            )
+        if self.lora is not None and self.path is None:
+            raise ValueError("model.lora needs a Hugging Face model (model.path)")
+        if self.checkpoint is not None and self.path is not None:
+            raise ValueError(
+                "model.checkpoint is for x-transformers models; a Hugging Face checkpoint "
+                "folder is given as model.path itself"
+            )
+        if self.xtransformers is not None:
+            for key in ("num_tokens", "max_seq_len", "attn_layers"):
+                if key not in self.xtransformers:
+                    raise ValueError(
+                        f"model.xtransformers needs {key!r} (e.g. num_tokens: 256, "
+                        "max_seq_len: 256, attn_layers: {dim: 64, depth: 2, heads: 4})"
+                    )
+            if not isinstance(self.xtransformers["attn_layers"], dict):
+                raise ValueError(
+                    "model.xtransformers.attn_layers must be a mapping of Decoder keyword "
+                    "arguments, e.g. {dim: 64, depth: 2, heads: 4}"
+                )
+
+
+@dataclass
+class TokenizerConfig:
+    """``kind: hf`` loads ``AutoTokenizer`` from ``path`` (default: ``model.path``);
+    ``kind: bytes`` encodes text as UTF-8 bytes (ids 0-255; for x-transformers models
+    with ``num_tokens >= 256``). ``chat_template`` / ``chat_template_file`` replace the
+    tokenizer's chat template; ``use_chat_template: false`` feeds prompts as plain text."""
+
+    kind: Literal["hf", "bytes"] = "hf"
+    path: str | None = None
+    chat_template: str | None = None
+    chat_template_file: str | None = None
+    use_chat_template: bool | None = None
+    eos_id: int | None = None  # bytes tokenizer only
+
+    def __post_init__(self) -> None:
+        if self.chat_template is not None and self.chat_template_file is not None:
+            raise ValueError(
+                "give tokenizer.chat_template or tokenizer.chat_template_file, not both"
+            )
+        if self.kind == "bytes":
+            extra = [
+                k
+                for k in ("path", "chat_template", "chat_template_file", "use_chat_template")
+                if getattr(self, k) is not None
+            ]
+            if extra:
+                raise ValueError(f"tokenizer.{extra[0]} does not apply to kind 'bytes'")
+            if self.eos_id is not None and not 0 <= self.eos_id < 256:
+                raise ValueError(f"tokenizer.eos_id must be a byte value 0-255, got {self.eos_id}")
+        elif self.eos_id is not None:
+            raise ValueError(
+                "tokenizer.eos_id applies to kind 'bytes' only (HF tokenizers know theirs)"
+            )
+
+
+@dataclass
+class DataSource:
+    """A data file: JSONL, JSON, CSV/TSV, Parquet or a local ``datasets`` folder
+    (``save_to_disk``; ``split`` picks from a ``DatasetDict``). Rows hold text in
+    ``prompt_field`` / ``response_field`` or chat messages in ``messages_field``
+    (a list of ``{role, content}``; the last assistant turn is the response)."""
+
+    path: str
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "datasets"] = "auto"
+    split: str | None = None
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str | None = None
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (or omitted), got {self.limit}")
+
+
+@dataclass
+class RewardConfigSpec:
+    """How a model is asked to judge and how its score is read (``judge.RewardConfig``):
+    a Jinja2 ``prompt_template`` with ``{{ prompt }}`` and ``{{ response }}`` (or a
+    ``prompt_template_file``), a ``reward_regex_template`` with ``{{ reward }}``, and
+    optionally the accepted ``score_range: [low, high]``. Omitted: the paper's Figure 2."""
+
+    prompt_template: str | None = None
+    prompt_template_file: str | None = None
+    reward_regex_template: str | None = None
+    score_range: list[float] | None = None
+    match: Literal["first", "last"] = "last"
+    score_values: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_template is not None and self.prompt_template_file is not None:
+            raise ValueError("give prompt_template or prompt_template_file, not both")
+        if self.score_range is not None:
+            if len(self.score_range) != 2 or self.score_range[0] > self.score_range[1]:
+                raise ValueError(
+                    f"score_range must be [low, high] with low <= high, got {self.score_range}"
+                )
+
+
+@dataclass
+class JudgeSpec:
+    """An external judge for ``external_reward_dpo`` stages (and ``srlm judge``).
+
+    * ``kind: llm``: a causal LM at ``path`` prompted as a judge with ``reward_config``
+      (default: the run's ``reward_config``, else the paper's template).
+    * ``kind: reward_model``: ``AutoModelForSequenceClassification`` at ``path``; the text
+      is ``template`` rendered with the prompt and response; ``head`` scalar or classes.
+    * ``kind: python``: ``function: "package.module:name"``, a callable
+      ``(prompt, response) -> float | None`` or an object with a ``score`` method.
+      This imports and runs the code you name: only name code you trust.
+    """
+
+    kind: Literal["llm", "reward_model", "python"]
+    path: str | None = None
+    tokenizer: str | None = None
+    dtype: DType = "float32"
+    reward_config: RewardConfigSpec | None = None
+    num_samples: int = 3
+    mode: Literal["mean", "expected"] = "mean"
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    batch_size: int | None = None
+    on_too_long: Literal["error", "truncate_response", "truncate_left"] = "error"
+    template: str = "{{ prompt }}\n{{ response }}"
+    head: Literal["scalar", "classes"] = "scalar"
+    class_values: list[float] | None = None
+    function: str | None = None
+
+    _LLM = (
+        "reward_config",
+        "num_samples",
+        "mode",
+        "temperature",
+        "top_p",
+        "max_new_tokens",
+        "on_too_long",
+    )
+    _RM = ("template", "head", "class_values")
+
+    def __post_init__(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.init}
+        used = {k for k, d in defaults.items() if getattr(self, k) != d and k != "kind"}
+        allowed = {
+            "llm": {"path", "tokenizer", "dtype", "batch_size", *self._LLM},
+            "reward_model": {"path", "tokenizer", "dtype", "batch_size", *self._RM},
+            "python": {"function"},
+        }[self.kind]
+        wrong = sorted(used - allowed)
+        if wrong:
+            raise ValueError(
+                f"{wrong[0]!r} does not apply to a judge of kind {self.kind!r} "
+                f"(it takes: {', '.join(sorted(allowed))})"
+            )
+        if self.kind in ("llm", "reward_model") and self.path is None:
+            raise ValueError(f"a judge of kind {self.kind!r} needs path: <local model folder>")
+        if self.kind == "python" and (self.function is None or ":" not in self.function):
+            raise ValueError(
+                "a judge of kind 'python' needs function: 'package.module:name' (an importable "
+                "callable (prompt, response) -> float | None)"
+            )
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class AccelerateConfig:
+    """Arguments of ``accelerate.Accelerator``. ``log_with``: tracker names accelerate
+    knows (``tensorboard``, ``wandb``, ... each needs its package) or ``jsonl`` (built in:
+    ``<project_dir>/<project_name>/metrics.jsonl``). ``project_dir`` defaults to
+    ``<out>/logs``."""
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    log_with: list[str] | str | None = None
+    project_dir: str | None = None
+    project_name: str = "self-rewarding-lm"
+    cpu: bool = False
+
+    @property
+    def trackers(self) -> list[str]:
+        if self.log_with is None:
+            return []
+        return [self.log_with] if isinstance(self.log_with, str) else list(self.log_with)
+
+
+@dataclass
+class RunConfig:
+    """A whole ``srlm run``: model, tokenizer, named data, ordered stages, judges."""
+
+    model: ModelConfig
+    stages: list[dict[str, Any]]
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: dict[str, DataSource] = field(default_factory=dict)
+    judges: dict[str, JudgeSpec] = field(default_factory=dict)
+    reward_config: RewardConfigSpec | None = None
+    accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
+    out: str = "runs/srlm"
+    seed: int = 0
+    preference_max_seq_len: int = 1024
+    progress: bool = True
+
+    #: the validated stage dataclasses (built by :func:`build_stages`)
+    stage_objects: list[Any] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages is empty; list at least one stage (e.g. - {kind: sft})")
+        if self.preference_max_seq_len < 2:
+            raise ValueError(
+                f"preference_max_seq_len must be >= 2, got {self.preference_max_seq_len}"
+            )
+
+
+# ====================================================================== validation
+
+
+def build_stages(stages: list[dict[str, Any]]) -> list[Any]:
+    """Each stage mapping as its pipeline dataclass (chosen by ``kind``), with its
+    ``trainer:`` keyword arguments checked against the trainer's signature."""
+    from .pipeline import STAGE_TYPES, check_trainer_kwargs
+
+    out = []
+    for i, raw in enumerate(stages):
+        where = f"stages[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a mapping with a 'kind' key, got {raw!r}")
+        kind = raw.get("kind")
+        if kind not in STAGE_TYPES:
+            close = difflib.get_close_matches(str(kind), list(STAGE_TYPES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}.kind: {kind!r} is not a stage kind{hint} "
+                f"(valid kinds: {', '.join(STAGE_TYPES)})"
+            )
+        stage = from_dict(STAGE_TYPES[kind], raw, path=where)
+        try:
+            check_trainer_kwargs(stage)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        out.append(stage)
+    return out
+
+
+def resolve_object(spec: str) -> Any:
+    """Import ``"package.module:attr.path"`` and return the attribute (trusted code only)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected 'package.module:name', got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"cannot import module {module_name!r} named in {spec!r} ({exc}); make it "
+            "importable (install it, or add its folder to PYTHONPATH)"
+        ) from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _check_exists(path: str | None, what: str, *, hf_model: bool = False) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(
+            f"{what}: {path} does not exist; fix the path (relative paths are relative to the config file)"
+        )
+    if hf_model:
+        if not p.is_dir():
+            raise ConfigError(
+                f"{what}: {path} is not a folder; give a local Hugging Face model folder"
+            )
+        if not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+            raise ConfigError(
+                f"{what}: {path} has no config.json (nor adapter_config.json); give a folder "
+                "written by save_pretrained (models are never downloaded)"
+            )
+
+
+def _check_trackers(acc: AccelerateConfig) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    known = set(LOGGER_TYPE_TO_CLASS) | set(BUILTIN_TRACKERS)
+    for name in acc.trackers:
+        if name in BUILTIN_TRACKERS:
+            continue
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"accelerate.log_with: unknown tracker {name!r}{hint} (known: {', '.join(sorted(known))})"
+            )
+        if name not in available:
+            raise ConfigError(
+                f"accelerate.log_with: tracker {name!r} needs its Python package, which is not "
+                f"installed (pip install {name}); or use the built-in 'jsonl' tracker"
+            )
+
+
+def _check_names(cfg: RunConfig) -> None:
+    from .pairs import PAIR_STRATEGIES
+    from .pipeline import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage
+
+    data = set(cfg.data)
+
+    def need(name: str, where: str) -> None:
+        if name not in data:
+            close = difflib.get_close_matches(name, sorted(data), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{where}: dataset {name!r} is not defined under data:{hint} "
+                f"(defined: {', '.join(sorted(data)) or 'none'})"
+            )
+
+    seen_prompt_gen = False
+    for i, stage in enumerate(cfg.stage_objects):
+        where = f"stages[{i}]"
+        if isinstance(stage, SFTStage):
+            for name in stage.datasets:
+                need(name, f"{where}.datasets")
+        elif isinstance(stage, SPINStage):
+            need(stage.dataset, f"{where}.dataset")
+        elif isinstance(stage, PromptGenerationStage):
+            need(stage.seed_dataset, f"{where}.seed_dataset")
+            if stage.generator_model != "self":
+                raise ConfigError(
+                    f"{where}.generator_model: srlm run supports only 'self' (the policy) "
+                    "as the prompt generator"
+                )
+            seen_prompt_gen = True
+        elif isinstance(stage, PreferenceStage):
+            if stage.prompts == "generated":
+                if not seen_prompt_gen:
+                    raise ConfigError(
+                        f"{where}.prompts: 'generated' needs a prompt_generation stage before it"
+                    )
+            else:
+                need(stage.prompts, f"{where}.prompts")
+            if stage.replay is not None:
+                need(stage.replay, f"{where}.replay")
+            if stage.kind == "self_reward_dpo" and stage.judge != "self":
+                raise ConfigError(
+                    f"{where}.judge: a self_reward_dpo stage judges with the model itself "
+                    "(judge: self); use kind: external_reward_dpo for the judge "
+                    f"{stage.judge!r}"
+                )
+            if stage.kind == "external_reward_dpo":
+                if stage.judge not in cfg.judges:
+                    close = difflib.get_close_matches(stage.judge, sorted(cfg.judges), n=1)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    raise ConfigError(
+                        f"{where}.judge: judge {stage.judge!r} is not defined under judges:{hint} "
+                        f"(defined: {', '.join(sorted(cfg.judges)) or 'none'})"
+                    )
+            if (
+                not isinstance(stage.pair_strategy, str)
+                or stage.pair_strategy not in PAIR_STRATEGIES
+            ):
+                close = difflib.get_close_matches(
+                    str(stage.pair_strategy), list(PAIR_STRATEGIES), n=1
+                )
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(
+                    f"{where}.pair_strategy: {stage.pair_strategy!r} is not a pair strategy{hint} "
+                    f"(valid: {', '.join(PAIR_STRATEGIES)})"
+                )
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    m = cfg.model
+    m.path = _resolve(base, m.path)
+    m.checkpoint = _resolve(base, m.checkpoint)
+    t = cfg.tokenizer
+    t.path = _resolve(base, t.path)
+    t.chat_template_file = _resolve(base, t.chat_template_file)
+    for src in cfg.data.values():
+        src.path = _resolve(base, src.path) or src.path
+    for spec in cfg.judges.values():
+        spec.path = _resolve(base, spec.path)
+        spec.tokenizer = _resolve(base, spec.tokenizer)
+        if spec.reward_config is not None:
+            rc = spec.reward_config
+            rc.prompt_template_file = _resolve(base, rc.prompt_template_file)
+    if cfg.reward_config is not None:
+        cfg.reward_config.prompt_template_file = _resolve(
+            base, cfg.reward_config.prompt_template_file
+        )
+    cfg.out = _resolve(base, cfg.out) or cfg.out
+    cfg.accelerate.project_dir = _resolve(base, cfg.accelerate.project_dir)
+
+
+def _check_files(cfg: RunConfig) -> None:
+    _check_exists(cfg.model.path, "model.path", hf_model=True)
+    _check_exists(cfg.model.checkpoint, "model.checkpoint")
+    if cfg.tokenizer.kind == "hf":
+        if cfg.tokenizer.path is None and cfg.model.path is None:
+            raise ConfigError(
+                "tokenizer.path is needed for an x-transformers model (or use tokenizer.kind: bytes)"
+            )
+        _check_exists(cfg.tokenizer.path, "tokenizer.path")
+    elif cfg.model.xtransformers is not None and int(cfg.model.xtransformers["num_tokens"]) < 256:
+        raise ConfigError(
+            "tokenizer.kind 'bytes' needs model.xtransformers.num_tokens >= 256 (one id per byte)"
+        )
+    _check_exists(cfg.tokenizer.chat_template_file, "tokenizer.chat_template_file")
+    for name, src in cfg.data.items():
+        _check_exists(src.path, f"data.{name}.path")
+    for name, spec in cfg.judges.items():
+        _check_exists(spec.path, f"judges.{name}.path", hf_model=True)
+        _check_exists(spec.tokenizer, f"judges.{name}.tokenizer")
+        if spec.reward_config is not None:
+            _check_exists(
+                spec.reward_config.prompt_template_file,
+                f"judges.{name}.reward_config.prompt_template_file",
+            )
+        if spec.kind == "python":
+            assert spec.function is not None
+            try:
+                obj = resolve_object(spec.function)
+            except ValueError as exc:
+                raise ConfigError(f"judges.{name}.function: {exc}") from exc
+            if not (callable(obj) or hasattr(obj, "score")):
+                raise ConfigError(
+                    f"judges.{name}.function: {spec.function!r} is neither callable nor a judge "
+                    "with a score() method"
+                )
+    if cfg.reward_config is not None:
+        _check_exists(cfg.reward_config.prompt_template_file, "reward_config.prompt_template_file")
+
+
+def _check_reward_configs(cfg: RunConfig) -> None:
+    """Compile the judge templates now (a bad template fails before any work)."""
+    from .judge import RewardConfig
+
+    specs = [("reward_config", cfg.reward_config)]
+    specs += [(f"judges.{n}.reward_config", j.reward_config) for n, j in cfg.judges.items()]
+    for where, spec in specs:
+        if spec is None:
+            continue
+        try:
+            template = spec.prompt_template
+            if spec.prompt_template_file is not None:
+                template = Path(spec.prompt_template_file).read_text(encoding="utf-8")
+            if template is not None:
+                RewardConfig(
+                    prompt_template=template,
+                    reward_regex_template=spec.reward_regex_template or "Score: {{ reward }}",
+                )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _check_accelerate(acc: AccelerateConfig) -> None:
+    if acc.mixed_precision == "fp16":
+        import torch
+
+        if acc.cpu or not torch.cuda.is_available():
+            raise ConfigError(
+                "accelerate.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' (supported "
+                "on CPU) or 'no'"
+            )
+    _check_trackers(acc)
+
+
+def parse_run_config(
+    data: Any, *, base_dir: str | Path = ".", check_files: bool = True
+) -> RunConfig:
+    """Validate a config mapping (the parsed YAML) into a :class:`RunConfig`.
+
+    Relative paths are resolved against ``base_dir``. Raises :class:`ConfigError` naming
+    the key and the fix for anything wrong, before any model or data is loaded.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"the config must be a mapping of keys (model:, stages:, ...), got {type(data).__name__}"
+        )
+    cfg = from_dict(RunConfig, data)
+    cfg.stage_objects = build_stages(cfg.stages)
+    _check_names(cfg)
+    _resolve_paths(cfg, Path(base_dir))
+    if check_files:
+        _check_files(cfg)
+    _check_reward_configs(cfg)
+    _check_accelerate(cfg.accelerate)
+    return cfg
+
+
+def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
+    """Read and validate a ``srlm run`` YAML file (see the module docstring)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        raise ConfigError(f"{path} is empty; see examples/*.yaml for a complete config")
+    return parse_run_config(data, base_dir=path.resolve().parent, check_files=check_files)
