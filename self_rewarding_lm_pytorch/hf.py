@@ -26,7 +26,9 @@ from torch import nn
 from .run_config import LoRAConfig
 
 __all__ = [
+    "TINY_CHAT_TEMPLATE",
     "apply_lora",
+    "build_tiny_model",
     "ensure_pad_token",
     "export_model",
     "is_peft_model",
@@ -264,4 +266,85 @@ def export_model(
     hf_tok = getattr(tokenizer, "tokenizer", tokenizer)  # an HFTokenizer adapter or the tokenizer
     if hf_tok is not None and hasattr(hf_tok, "save_pretrained"):
         hf_tok.save_pretrained(str(out))
+    return out
+
+
+# ====================================================================== tiny models
+
+#: the chat template of :func:`build_tiny_model` (role markers are special tokens)
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+_TINY_WORDS = (
+    "the a an and or but if then so of to in on at by for with from about as is are was "
+    "were be been it this that these those i you he she we they me him her us them my your "
+    "what which who why how when where tell write give explain list name describe story poem "
+    "answer question score good bad best worst fine great small big fast slow cat dog bird "
+    "fish tree sun moon sky sea rain snow red blue green one two three four five six seven "
+    "eight nine ten 0 1 2 3 4 5 6 7 8 9 . , ? ! :"
+).split()
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    words: list[str] | None = None,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 256,
+    pad_token: bool = False,
+    chat_template: str | None = TINY_CHAT_TEMPLATE,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random Llama and a word-level tokenizer (trained locally with the
+    ``tokenizers`` library, with a chat template) to ``out_dir``; returns ``out_dir``.
+
+    For smoke tests and examples without downloads: ``AutoModelForCausalLM`` and
+    ``AutoTokenizer`` load the folder. The tokenizer has ``<s>``/``</s>`` and, unless
+    ``pad_token``, no pad token (as many causal LM tokenizers).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab_words = list(words if words is not None else _TINY_WORDS)
+    specials = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    if pad_token:
+        specials.append("<pad>")
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    trainer = trainers.WordLevelTrainer(special_tokens=specials, min_frequency=1)
+    tok.train_from_iterator([" ".join(vocab_words)], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>" if pad_token else None,
+        additional_special_tokens=specials[3:7],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    out = Path(out_dir)
+    fast.save_pretrained(str(out))
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(str(out))
     return out
