@@ -29,15 +29,6 @@ from self_rewarding_lm_pytorch.trainers.base import lr_multiplier
 VOCAB = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: extra intra-op threads only oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CPU = dict(cpu=True)
 # Adam with a huge eps and learning rate: the first update is lr * g / (|g| + eps) ~= g,
 # i.e. linear in the gradient, so update differences expose gradient differences
@@ -328,7 +319,33 @@ def test_nan_guard_names_step_and_keeps_last_checkpoint_loadable(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == [1, 2]
 
 
-def test_checkpoint_roundtrip_safetensors_tied_weights(tmp_path):
+class TiedLM(nn.Module):
+    """Output head sharing the embedding matrix: two state-dict keys, one tensor."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, VOCAB, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_checkpoint_roundtrip_shared_tensors(tmp_path):
+    model = TiedLM(seed=0)
+    save_checkpoint(model, tmp_path / "ck")
+    fresh = TiedLM(seed=1)
+    ids = torch.randint(0, VOCAB, (2, 5))
+    assert not torch.equal(fresh(ids), model(ids))
+    load_checkpoint(fresh, tmp_path / "ck")
+    assert fresh.head.weight is fresh.emb.weight  # still tied after loading
+    torch.testing.assert_close(fresh(ids), model(ids), atol=0, rtol=0)
+
+
+def test_checkpoint_roundtrip_safetensors_x_transformers(tmp_path):
     model = tiny_lm(seed=3, tie_embedding=True)
     save_checkpoint(model, tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").is_file()

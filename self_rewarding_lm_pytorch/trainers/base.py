@@ -213,7 +213,43 @@ def _check_float(name: str, value: Any, *, minimum: float, allow_none: bool = Fa
 
 
 class BaseTrainer:
-    """Shared loop; see the module docstring. Not used directly."""
+    """Shared loop; see the module docstring. Not used directly.
+
+    Args:
+        model: any causal LM accepted by :func:`~self_rewarding_lm_pytorch.models.wrap_model`.
+        batch_size: examples (SFT) or pairs (DPO/SPIN) per micro-batch and process.
+        grad_accum_steps: micro-batches per optimizer step.
+        num_epochs: passes over the data; ``num_train_steps`` (optimizer steps) overrides
+            it, cycling over the data as often as needed.
+        start_learning_rate, end_learning_rate: AdamW learning rate after warmup and at the
+            end of the decay (``lr_schedule`` "linear" or "cosine", over ``num_decay_steps``
+            updates, default all updates after ``warmup_steps``; constant afterwards).
+        weight_decay: AdamW decoupled weight decay on matrices (not on biases / norms).
+        adam_kwargs: extra ``torch.optim.AdamW`` arguments (betas, eps).
+        max_grad_norm: gradient clipping (None: no clipping; the norm is then not logged).
+        dropout: when given, every ``nn.Dropout`` module's ``p`` during training (restored
+            afterwards). Attention dropout that a model applies functionally from its
+            config (many Hugging Face models) is not reached by this.
+        max_seq_len: truncate training rows to this many tokens (also capped at the
+            model's own context length).
+        early_stopper_eval_module: ``(model) -> float`` called (eval mode, no grad, main
+            process) before training, every ``check_early_stop_every`` steps and at the
+            end; after ``early_stop_patience`` evaluations without improvement
+            (``early_stop_mode`` "min"/"max") training stops. The best state is kept in CPU
+            memory and restored at the end.
+        eval_every: run the trainer's validation every N steps (always at the end).
+        accelerator / accelerate_kwargs: an ``accelerate.Accelerator``, or the keyword
+            arguments to build one (e.g. ``dict(cpu=True, mixed_precision="bf16",
+            log_with="tensorboard", project_dir=...)``).
+        output_dir: ``metrics.jsonl`` is appended there, and the final model is saved to
+            ``output_dir/checkpoint`` (unless ``save_final_checkpoint=False``).
+        checkpoint_every, checkpoint_dir, keep_last_checkpoints: periodic checkpoints
+            ``checkpoint-<step>`` (in ``checkpoint_dir``, default ``output_dir``), keeping
+            the newest ``keep_last_checkpoints`` when set.
+        log_every: log metrics every N steps. progress: show a tqdm bar (main process).
+        seed: seeds Python/NumPy/torch RNGs (``accelerate.utils.set_seed``) and the data
+            order.
+    """
 
     desc = "training"
 
@@ -246,6 +282,7 @@ class BaseTrainer:
         checkpoint_every: int | None = None,
         checkpoint_dir: str | Path | None = None,
         keep_last_checkpoints: int | None = None,
+        save_final_checkpoint: bool = True,
         log_every: int = 1,
         progress: bool = True,
         project_name: str = "self-rewarding-lm",
@@ -349,6 +386,7 @@ class BaseTrainer:
         self.checkpoint_every = checkpoint_every
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.keep_last_checkpoints = keep_last_checkpoints
+        self.save_final_checkpoint = bool(save_final_checkpoint)
         self.log_every = log_every
         self.progress = progress
 
@@ -695,7 +733,7 @@ class BaseTrainer:
             self.lm.train(was_training)
         if eval_metrics:
             self._log({"step": self.step, **eval_metrics})
-        if self.output_dir is not None:
+        if self.output_dir is not None and self.save_final_checkpoint:
             self.save_checkpoint(self.output_dir / "checkpoint", overwrite=True)
         if self._owns_trackers:
             self.accelerator.end_training()

@@ -1,0 +1,125 @@
+"""The seed README's standalone SPIN example (smaller), and SPIN's per-cycle semantics."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from x_transformers import Decoder, TransformerWrapper
+
+import self_rewarding_lm_pytorch.trainers.spin as spin_module
+from self_rewarding_lm_pytorch.data import collate_preference, create_mock_dataset
+from self_rewarding_lm_pytorch.generation import generate
+from self_rewarding_lm_pytorch.losses import sequence_logprobs
+from self_rewarding_lm_pytorch.trainers import SPINTrainer
+
+
+def test_seed_readme_spin_example_smaller(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default checkpoint_folder is relative
+    torch.manual_seed(0)
+
+    # the README's example with depth 1, dim 64 and 8 items; same keyword arguments
+    transformer = TransformerWrapper(
+        num_tokens=256, max_seq_len=1024, attn_layers=Decoder(dim=64, depth=1, heads=8)
+    )
+    before = copy.deepcopy(transformer.state_dict())
+
+    sft_dataset = create_mock_dataset(8, lambda: (torch.randint(0, 256, (256,)), torch.tensor(1)))
+
+    spin_trainer = SPINTrainer(
+        transformer,
+        max_seq_len=16,
+        sft_dataset=sft_dataset,
+        spin_λ=0.1,
+        checkpoint_every=100,
+    )
+
+    spin_trainer()
+
+    changed = [k for k, v in transformer.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "SPIN did not update any parameter"
+    losses = [h["loss"] for h in spin_trainer.history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)  # 2 cycles, 1 step each
+    # one step per cycle: the policy equals that cycle's reference, so the loss is log 2
+    assert all(abs(x - math.log(2)) < 1e-6 for x in losses)
+    # real response = seq[prompt_len:max_seq_len]; generated = a 15-token sample
+    assert all(len(p.prompt_ids) == 1 for p in spin_trainer.pairs)
+    assert all(len(p.chosen_ids) == 15 and len(p.rejected_ids) == 15 for p in spin_trainer.pairs)
+    assert not (tmp_path / "spin-checkpoints").exists()  # checkpoint_every=100 > 2 steps
+
+
+def test_spin_generates_once_per_cycle_from_the_cycle_start_model(monkeypatch):
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=64, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2)
+    )
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 64, (12,), generator=g), int(1 + i % 3)) for i in range(8)]
+
+    calls: list[dict] = []
+
+    def spy(lm, prompts, config, *, generator=None, **kw):
+        calls.append(
+            {
+                "step": trainer.step,
+                "state": copy.deepcopy(lm.module.state_dict()),
+                "prompts": [list(p) for p in prompts],
+                "config": config,
+                "rng": generator.get_state() if generator is not None else None,
+            }
+        )
+        return generate(lm, prompts, config, generator=generator, **kw)
+
+    monkeypatch.setattr(spin_module, "generate", spy)
+    trainer = SPINTrainer(
+        model,
+        sft_dataset=data,
+        max_seq_len=10,
+        batch_size=2,
+        grad_accum_steps=1,
+        epochs=2,
+        start_learning_rate=1e-2,
+        end_learning_rate=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        pad_id=None,
+        accelerate_kwargs=dict(cpu=True),
+        seed=0,
+        progress=False,
+    )
+    trainer.train()
+
+    # one generation call per cycle (8 prompts fit one call), each before the cycle's
+    # first optimizer step: at steps 0 and 4 (4 steps per cycle)
+    assert [c["step"] for c in calls] == [0, 4]
+    assert len(calls[0]["prompts"]) == 8
+    s0, s1 = calls[0]["state"], calls[1]["state"]
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)  # the model moved between cycles
+
+    # the second cycle's pairs: replaying generation from the recorded cycle-start state
+    # with the same RNG state reproduces the generated responses, and the reference
+    # log-probs are that state's log-probs
+    start = copy.deepcopy(model)
+    start.load_state_dict(s1)
+    start.eval()
+    rng = torch.Generator().set_state(calls[1]["rng"])
+    again = generate(start, calls[1]["prompts"], calls[1]["config"], generator=rng)
+    for pair, seq, prompt in zip(trainer.pairs, again.sequences, calls[1]["prompts"]):
+        assert pair.prompt_ids == prompt
+        assert pair.rejected_ids == seq[: 10 - len(prompt)]
+        assert len(pair.prompt_ids) + len(pair.chosen_ids) <= 10
+    batch = collate_preference(trainer.pairs)
+    with torch.no_grad():
+        lp = sequence_logprobs(
+            start(batch["input_ids"]), batch["input_ids"], batch["response_mask"]
+        )
+    torch.testing.assert_close(trainer.ref_logps[:, 0], lp[:8], atol=1e-4, rtol=0)
+    torch.testing.assert_close(trainer.ref_logps[:, 1], lp[8:], atol=1e-4, rtol=0)
+    # ... and not the final model's
+    with torch.no_grad():
+        model.eval()
+        lp_end = sequence_logprobs(
+            model(batch["input_ids"]), batch["input_ids"], batch["response_mask"]
+        )
+    assert (lp_end[:8] - trainer.ref_logps[:, 0]).abs().max() > 1e-2
