@@ -734,32 +734,33 @@ class SelfRewardingTrainer:
             disable=not (self.progress and main),
         )
         world, rank = acc.num_processes, acc.process_index
-        for start in range(0, len(todo), world):
-            if len(pairs) >= target:
-                break
-            mine = todo[start + rank] if start + rank < len(todo) else None
-            fresh = (
-                []
-                if mine is None
-                else self._judge_chunk(
-                    index, stage, mine, chunk_ids[mine], prompts, judge, gen_config, done_ids
+        try:
+            for start in range(0, len(todo), world):
+                if len(pairs) >= target:
+                    break
+                mine = todo[start + rank] if start + rank < len(todo) else None
+                fresh = (
+                    []
+                    if mine is None
+                    else self._judge_chunk(
+                        index, stage, mine, chunk_ids[mine], prompts, judge, gen_config, done_ids
+                    )
                 )
-            )
-            if world > 1:
-                from accelerate.utils import gather_object
+                if world > 1:
+                    from accelerate.utils import gather_object
 
-                fresh = gather_object([fresh])
-                fresh = [
-                    r
-                    for part in sorted(fresh, key=lambda p: p[0]["chunk"] if p else -1)
-                    for r in part
-                ]
-            before = len(pairs)
-            add(fresh)
-            bar.update(min(len(pairs), target) - min(before, target))
-            self._check_parse_rate(stage, records)
-        bar.close()
-
+                    fresh = gather_object([fresh])
+                    fresh = [
+                        r
+                        for part in sorted(fresh, key=lambda p: p[0]["chunk"] if p else -1)
+                        for r in part
+                    ]
+                before = len(pairs)
+                add(fresh)
+                bar.update(min(len(pairs), target) - min(before, target))
+                self._check_parse_rate(stage, records)
+        finally:
+            bar.close()
         stats = candidate_stats(records, pairs)
         if main:
             atomic_write_json(stage_dir / "stats.json", stats)
