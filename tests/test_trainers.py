@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -419,3 +420,56 @@ def test_early_stopping_stops_and_restores_best_state():
     assert any(not torch.equal(seen[2][k], seen[4][k]) for k in final)
     for k, v in final.items():
         assert torch.equal(v, seen[2][k]), k
+
+
+def test_peft_reference_current_adapter_or_disabled_adapter():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )  # a non-zero adapter, so "adapter off" differs from "adapter on"
+    model = peft.get_peft_model(base, lora)
+    pairs = pref_data(4)
+    batch = collate_preference(pairs)
+
+    def logps(disable: bool) -> torch.Tensor:
+        model.eval()
+        ctx = model.disable_adapter() if disable else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            logits = model(input_ids=batch["input_ids"]).logits
+        return sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
+
+    with_adapter, without = logps(False), logps(True)
+    assert not torch.allclose(with_adapter, without, atol=1e-3)
+    kw = dict(
+        train_dataset=pairs, batch_size=4, num_train_steps=1, accelerate_kwargs=CPU,
+        seed=0, progress=False,
+    )  # fmt: skip
+    cur = DPOTrainer(model, **kw)
+    cur._on_train_start()
+    torch.testing.assert_close(cur.ref_logps.T.reshape(-1), with_adapter, atol=1e-5, rtol=0)
+    off = DPOTrainer(model, ref_adapter="disabled", **kw)
+    off._on_train_start()
+    torch.testing.assert_close(off.ref_logps.T.reshape(-1), without, atol=1e-5, rtol=0)
+    # on the fly with the adapter disabled: no copy, same first loss as precomputed
+    fly = DPOTrainer(model, ref_adapter="disabled", precompute_ref_logps=False, **kw)
+    start = params(model)
+    off.train()
+    model.load_state_dict(start)
+    fly.train()
+    assert fly.ref_lm is None
+    assert off.history[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # ref != policy
+    assert fly.history[0]["loss"] == pytest.approx(off.history[0]["loss"], abs=1e-6)
+    with pytest.raises(ValueError, match="peft model"):
+        DPOTrainer(tiny_lm(), ref_adapter="disabled", **kw)

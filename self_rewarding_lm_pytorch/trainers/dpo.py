@@ -11,6 +11,7 @@ Chosen and rejected responses go through the policy in one concatenated forward 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -143,12 +144,30 @@ class PreferenceTrainer(BaseTrainer):
         if self.ref_logps is not None:
             ref = self.ref_logps[batch["index"]]
             return ref[:, 0], ref[:, 1]
-        assert self.ref_lm is not None
-        with torch.no_grad(), self.accelerator.autocast():
-            logits = self.ref_lm(batch["input_ids"], batch["attention_mask"])
-            logps = sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
         b = batch["index"].numel()
+        if self.ref_lm is not None:
+            with torch.no_grad(), self.accelerator.autocast():
+                logits = self.ref_lm(batch["input_ids"], batch["attention_mask"])
+        else:  # PEFT model, reference = the same model with its adapter disabled
+            peft_model = self._adapter_ref_model()
+            was_training = self.lm.training
+            self.lm.eval()
+            try:
+                with torch.no_grad(), self.accelerator.autocast(), peft_model.disable_adapter():
+                    logits = self.lm(batch["input_ids"], batch["attention_mask"])
+            finally:
+                self.lm.train(was_training)
+        logps = sequence_logprobs(logits, batch["input_ids"], batch["response_mask"])
         return logps[:b], logps[b:]
+
+    def _adapter_ref_model(self) -> nn.Module:
+        module = unwrap_model(self.lm)
+        if not callable(getattr(module, "disable_adapter", None)):
+            raise ValueError(
+                "ref_adapter='disabled' needs a peft model (one with disable_adapter()); "
+                f"got {type(module).__name__}. Use ref_adapter='current' or pass ref_model"
+            )
+        return module
 
     # ------------------------------------------------------------------ data
     def _num_items(self) -> int:
@@ -232,6 +251,12 @@ class DPOTrainer(PreferenceTrainer):
         ref_model: the reference; default the policy as it is when ``train()`` starts.
         precompute_ref_logps: score the whole dataset with the reference once before
             training (default) instead of running the reference on every batch.
+        ref_adapter: for a peft (LoRA) policy without ``ref_model``: ``"current"``
+            (default) makes the reference the model as it is when training starts, adapter
+            included -- the paper's reference ``M_t``; ``"disabled"`` makes it the same
+            model with its adapter switched off (the base weights; TRL's convention), which
+            holds no second copy even with ``precompute_ref_logps=False``. They coincide
+            only when the adapter is fresh (zero) at the start of this DPO run.
         early_stopper_eval_module: ``(model) -> float`` evaluated at the start, every
             ``check_early_stop_every`` steps and at the end; training stops after
             ``early_stop_patience`` evaluations without improvement (``early_stop_mode``
@@ -256,6 +281,7 @@ class DPOTrainer(PreferenceTrainer):
         replay_batch_size: int | None = None,
         ref_model: nn.Module | None = None,
         precompute_ref_logps: bool = True,
+        ref_adapter: str = "current",
         batch_size: int = 16,
         grad_accum_steps: int = 1,
         num_epochs: int = 1,
@@ -287,6 +313,13 @@ class DPOTrainer(PreferenceTrainer):
         dpo_loss(z, z, z, z, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         if ref_model is not None and not isinstance(ref_model, nn.Module):
             raise TypeError(f"ref_model must be an nn.Module, got {type(ref_model).__name__}")
+        if ref_adapter not in ("current", "disabled"):
+            raise ValueError(f"ref_adapter must be 'current' or 'disabled', got {ref_adapter!r}")
+        if ref_adapter == "disabled" and ref_model is not None:
+            raise ValueError(
+                "ref_adapter='disabled' makes the reference the policy without its adapter; "
+                "it cannot be combined with ref_model"
+            )
         pairs = materialize(
             train_dataset, partial(to_preference_example, pad_id=pad_id), name="train_dataset"
         )
@@ -323,6 +356,9 @@ class DPOTrainer(PreferenceTrainer):
         self.loss_type = loss_type
         self.label_smoothing = float(label_smoothing)
         self.precompute_ref_logps = bool(precompute_ref_logps)
+        self.ref_adapter = ref_adapter
+        if ref_adapter == "disabled":
+            self._adapter_ref_model()  # fail now when the model is not a peft model
         self._given_ref: CausalLM | None = None
         if ref_model is not None:
             ref = wrap_model(unwrap_model(ref_model)).to(self.device)
@@ -334,8 +370,15 @@ class DPOTrainer(PreferenceTrainer):
         if self.precompute_ref_logps:
             if self.ref_logps is None:
                 source = self._given_ref if self._given_ref is not None else self.lm
-                self.ref_logps = self.compute_reference_logps(self.pairs, source)
+                with (
+                    self._adapter_ref_model().disable_adapter()
+                    if self.ref_adapter == "disabled"
+                    else contextlib.nullcontext()
+                ):
+                    self.ref_logps = self.compute_reference_logps(self.pairs, source)
                 self._given_ref = None  # not needed any more: free its memory
+        elif self.ref_adapter == "disabled":
+            pass  # the reference forward switches the adapter off (see _reference_for)
         elif self.ref_lm is None:
             if self._given_ref is not None:
                 self.ref_lm = self._given_ref
