@@ -975,7 +975,9 @@ def generate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_rows, desc="generate", unit="row")
-    with _eval_mode(lm), torch.inference_mode():
+    # no_grad, not inference_mode: a module that caches a buffer lazily during generation
+    # (rotary tables, ALiBi biases) must still be usable, and updatable in place, in training
+    with _eval_mode(lm), torch.no_grad():
         backend = _make_backend(lm, use_cache)
         for rows in _plan(prompt_ids, n_ret, cfg.max_new_tokens, budget):
             seqs, rsn, lps = _run_batch(

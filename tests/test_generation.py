@@ -468,6 +468,26 @@ def test_eval_mode_during_generation_and_previous_modes_restored():
     assert model.training and model.drop.training and not model.rnn.training
 
 
+def test_model_trains_after_generation_with_lazily_cached_buffers():
+    class LazyBuffer(nn.Module):  # caches a tensor on first use and updates it in place
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = make_plain()
+            self.register_buffer("calls", None, persistent=False)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            if self.calls is None:
+                self.calls = torch.zeros(())
+            self.calls += 1
+            return self.inner(ids)
+
+    model = LazyBuffer()
+    generate(model, [[3, 4, 5]], max_new_tokens=3, temperature=0)
+    model.train()
+    model(torch.tensor([[3, 4, 5]])).sum().backward()
+    assert model.calls.item() == 4 and model.inner.out.weight.grad is not None
+
+
 def test_too_long_prompt_error_names_index_length_and_context():
     model = make_xt(max_seq_len=32)
     prompts = [[3] * 5, [4] * 30]
