@@ -439,7 +439,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK ({len(cfg.stage_objects)} stages: {kinds}; out: {cfg.out})")
         return 0
     summary = run_from_config(cfg, overwrite=args.overwrite)
-    print(json.dumps(summary, indent=2, default=str))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one summary under `accelerate launch`
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -156,7 +156,15 @@ def read_rows(
 
 
 def load_rows(source: DataSource) -> list[dict]:
-    """The rows of a :class:`DataSource`."""
+    """The rows of a :class:`DataSource` (its file, or its inline ``rows``)."""
+    if source.rows is not None:
+        for i, row in enumerate(source.rows):
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"inline row {i} is {type(row).__name__}; each row must be a mapping"
+                )
+        return [dict(r) for r in source.rows[: source.limit]]
+    assert source.path is not None
     return read_rows(source.path, format=source.format, split=source.split, limit=source.limit)
 
 
@@ -249,10 +257,11 @@ def load_prompts(source: DataSource) -> list[str]:
     """Prompts (single user turns) for generation."""
     prompts = []
     for i, row in enumerate(load_rows(source)):
-        ex = row_to_example(row, source, need_response=False, where=f"{source.path} row {i}")
+        where = f"{source.path or 'inline data'} row {i}"
+        ex = row_to_example(row, source, need_response=False, where=where)
         if "messages" in ex:
             raise ValueError(
-                f"{source.path} row {i}: a prompt must be a single user turn, but this chat has "
+                f"{where}: a prompt must be a single user turn, but this chat has "
                 f"{len(ex['messages'])} messages (system prompts / history are not supported "
                 "for generation prompts)"
             )
@@ -298,7 +307,7 @@ def load_sft(source: DataSource, tokenizer: Any = None) -> list[dict[str, Any]]:
     ``tokenizer`` with a chat template)."""
     items = []
     for i, row in enumerate(load_rows(source)):
-        where = f"{source.path} row {i}"
+        where = f"{source.path or 'inline data'} row {i}"
         ex = row_to_example(row, source, need_response=True, where=where)
         if "messages" in ex:
             if tokenizer is None:

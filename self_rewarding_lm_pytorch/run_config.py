@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -162,9 +163,11 @@ class DataSource:
     """A data file: JSONL, JSON, CSV/TSV, Parquet or a local ``datasets`` folder
     (``save_to_disk``; ``split`` picks from a ``DatasetDict``). Rows hold text in
     ``prompt_field`` / ``response_field`` or chat messages in ``messages_field``
-    (a list of ``{role, content}``; the last assistant turn is the response)."""
+    (a list of ``{role, content}``; the last assistant turn is the response).
+    Small data can be written inline instead of ``path``: ``rows: [{prompt: ...}, ...]``."""
 
-    path: str
+    path: str | None = None
+    rows: list[dict[str, Any]] | None = None
     format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "datasets"] = "auto"
     split: str | None = None
     prompt_field: str = "prompt"
@@ -173,6 +176,10 @@ class DataSource:
     limit: int | None = None
 
     def __post_init__(self) -> None:
+        if (self.path is None) == (self.rows is None):
+            raise ValueError("give exactly one of path: (a data file or folder) or rows: (inline)")
+        if self.rows is not None and not self.rows:
+            raise ValueError("rows: is empty; give at least one row")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 (or omitted), got {self.limit}")
 
@@ -370,7 +377,7 @@ def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p))
+    return os.path.normpath(p if p.is_absolute() else (base / p))
 
 
 def _check_exists(path: str | None, what: str, *, hf_model: bool = False) -> None:
@@ -393,7 +400,7 @@ def _check_exists(path: str | None, what: str, *, hf_model: bool = False) -> Non
             )
 
 
-def _check_trackers(acc: AccelerateConfig) -> None:
+def _check_trackers(acc: AccelerateConfig, *, installed: bool) -> None:
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
     available = {str(t) for t in get_available_trackers()}
@@ -407,7 +414,7 @@ def _check_trackers(acc: AccelerateConfig) -> None:
             raise ConfigError(
                 f"accelerate.log_with: unknown tracker {name!r}{hint} (known: {', '.join(sorted(known))})"
             )
-        if name not in available:
+        if installed and name not in available:
             raise ConfigError(
                 f"accelerate.log_with: tracker {name!r} needs its Python package, which is not "
                 f"installed (pip install {name}); or use the built-in 'jsonl' tracker"
@@ -491,7 +498,7 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     t.path = _resolve(base, t.path)
     t.chat_template_file = _resolve(base, t.chat_template_file)
     for src in cfg.data.values():
-        src.path = _resolve(base, src.path) or src.path
+        src.path = _resolve(base, src.path)
     for spec in cfg.judges.values():
         spec.path = _resolve(base, spec.path)
         spec.tokenizer = _resolve(base, spec.tokenizer)
@@ -545,7 +552,7 @@ def _check_files(cfg: RunConfig) -> None:
         _check_exists(cfg.reward_config.prompt_template_file, "reward_config.prompt_template_file")
 
 
-def _check_reward_configs(cfg: RunConfig) -> None:
+def _check_reward_configs(cfg: RunConfig, *, read_files: bool) -> None:
     """Compile the judge templates now (a bad template fails before any work)."""
     from .judge import RewardConfig
 
@@ -557,6 +564,8 @@ def _check_reward_configs(cfg: RunConfig) -> None:
         try:
             template = spec.prompt_template
             if spec.prompt_template_file is not None:
+                if not read_files:
+                    continue
                 template = Path(spec.prompt_template_file).read_text(encoding="utf-8")
             if template is not None:
                 RewardConfig(
@@ -567,8 +576,8 @@ def _check_reward_configs(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}: {exc}") from exc
 
 
-def _check_accelerate(acc: AccelerateConfig) -> None:
-    if acc.mixed_precision == "fp16":
+def _check_accelerate(acc: AccelerateConfig, *, environment: bool) -> None:
+    if environment and acc.mixed_precision == "fp16":
         import torch
 
         if acc.cpu or not torch.cuda.is_available():
@@ -576,7 +585,7 @@ def _check_accelerate(acc: AccelerateConfig) -> None:
                 "accelerate.mixed_precision: 'fp16' needs a CUDA GPU; use 'bf16' (supported "
                 "on CPU) or 'no'"
             )
-    _check_trackers(acc)
+    _check_trackers(acc, installed=environment)
 
 
 def parse_run_config(
@@ -586,6 +595,8 @@ def parse_run_config(
 
     Relative paths are resolved against ``base_dir``. Raises :class:`ConfigError` naming
     the key and the fix for anything wrong, before any model or data is loaded.
+    ``check_files=False`` checks the schema and names only, not this machine: files,
+    importable judge functions, installed tracker packages, a GPU for fp16.
     """
     if not isinstance(data, dict):
         raise ConfigError(
@@ -597,8 +608,8 @@ def parse_run_config(
     _resolve_paths(cfg, Path(base_dir))
     if check_files:
         _check_files(cfg)
-    _check_reward_configs(cfg)
-    _check_accelerate(cfg.accelerate)
+    _check_reward_configs(cfg, read_files=check_files)
+    _check_accelerate(cfg.accelerate, environment=check_files)
     return cfg
 
 

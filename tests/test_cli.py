@@ -429,3 +429,21 @@ def test_generate_judge_eval_commands(workdir, tiny, capsys):
     # a missing gold column is named
     assert main(["eval", "--input", str(rev), "--pred-field", "pred", "--gold-field", "g"]) == 1
     assert "no gold score field 'g'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p.name for p in (REPO / "examples").glob("*.yaml") if not p.name.startswith("accelerate_")
+    ),
+)
+def test_example_run_configs_are_valid(path):
+    cfg = load_run_config(REPO / "examples" / path, check_files=False)  # schema and names
+    assert cfg.stage_objects and Path(cfg.out).is_absolute()
+
+
+def test_accelerate_example_configs_name_their_backend():
+    found = {}
+    for p in (REPO / "examples").glob("accelerate_*.yaml"):
+        found[yaml.safe_load(p.read_text())["distributed_type"]] = p.name
+    assert {"DEEPSPEED", "FSDP"} <= set(found)

@@ -161,6 +161,10 @@ def test_loaders_read_every_format_to_the_same_rows(tmp_path):
     assert load_prompts(DataSource(path=str(odd), format="jsonl"))[1] == "what is a dog ?"
     with pytest.raises(ValueError, match="cannot tell the format"):
         read_rows(odd)
+    # small data can be inline in the YAML instead of a file
+    assert load_sft(DataSource(rows=ROWS, limit=2)) == ROWS[:2]
+    with pytest.raises(ValueError, match="exactly one of path"):
+        DataSource(path=str(odd), rows=ROWS)
 
 
 def test_loaders_field_names_and_chat_messages(tmp_path):
