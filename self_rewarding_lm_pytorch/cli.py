@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -245,6 +244,8 @@ def build_judge(
     if spec.kind == "python":
         assert spec.function is not None
         obj = resolve_object(spec.function)
+        if isinstance(obj, type):  # a judge class: instantiated without arguments
+            obj = obj()
         if hasattr(obj, "score"):
             return obj
         if not callable(obj):
@@ -389,11 +390,13 @@ def run_from_config(cfg: RunConfig, *, overwrite: bool = False) -> dict[str, Any
     if overwrite and out.exists() and acc.is_main_process:
         shutil.rmtree(out)
     acc.wait_for_everyone()
+    resolved = to_dict(cfg)
+    resolved.pop("stage_objects", None)  # derived from `stages`; not a config key
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "run_config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     if cfg.accelerate.trackers:
-        acc.init_trackers(cfg.accelerate.project_name, config=_flat_config(to_dict(cfg)))
+        acc.init_trackers(cfg.accelerate.project_name, config=_flat_config(resolved))
     try:
         report = trainer.run(overwrite=False)
     finally:
@@ -897,7 +900,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.debug:
-        os.environ.setdefault("SRLM_DEBUG", "1")
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)

@@ -217,7 +217,8 @@ class JudgeSpec:
     * ``kind: reward_model``: ``AutoModelForSequenceClassification`` at ``path``; the text
       is ``template`` rendered with the prompt and response; ``head`` scalar or classes.
     * ``kind: python``: ``function: "package.module:name"``, a callable
-      ``(prompt, response) -> float | None`` or an object with a ``score`` method.
+      ``(prompt, response) -> float | None``, an object with a ``score`` method, or a
+      class of such objects (instantiated without arguments).
       This imports and runs the code you name: only name code you trust.
     """
 

@@ -31,9 +31,19 @@ REWARD_CONFIG = {
     "reward_regex_template": "{{ reward }}",
 }
 JUDGE_MODULE = '''
+from self_rewarding_lm_pytorch.judge import JudgeResult
+
+
 def words(prompt, response):
     """Scripted judge: longer answers are better."""
     return float(len(response.split()))
+
+
+class Echo:
+    """A judge class: scores a response by the number it is."""
+
+    def score(self, prompts, responses, *, generator=None):
+        return [JudgeResult(score=float(r)) for r in responses]
 '''
 
 
@@ -147,7 +157,10 @@ def test_run_in_process_sft_then_self_reward_dpo_then_resume(workdir, tiny):
     metrics = [json.loads(x) for x in (log_dir / "metrics.jsonl").open()]
     assert any("pref_loss" in m for m in metrics) and any("loss" in m for m in metrics)
     assert json.loads((log_dir / "config.json").read_text())["model.path"] == str(tiny)
-    assert (out / "run_config.yaml").exists()
+    # the resolved config (absolute paths) is itself a valid config
+    resolved = load_run_config(out / "run_config.yaml")
+    assert resolved.model.path == str(tiny) and resolved.out == str(out)
+    assert [s.kind for s in resolved.stage_objects] == ["sft", "self_reward_dpo"]
     # the same command again resumes: nothing re-run, records unchanged
     before = (out / "02-self-reward-dpo" / "pairs.jsonl").read_bytes()
     mtime = (final / "model.safetensors").stat().st_mtime_ns
@@ -217,6 +230,16 @@ def test_external_judge_stage_with_python_function(workdir, tiny):
     for p in pairs:  # the scripted judge's scores, and its preference
         assert p["score_chosen"] == len(p["chosen"].split())
         assert len(p["chosen"].split()) > len(p["rejected"].split())
+
+
+def test_python_judge_specs_take_functions_objects_and_classes(workdir):
+    from self_rewarding_lm_pytorch.cli import build_judge
+    from self_rewarding_lm_pytorch.run_config import JudgeSpec
+
+    fn = build_judge(JudgeSpec(kind="python", function="srlm_test_judges:words"))
+    assert [r.score for r in fn.score(["p", "p"], ["a b c", ""])] == [3.0, 0.0]
+    cls = build_judge(JudgeSpec(kind="python", function="srlm_test_judges:Echo"))
+    assert [r.score for r in cls.score(["p"], ["2.5"])] == [2.5]
 
 
 # ====================================================================== validation
