@@ -27,6 +27,7 @@ __all__ = [
     "BAR_JUDGE_DROP",
     "aggregate",
     "model_names",
+    "ordered_models",
     "plot",
     "render_aggregate",
     "render_markdown",
@@ -60,6 +61,14 @@ def model_names(report: dict[str, Any], arm: str) -> list[str]:
     while f"{arm}/M{t}" in report["models"]:
         names.append(f"{arm}/M{t}")
         t += 1
+    return names
+
+
+def ordered_models(report: dict[str, Any]) -> list[str]:
+    """Every model of the report in display order: ``M1``, then each arm's M2, M3, ..."""
+    names = ["M1"] if "M1" in report["models"] else []
+    for arm in report["arms"]:
+        names += [n for n in model_names(report, arm) if n != "M1"]
     return names
 
 
@@ -123,7 +132,8 @@ def render_table(report: dict[str, Any]) -> str:
         "exact match | Spearman | Kendall tau | parse rate |"
     )
     lines = [header, "|" + "---|" * 9]
-    for name, m in report["models"].items():
+    for name in ordered_models(report):
+        m = report["models"][name]
         t, j = m["task"], m["judge"]
         lines.append(
             f"| {name} | {_fmt(t['mean_score'], 2)} | {_fmt(t['pct_fully_correct'])} | "
@@ -140,8 +150,8 @@ def _criteria_table(report: dict[str, Any]) -> list[str]:
         "| model | " + " | ".join(f"% {c}" for c in cols) + " |",
         "|" + "---|" * (len(cols) + 1),
     ]
-    for name, m in report["models"].items():
-        sat = m["task"]["pct_satisfied"]
+    for name in ordered_models(report):
+        sat = report["models"][name]["task"]["pct_satisfied"]
         lines.append(f"| {name} | " + " | ".join(_fmt(sat.get(c)) for c in cols) + " |")
     return lines
 
@@ -152,8 +162,8 @@ def _iteration_table(report: dict[str, Any]) -> list[str]:
         "judge pairwise acc (on policy) | pairs oracle-correct | tied | inverted |",
         "|" + "---|" * 10,
     ]
-    for arm, its in report["iterations"].items():
-        for t, it in enumerate(its, start=1):
+    for arm in report["arms"]:
+        for t, it in enumerate(report["iterations"].get(arm, []), start=1):
             lines.append(
                 f"| {arm} | {t} | {it['prompts']} | {it['pairs']} | "
                 f"{_fmt(it['candidates_pct_fully_correct'])} | {_fmt(it['judge_parse_rate'], 3)} | "
@@ -167,12 +177,12 @@ def _iteration_table(report: dict[str, Any]) -> list[str]:
 def _verdict_tables(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     rows = []
-    for arm, its in report["iterations"].items():
-        for t, it in enumerate(its, start=1):
+    for arm in report["arms"]:
+        for t, it in enumerate(report["iterations"].get(arm, []), start=1):
             if "verdicts" in it:
                 rows.append((f"{arm} iteration {t} (own candidates, M{t} judging)", it["verdicts"]))
-    for name, m in report["models"].items():
-        rows.append((f"{name} (held-out judge set)", m["judge"]["verdicts"]))
+    for name in ordered_models(report):
+        rows.append((f"{name} (held-out judge set)", report["models"][name]["judge"]["verdicts"]))
     if not rows:
         return lines
     lines += [
@@ -198,7 +208,8 @@ def _checks_lines(summary: dict[str, Any]) -> list[str]:
         "| arm | % fully correct M1 -> M3 | change | judge pairwise acc M1 -> M3 (%) | change |",
         "|---|---|---|---|---|",
     ]
-    for arm, a in summary["arms"].items():
+    for arm in [a for a in ("self", "oracle", "random") if a in summary["arms"]]:
+        a = summary["arms"][arm]
         fc, pa = a["pct_fully_correct"], a["judge_pairwise_accuracy_pct"]
         lines.append(
             f"| {arm} | {' -> '.join(_fmt(x) for x in fc)} | {a['delta_fully_correct']:+.1f} | "
@@ -274,7 +285,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| phase | wall s | process CPU s |",
         "|---|---|---|",
     ]
-    for phase, t in report["timings"].items():
+    order = ["data", "sft", "eval M1"]
+    order += [p for arm in report["arms"] for p in (f"arm {arm}", f"eval {arm}")]
+    phases = [p for p in order if p in report["timings"]]
+    phases += sorted(p for p in report["timings"] if p not in order and p != "total")
+    for phase in [*phases, "total"]:
+        t = report["timings"][phase]
         lines.append(f"| {phase} | {t['wall_s']:.1f} | {t['cpu_s']:.1f} |")
     lines.append("")
     return "\n".join(lines)
@@ -294,7 +310,8 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     summary = report["summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"self": "tab:blue", "oracle": "tab:green", "random": "tab:gray"}
-    for arm, a in summary["arms"].items():
+    for arm in [a for a in ("self", "oracle", "random") if a in summary["arms"]]:
+        a = summary["arms"][arm]
         xs = list(range(1, len(a["pct_fully_correct"]) + 1))
         c = colors.get(arm)
         ax1.plot(xs, a["pct_fully_correct"], "o-", color=c, label=arm)

@@ -71,6 +71,7 @@ from .tokenizer import DemoTokenizer
 __all__ = [
     "ARMS",
     "DemoConfig",
+    "DemoSetupError",
     "IterationConfig",
     "RandomJudge",
     "demo_reward_config",
@@ -226,6 +227,10 @@ class RandomJudge:
         key = f"{self.seed}\x00{self.salt}\x00{prompt}\x00{response}".encode()
         u = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") / 2.0**64
         return task.MAX_SCORE * u
+
+
+class DemoSetupError(ValueError):
+    """The run directory cannot be used as asked (other settings, not a demo run)."""
 
 
 # ====================================================================== timing
@@ -576,7 +581,7 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None
     marker = out / "demo_config.json"
     if overwrite and out.exists():
         if out.is_dir() and not marker.exists() and any(out.iterdir()):
-            raise ValueError(
+            raise DemoSetupError(
                 f"--overwrite would delete {out}, which is not a demo run directory (no "
                 "demo_config.json); pick another --out"
             )
@@ -587,12 +592,12 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None
             changed = sorted(
                 k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k)
             )
-            raise ValueError(
+            raise DemoSetupError(
                 f"{out} holds a demo run with different settings ({', '.join(changed)}); "
                 "pass --overwrite to replace it or choose another --out"
             )
     elif out.exists() and any(out.iterdir()):
-        raise ValueError(
+        raise DemoSetupError(
             f"{out} exists and is not a demo run directory; choose another --out (or remove it)"
         )
     out.mkdir(parents=True, exist_ok=True)
@@ -821,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             quick=args.quick,
         )
-    except ValueError as exc:
+    except DemoSetupError as exc:
         print(f"srlm demo: {exc}", file=sys.stderr)
         return 2
     from .report import render_table

@@ -1,0 +1,372 @@
+"""``srlm demo --quick`` end to end: the report's structure, and every metric recomputed
+independently from the files the run left (the models' greedy outputs, the pipeline's
+candidate and pair files) and from the saved checkpoints themselves."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import torch
+
+from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
+from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
+from self_rewarding_lm_pytorch.demo.report import aggregate, render_aggregate, render_table
+from self_rewarding_lm_pytorch.demo.run import (
+    ARMS,
+    RandomJudge,
+    demo_reward_config,
+    main,
+    quick_config,
+)
+from self_rewarding_lm_pytorch.generation import GenerationConfig, generate_text
+from self_rewarding_lm_pytorch.store import read_jsonl
+
+SEED = 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["--quick", "--seed", str(SEED), "--out", str(out)]) == 0
+    return out, json.loads((out / "report.json").read_text())
+
+
+def _model_dirs(report: dict) -> dict[str, str]:
+    return {name: m["files"] for name, m in report["models"].items()}
+
+
+def _checkpoint(out: Path, name: str) -> Path:
+    if name == "M1":
+        return out / "m1" / "01-sft" / "checkpoint"
+    arm, m = name.split("/")
+    t = int(m[1:]) - 1
+    kind = "self-reward-dpo" if arm == "self" else "external-reward-dpo"
+    return out / arm / f"{t:02d}-{kind}" / "checkpoint"
+
+
+def _naive_pairwise(pred: list, gold: list, groups: list) -> float:
+    agree = total = 0.0
+    for i, j in combinations(range(len(gold)), 2):
+        if groups[i] != groups[j] or gold[i] == gold[j]:
+            continue
+        total += 1
+        if pred[i] is None or pred[j] is None or pred[i] == pred[j]:
+            agree += 0.5
+        elif (pred[i] > pred[j]) == (gold[i] > gold[j]):
+            agree += 1
+    return agree / total if total else math.nan
+
+
+def _verdicts_written(text: str) -> str:
+    """The verdict string of a well-formed judgement ``yyny Score: N`` (N in 0..5), else ''."""
+    m = re.match(r"\s*([yn]+) Score: [0-5](?!\d)", text)
+    return m.group(1) if m else ""
+
+
+# ---------------------------------------------------------------------- structure
+
+
+def test_report_files_and_structure(run: tuple[Path, dict]) -> None:
+    out, report = run
+    assert (out / "report.md").read_text().startswith("# srlm demo report")
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["seed"] == SEED and report["quick"] is True
+    assert report["arms"] == list(ARMS) and not report["failures"]
+    expected = {"M1"} | {f"{arm}/M{t}" for arm in ARMS for t in (2, 3)}
+    assert set(report["models"]) == expected
+    for m in report["models"].values():
+        assert 0 <= m["task"]["mean_score"] <= 5
+        assert 0 <= m["task"]["pct_fully_correct"] <= 100
+        assert set(m["judge"]) >= {
+            "pairwise_accuracy",
+            "exact_match",
+            "spearman",
+            "kendall_tau",
+            "parse_rate",
+            "verdicts",
+        }
+    for arm in ARMS:
+        assert len(report["iterations"][arm]) == 2
+        assert report["summary"]["arms"][arm]["models"] == ["M1", f"{arm}/M2", f"{arm}/M3"]
+    for phase in ("data", "sft", "eval M1", "arm self", "total"):
+        assert report["timings"][phase]["wall_s"] >= 0
+        assert report["timings"][phase]["cpu_s"] >= 0
+    # the printed table is in report.md, built from the same numbers
+    assert render_table(report) in (out / "report.md").read_text()
+
+
+def test_summary_and_checks_follow_the_model_metrics(run: tuple[Path, dict]) -> None:
+    _, report = run
+    models, summary = report["models"], report["summary"]
+    for arm in ARMS:
+        a = summary["arms"][arm]
+        fc = [models[n]["task"]["pct_fully_correct"] for n in a["models"]]
+        pa = [100 * models[n]["judge"]["pairwise_accuracy"] for n in a["models"]]
+        assert a["pct_fully_correct"] == fc
+        assert a["delta_fully_correct"] == pytest.approx(fc[2] - fc[0])
+        assert a["delta_judge_pairwise_accuracy"] == pytest.approx(pa[2] - pa[0])
+        assert summary["checks"][f"{arm}_clears_bar"] == (fc[2] - fc[0] >= 10)
+    last = {arm: summary["arms"][arm]["pct_fully_correct"][-1] for arm in ARMS}
+    assert summary["checks"]["controls_ordered"] == (
+        last["oracle"] >= last["self"] >= last["random"]
+    )
+
+
+# ---------------------------------------------------------------------- task metrics
+
+
+def test_task_metrics_recomputed_from_the_saved_outputs(run: tuple[Path, dict]) -> None:
+    out, report = run
+    prompts = task.eval_prompts(quick_config().n_eval_prompts, SEED)
+    for name, folder in _model_dirs(report).items():
+        records = read_jsonl(out / folder / "task.jsonl")
+        assert [r["prompt"] for r in records] == prompts
+        correct = 0
+        for r in records:
+            checks = task.check(r["prompt"], r["response"])
+            assert r["score"] == task.score(r["prompt"], r["response"])
+            correct += all(checks.values())
+        t = report["models"][name]["task"]
+        assert t["pct_fully_correct"] == pytest.approx(100 * correct / len(records))
+        assert t["mean_score"] == pytest.approx(sum(r["score"] for r in records) / len(records))
+        assert t["mean_response_length"] == pytest.approx(
+            sum(len(r["response"]) for r in records) / len(records)
+        )
+
+
+def test_saved_outputs_are_the_checkpoints_greedy_outputs(run: tuple[Path, dict]) -> None:
+    """Reload M1 and each arm's M3 from its checkpoint and regenerate: the saved responses
+    and judgements are exactly what the model writes."""
+    out, report = run
+    cfg = quick_config()
+    tok = DemoTokenizer()
+    for name in ("M1", "self/M3", "oracle/M3", "random/M2"):
+        model = build_demo_model(SEED, cfg.model)
+        load_checkpoint(model, _checkpoint(out, name))
+        folder = out / report["models"][name]["files"]
+        records = read_jsonl(folder / "task.jsonl")[:20]
+        fresh = generate_text(
+            model,
+            tok,
+            [r["prompt"] for r in records],
+            GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0),
+        )
+        assert [f[0] for f in fresh] == [r["response"] for r in records]
+        judged = read_jsonl(folder / "judge.jsonl")[:12]
+        judge = LLMJudge(
+            model,
+            tok,
+            demo_reward_config(),
+            num_samples=1,
+            temperature=0.0,
+            max_new_tokens=cfg.judge_max_new_tokens,
+        )
+        results = judge.score([r["prompt"] for r in judged], [r["response"] for r in judged])
+        assert [res.samples[0] for res in results] == [r["judgement"] for r in judged]
+
+
+# ---------------------------------------------------------------------- judge metrics
+
+
+def test_judge_metrics_recomputed_from_the_saved_judgements(run: tuple[Path, dict]) -> None:
+    out, report = run
+    examples = task.judge_eval_set(
+        quick_config().n_judge_eval_prompts,
+        SEED,
+        responses_per_prompt=quick_config().judge_eval_responses,
+    )
+    config = demo_reward_config()
+    for name, folder in _model_dirs(report).items():
+        records = read_jsonl(out / folder / "judge.jsonl")
+        assert [(r["prompt"], r["response"]) for r in records] == [
+            (e.prompt, e.response) for e in examples
+        ]
+        pred = [config.parse(r["judgement"]) for r in records]
+        assert pred == [r["score"] for r in records]
+        gold = [task.score(r["prompt"], r["response"]) for r in records]
+        assert gold == [r["gold_score"] for r in records]
+        j = report["models"][name]["judge"]
+        assert j["parse_rate"] == pytest.approx(sum(p is not None for p in pred) / len(pred))
+        assert j["exact_match"] == pytest.approx(
+            sum(p is not None and round(p) == g for p, g in zip(pred, gold)) / len(gold)
+        )
+        naive = _naive_pairwise(pred, gold, [r["group"] for r in records])
+        assert j["pairwise_accuracy"] == pytest.approx(naive)
+        # verdict accuracy: characters of the judge's verdict string against the oracle's
+        right = total = 0
+        for r in records:
+            v = task.verdicts(r["prompt"], r["response"])
+            got = _verdicts_written(r["judgement"])
+            ok = len(got) == len(v)
+            right += sum(ok and a == b for a, b in zip(got, v))
+            total += len(v)
+        assert j["verdicts"]["accuracy"] == pytest.approx(right / total)
+
+
+# ---------------------------------------------------------------------- iterations
+
+
+def test_iteration_metrics_recomputed_from_the_pipeline_files(run: tuple[Path, dict]) -> None:
+    out, report = run
+    for arm in ARMS:
+        for it in report["iterations"][arm]:
+            stage_dir = out / arm / it["stage"]
+            candidates = read_jsonl(stage_dir / "candidates.jsonl")
+            pairs = read_jsonl(stage_dir / "pairs.jsonl")
+            assert it["pairs"] == len(pairs) == quick_config().pairs_per_iteration
+            for r in candidates:
+                assert r["oracle_scores"] == [task.score(r["prompt"], s) for s in r["responses"]]
+            by_id = {r["id"]: r for r in candidates}
+            good = 0
+            for p in pairs:
+                rec = by_id[p["prompt_id"]]
+                assert rec["responses"][p["chosen_index"]] == p["chosen"]
+                assert p["score_chosen"] > p["score_rejected"]
+                good += task.score(p["prompt"], p["chosen"]) > task.score(
+                    p["prompt"], p["rejected"]
+                )
+            assert it["pairs_oracle_correct"] == pytest.approx(good / len(pairs))
+            pred = [s for r in candidates for s in r["scores"]]
+            gold = [s for r in candidates for s in r["oracle_scores"]]
+            groups = [i for i, r in enumerate(candidates) for _ in r["scores"]]
+            assert it["judge_pairwise_accuracy_on_policy"] == pytest.approx(
+                _naive_pairwise(pred, gold, groups)
+            )
+            if arm == "oracle":
+                assert it["pairs_oracle_correct"] == 1.0
+            if arm == "self":  # per-criterion accuracy of the model's own judge samples
+                n_ok: dict[str, list[int]] = {}
+                for r in candidates:
+                    spec = task.parse_prompt(r["prompt"])
+                    for resp, jd in zip(r["responses"], r["judgements"]):
+                        v = task.verdicts(spec, resp)
+                        assert len(jd["samples"]) == quick_config().judge_samples
+                        for text in jd["samples"]:
+                            got = _verdicts_written(text)
+                            usable = len(got) == len(v)
+                            for k, c in enumerate(spec.criteria):
+                                s = n_ok.setdefault(c, [0, 0])
+                                s[0] += usable and got[k] == v[k]
+                                s[1] += 1
+                per = it["verdicts"]["per_criterion"]
+                for c, (ok, n) in n_ok.items():
+                    assert per[c]["accuracy"] == pytest.approx(ok / n)
+            else:
+                assert "verdicts" not in it
+
+
+def test_headroom_recomputed_from_the_saved_samples(run: tuple[Path, dict]) -> None:
+    out, report = run
+    records = read_jsonl(out / "eval" / "M1" / "headroom.jsonl")
+    cfg = quick_config()
+    assert len(records) == cfg.n_headroom_prompts
+    assert all(len(r["responses"]) == cfg.num_candidates for r in records)
+    hits = [[task.fully_correct(r["prompt"], s) for s in r["responses"]] for r in records]
+    h = report["headroom"]
+    assert h["pass_at_n"] == pytest.approx(sum(any(x) for x in hits) / len(hits))
+    assert h["pass_at_1"] == pytest.approx(sum(sum(x) / len(x) for x in hits) / len(hits))
+    assert h["pass_at_n"] >= h["pass_at_1"]
+
+
+# ---------------------------------------------------------------------- resume, seeds, errors
+
+
+def test_rerun_resumes_without_redoing_work(run: tuple[Path, dict]) -> None:
+    out, report = run
+    task_file = out / "eval" / "M1" / "task.jsonl"
+    before = task_file.stat().st_mtime_ns
+    assert main(["--quick", "--seed", str(SEED), "--out", str(out)]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert task_file.stat().st_mtime_ns == before
+    assert again["models"] == report["models"]
+    assert again["iterations"] == report["iterations"]
+    assert again["timings"]["sft"]["cpu_s"] < report["timings"]["sft"]["cpu_s"]
+
+
+def test_same_seed_same_run(run: tuple[Path, dict], tmp_path: Path) -> None:
+    out, report = run
+    other = tmp_path / "again"
+    assert main(["--quick", "--seed", str(SEED), "--out", str(other), "--arms", "random"]) == 0
+    again = json.loads((other / "report.json").read_text())
+    for name in ("M1", "random/M2", "random/M3"):
+        assert again["models"][name] == report["models"][name]
+    assert (other / "random" / "01-external-reward-dpo" / "pairs.jsonl").read_text() == (
+        out / "random" / "01-external-reward-dpo" / "pairs.jsonl"
+    ).read_text()
+
+
+def test_bad_arguments_are_refused(run: tuple[Path, dict], tmp_path: Path, capsys) -> None:
+    out, _ = run
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--arms", "self,bogus", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "bogus" in capsys.readouterr().err
+    # a finished run with other settings is not silently mixed with a new one
+    assert main(["--quick", "--seed", str(SEED + 1), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # a folder that is not a demo run is never deleted by --overwrite
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    assert main(["--quick", "--out", str(foreign), "--overwrite"]) == 2
+    assert (foreign / "keep.txt").exists()
+
+
+def test_random_judge_is_seeded_and_uninformative() -> None:
+    judge = RandomJudge(7, salt="iteration-1")
+    prompts = task.fresh_prompts(400, 0, 1)
+    import random
+
+    rng = random.Random(0)
+    responses = [task.solve(p, rng) if rng.random() < 0.5 else "xq" for p in prompts]
+    scores = [judge(p, r) for p, r in zip(prompts, responses)]
+    assert scores == [RandomJudge(7, salt="iteration-1")(p, r) for p, r in zip(prompts, responses)]
+    assert scores != [RandomJudge(7, salt="iteration-2")(p, r) for p, r in zip(prompts, responses)]
+    assert all(0 <= s <= 5 for s in scores)
+    gold = [task.score(p, r) for p, r in zip(prompts, responses)]
+    # no information: the random judge orders oracle-distinct pairs at chance
+    acc = _naive_pairwise(scores[:120], gold[:120], [0] * 120)
+    assert 0.4 < acc < 0.6
+    with pytest.raises(TypeError, match="seed"):
+        RandomJudge("7")  # type: ignore[arg-type]
+
+
+def test_aggregate_over_seeds(run: tuple[Path, dict]) -> None:
+    _, report = run
+    other = json.loads(json.dumps(report))
+    other["seed"] = SEED + 1
+    for arm in ARMS:
+        other["summary"]["arms"][arm]["pct_fully_correct"][2] += 4.0
+        other["summary"]["arms"][arm]["delta_fully_correct"] += 4.0
+    agg = aggregate([report, other])
+    for arm in ARMS:
+        a = report["summary"]["arms"][arm]
+        m3 = agg["arms"][arm]["pct_fully_correct"][2]
+        assert m3["mean"] == pytest.approx(a["pct_fully_correct"][2] + 2.0)
+        assert m3["min"] == pytest.approx(a["pct_fully_correct"][2])
+        assert m3["std"] == pytest.approx(math.sqrt(8.0))
+        assert agg["arms"][arm]["delta_fully_correct"]["mean"] == pytest.approx(
+            a["delta_fully_correct"] + 2.0
+        )
+    text = render_aggregate(agg)
+    assert f"Seeds {SEED}, {SEED + 1}" in text
+    with pytest.raises(ValueError, match="no reports"):
+        aggregate([])
+
+
+def test_demo_model_is_what_the_run_trained(run: tuple[Path, dict]) -> None:
+    """The checkpoints load into the demo architecture strictly and differ per stage."""
+    out, _ = run
+    cfg = quick_config()
+    weights = []
+    for name in ("M1", "self/M2", "self/M3"):
+        model = build_demo_model(SEED, cfg.model)
+        load_checkpoint(model, _checkpoint(out, name))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[1], weights[2])
