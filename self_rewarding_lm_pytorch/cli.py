@@ -173,7 +173,19 @@ def build_tokenizer(cfg: RunConfig) -> Any:
 
 def build_model(cfg: RunConfig, tokenizer: Any = None) -> Any:
     """The policy: a Hugging Face model (with LoRA when configured) or an x-transformers
-    ``TransformerWrapper``; checks the tokenizer's ids fit the model's vocabulary."""
+    ``TransformerWrapper``; checks the tokenizer's ids fit the model's vocabulary.
+
+    Random initialisation (an x-transformers model without a checkpoint, new LoRA
+    adapters) is seeded with ``cfg.seed``, so the same config builds the same model; the
+    global RNG state is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _build_model(cfg, tokenizer)
+
+
+def _build_model(cfg: RunConfig, tokenizer: Any) -> Any:
     m = cfg.model
     if m.path is not None:
         from .hf import ensure_pad_token, load_model

@@ -341,6 +341,13 @@ def test_xtransformers_model_with_bytes_tokenizer_from_config(workdir):
     assert tok.encode("hé") == list("hé".encode()) and tok.decode(tok.encode("hé")) == "hé"
     model = build_model(cfg, tok)
     assert type(model).__name__ == "TransformerWrapper"
+    # random initialisation follows the config's seed, not the global RNG
+    torch.manual_seed(123)
+    again = build_model(cfg, tok)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    cfg.seed = 1
+    other = build_model(cfg, tok)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
     assert model(torch.tensor([tok.encode("cat")])).shape == (1, 3, 256)
     with pytest.raises(ConfigError, match="num_tokens >= 256"):
         parse_run_config(
