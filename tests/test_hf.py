@@ -256,33 +256,41 @@ def test_lora_trains_only_adapter_weights(tiny):
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
 
 
-def test_lora_dpo_reference_is_the_base_model(tiny):
-    """Issue 5: the DPO reference of a PEFT model is the same model with the adapter
-    disabled (no second copy in memory), so its log-probs equal the base model's."""
+def test_lora_dpo_reference_is_the_base_model_or_the_current_adapter(tiny):
+    """Issue 5: with ``ref_adapter="disabled"`` the DPO reference of a PEFT model is the
+    same model with the adapter switched off (no second copy in memory), so its log-probs
+    equal the base model's; the default (``"current"``, the paper's M_t) keeps the adapter."""
     from self_rewarding_lm_pytorch.data import collate_preference
     from self_rewarding_lm_pytorch.trainers import DPOTrainer
 
     tok = HFTokenizer(load_tokenizer(tiny))
-    model = _lora_model(tiny)
     pairs = _pairs(tok)
     batch = collate_preference(pairs)
     base = load_model(tiny).eval()
     base_logps = _logps(base, batch["input_ids"], batch["response_mask"])
-    with_adapter = _logps(model.eval(), batch["input_ids"], batch["response_mask"])
-    assert not torch.allclose(base_logps, with_adapter, atol=1e-3)  # the adapter matters
-    trainer = DPOTrainer(
-        model,
-        train_dataset=pairs,
-        batch_size=2,
-        num_train_steps=1,
-        accelerate_kwargs={"cpu": True},
-        progress=False,
-        seed=0,
-    )
-    trainer.train()
-    assert trainer.ref_logps is not None
-    ref = torch.cat([trainer.ref_logps[:, 0], trainer.ref_logps[:, 1]])
-    torch.testing.assert_close(ref.cpu(), base_logps, atol=1e-5, rtol=1e-5)
+    for ref_adapter in ("disabled", "current"):
+        model = _lora_model(tiny)
+        with_adapter = _logps(model.eval(), batch["input_ids"], batch["response_mask"])
+        assert not torch.allclose(base_logps, with_adapter, atol=1e-3)  # the adapter matters
+        trainer = DPOTrainer(
+            model,
+            train_dataset=pairs,
+            batch_size=2,
+            num_train_steps=1,
+            ref_adapter=ref_adapter,
+            accelerate_kwargs={"cpu": True},
+            progress=False,
+            seed=0,
+        )
+        trainer.train()
+        assert trainer.ref_logps is not None
+        ref = torch.cat([trainer.ref_logps[:, 0], trainer.ref_logps[:, 1]]).cpu()
+        want = base_logps if ref_adapter == "disabled" else with_adapter
+        torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
+        # the adapter is on again after the reference pass (training used it)
+        assert not torch.allclose(
+            _logps(model.eval(), batch["input_ids"], batch["response_mask"]), base_logps
+        )
 
 
 def test_export_merged_and_adapter_reproduce_the_lora_model(tiny, tmp_path):
