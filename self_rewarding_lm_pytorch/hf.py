@@ -184,6 +184,11 @@ def load_model(
     if adapter_cfg.exists() and not (folder / "config.json").exists():
         from peft import PeftModel
 
+        if not (folder / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(
+                f"{folder} has no adapter_model.safetensors (pickled adapter files are never "
+                "loaded); re-save the adapter with save_pretrained(safe_serialization=True)"
+            )
         base_path = json.loads(adapter_cfg.read_text()).get("base_model_name_or_path")
         if not base_path or not Path(base_path).is_dir():
             raise FileNotFoundError(
