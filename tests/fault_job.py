@@ -68,7 +68,6 @@ JOB_YAML = (
 # tiny three-stage job for the fault suite: SFT, then two self-rewarding DPO iterations
 model:
   xtransformers: {num_tokens: 256, max_seq_len: 64, attn_layers: {dim: 16, depth: 1, heads: 2}}
-  checkpoint: init.safetensors  # fixed initial weights (see write_job)
 tokenizer: {kind: bytes, eos_id: 10}
 data:
   sft: {path: sft.jsonl}
@@ -101,25 +100,9 @@ def write_job(folder: str | Path) -> Path:
     prompts = [{"prompt": f"prompt {i}"} for i in range(200)]
     for name, rows in (("sft.jsonl", sft), ("prompts.jsonl", prompts)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_initial_weights(folder / "init.safetensors")
     config = folder / "job.yaml"
     config.write_text(JOB_YAML)
     return config
-
-
-def write_initial_weights(path: Path, seed: int = 0) -> None:
-    """Seeded initial weights for the job's model. ``srlm run`` does not seed the global
-    RNG before it builds an x-transformers model (see ``test_reproducibility.py``), so
-    the job starts from this file to make every run comparable with the reference."""
-    import torch
-    from safetensors.torch import save_model
-    from x_transformers import Decoder, TransformerWrapper
-
-    torch.manual_seed(seed)
-    model = TransformerWrapper(
-        num_tokens=256, max_seq_len=64, attn_layers=Decoder(dim=16, depth=1, heads=2)
-    )
-    save_model(model, str(path))
 
 
 def srlm_argv() -> list[str]:
