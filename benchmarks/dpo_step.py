@@ -48,6 +48,8 @@ def worker(cfg: dict) -> dict:
     from self_rewarding_lm_pytorch.trainers import DPOTrainer
 
     device = cfg["device"]
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     base = _rss_mib()
     torch.manual_seed(0)
     model = TransformerWrapper(
@@ -118,6 +120,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small model and shapes (CPU smoke run)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per config")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -145,7 +150,7 @@ def main() -> None:
         for variant in ("precomputed", "on-the-fly"):
             cfg = dict(
                 model, batch=batch, seq_len=seq_len, variant=variant, device=device,
-                warmup=warmup, steps=steps,
+                warmup=warmup, steps=steps, threads=args.threads,
             )  # fmt: skip
             proc = subprocess.run(
                 [sys.executable, __file__, "--worker", json.dumps(cfg)],
@@ -162,7 +167,11 @@ def main() -> None:
 
     p = rows[0][2]["precomputed"]["params"]
     name = f"x-transformers dim {model['dim']} depth {model['depth']} ({p / 1e6:.1f}M params)"
-    print(f"DPO step on {device}: {name}; pairs per step = batch (2x rows), median of {steps}")
+    threads = args.threads or torch.get_num_threads()
+    print(
+        f"DPO step on {device} ({threads} CPU threads): {name}; pairs per step = batch "
+        f"(2x rows), median of {steps} steps after {warmup} warmup"
+    )
     print()
     print(
         "| pairs | seq len | step ms precomputed | step ms on-the-fly | time ratio otf/pre "

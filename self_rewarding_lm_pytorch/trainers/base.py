@@ -640,23 +640,29 @@ class BaseTrainer:
         if global_total <= 0:
             raise ValueError(f"step {self.step + 1} has no loss units (no response tokens)")
         n = len(group)
+        # accelerate syncs gradients (DDP) on the last micro-batch of the group only; the
+        # accelerator may be shared, so its own setting is restored afterwards
+        saved_accum = acc.gradient_accumulation_steps
         acc.gradient_accumulation_steps = n
         acc.step = 0
         sums: dict[str, Tensor] = {}
-        for i, (mb, count) in enumerate(zip(group, counts)):
-            with acc.accumulate(self.model):
-                loss, metrics = self._compute_loss(mb)
-                bad = torch.tensor(float(not bool(torch.isfinite(loss))), device=self.device)
-                if float(self._reduce_sum(bad)) > 0:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise self._nonfinite_error("loss", float(loss), i)
-                weight = count * self.num_processes / global_total
-                # accelerate divides by gradient_accumulation_steps (= n) in backward
-                acc.backward(loss * (weight * n))
-            metrics = {"loss": loss.detach(), **metrics}
-            for k, v in metrics.items():
-                v = v.detach().float() * count
-                sums[k] = sums[k] + v if k in sums else v
+        try:
+            for i, (mb, count) in enumerate(zip(group, counts)):
+                with acc.accumulate(self.model):
+                    loss, metrics = self._compute_loss(mb)
+                    bad = torch.tensor(float(not bool(torch.isfinite(loss))), device=self.device)
+                    if float(self._reduce_sum(bad)) > 0:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        raise self._nonfinite_error("loss", float(loss), i)
+                    weight = count * self.num_processes / global_total
+                    # accelerate divides by gradient_accumulation_steps (= n) in backward
+                    acc.backward(loss * (weight * n))
+                metrics = {"loss": loss.detach(), **metrics}
+                for k, v in metrics.items():
+                    v = v.detach().float() * count
+                    sums[k] = sums[k] + v if k in sums else v
+        finally:
+            acc.gradient_accumulation_steps = saved_accum
         out: dict[str, float] = {}
         keys = sorted(sums)
         stacked = self._reduce_sum(torch.stack([sums[k] for k in keys]).to(self.device))
