@@ -56,6 +56,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _convert(value, arg, path)
             except ConfigError as e:
+                # a mapping meant for a config section: its own error is the useful one
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise
                 errors.append(str(e))
         raise ConfigError(
             f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from .models import CausalLM, Tokenizer, wrap_model, wrap_tokenizer
 from .pairs import select_pairs
 from .prompts import generate_prompts
-from .store import JsonlStore, atomic_write_json, atomic_write_text, read_jsonl
+from .store import JsonlStore, StoreError, atomic_write_json, atomic_write_text, read_jsonl
 from .trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from .trainers.base import load_checkpoint, save_checkpoint
 
@@ -184,12 +185,16 @@ class NotEnoughPairsError(RuntimeError):
     """The prompts ran out before the requested number of preference pairs was built."""
 
 
-def _parse_failure_message(stage: Stage, parse_rate: float, samples: list[str]) -> str:
+def _parse_failure_message(
+    stage: Stage, parse_rate: float, samples: list[str], reasons: list[str | None]
+) -> str:
     shown = "\n".join(f"  [{i + 1}] {s[:300]!r}" for i, s in enumerate(samples[:3]))
+    common = Counter(r for r in reasons if r).most_common(1)
+    why = f" The most common failure: {common[0][0]} ({common[0][1]} outputs)." if common else ""
     return (
         f"the judge produced a parsable score for only {parse_rate:.1%} of its outputs "
         f"(stage {stage.kind}, minimum {stage.min_parse_rate:.0%}), so preference pairs "
-        f"cannot be built. Three of its outputs:\n{shown}\n"
+        f"cannot be built.{why} Three of its outputs:\n{shown}\n"
         "Fixes: fine-tune the model on EFT (judge) examples first (an SFT stage with an "
         "'eft' dataset), give a RewardConfig whose template/regex matches what the model "
         "writes, or use an external judge (judge='<name>' with judges={...})."
@@ -345,6 +350,15 @@ class SelfRewardingTrainer:
             )
         self.stages: list[Stage] = list(stages)
         self._validate()
+        samples = (SPINStage, PromptGenerationStage, PreferenceStage)
+        if self.tokenizer.eos_id is None and any(isinstance(s, samples) for s in self.stages):
+            warnings.warn(
+                "the tokenizer has no EOS id, so sampled responses never end before "
+                "max_new_tokens and the model is never taught to stop; pass eos_id=... (or a "
+                "tokenizer with an eos token)",
+                UserWarning,
+                stacklevel=2,
+            )
         self._accelerator = None
 
     # ------------------------------------------------------------------ set-up
@@ -453,9 +467,22 @@ class SelfRewardingTrainer:
         return self.run_dir / "state.json"
 
     def _load_state(self) -> dict:
-        if self.state_path.exists():
-            return json.loads(self.state_path.read_text())
-        return {"finished": []}
+        if not self.state_path.exists():
+            return {"finished": []}
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RuntimeError(
+                f"{self.state_path} is not valid JSON ({exc}); it records which stages "
+                "finished. Restore it from a backup, or delete it to run every stage again "
+                "(records already in the stage folders are reused)"
+            ) from exc
+        if not isinstance(state, dict) or not isinstance(state.get("finished"), list):
+            raise RuntimeError(
+                f"{self.state_path} does not hold a run state (no 'finished' list); delete it "
+                "to run every stage again, or point checkpoints_folder elsewhere"
+            )
+        return state
 
     def _save_state(self, state: dict) -> None:
         if self.accelerator.is_main_process:
@@ -473,7 +500,15 @@ class SelfRewardingTrainer:
         if overwrite and self.run_dir.exists() and self.accelerator.is_main_process:
             shutil.rmtree(self.run_dir)
         self.accelerator.wait_for_everyone()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                exc.errno,
+                f"cannot create the run folder {self.run_dir}: {exc.strerror or exc}; choose "
+                "another output directory (checkpoints_folder / --out), or fix the path (a "
+                "file may be in the way)",
+            ) from exc
         state = self._load_state()
         plan = self._plan()
         if state.get("plan") not in (None, plan):
@@ -544,6 +579,7 @@ class SelfRewardingTrainer:
             train_dataset=self._sft_examples(stage.datasets),
             accelerator=self.accelerator,
             output_dir=stage_dir,
+            save_final_checkpoint=False,  # the pipeline writes <stage>/checkpoint
             **kwargs,
         )
         metrics = trainer.train()
@@ -653,6 +689,7 @@ class SelfRewardingTrainer:
             replay_dataset=replay,
             accelerator=self.accelerator,
             output_dir=stage_dir,
+            save_final_checkpoint=False,  # the pipeline writes <stage>/checkpoint
             **kwargs,
         )
         metrics = trainer.train()
@@ -708,14 +745,14 @@ class SelfRewardingTrainer:
             done_ids.update(r["id"] for r in new_records)
             pairs.extend(new_pairs)
 
-        # a crash between the candidate write and the pair write is repaired here
-        paired = {p["prompt_id"] for p in pairs}
+        # pairs lost by a crash after their candidates were written (or a torn line) are
+        # rebuilt here, pair by pair, in record order
+        have = {p["id"] for p in pairs}
         missing_pairs = []
         for record in records:
-            if record["id"] not in paired and len(pairs) + len(missing_pairs) < target:
-                missing_pairs += self._pairs_of(
-                    record, stage, target - len(pairs) - len(missing_pairs)
-                )
+            room = target - len(pairs) - len(missing_pairs)
+            lost = [p for p in self._pairs_of(record, stage, target) if p["id"] not in have]
+            missing_pairs += lost[: max(room, 0)]
         if main:
             pair_store.extend(missing_pairs)
         pairs.extend(missing_pairs)
@@ -853,14 +890,20 @@ class SelfRewardingTrainer:
             return
         rate = parsed / len(outputs)
         if rate < stage.min_parse_rate:
-            failures = [
-                s
+            failed = [
+                (s, why)
                 for r in records
                 for j in r["judgements"]
-                for s, sc in zip(j.get("samples", []), j.get("sample_scores", []))
+                for s, sc, why in zip(
+                    j.get("samples", []),
+                    j.get("sample_scores", []),
+                    j.get("failures") or [None] * len(j.get("samples", [])),
+                )
                 if sc is None
             ]
-            raise JudgeParseError(_parse_failure_message(stage, rate, failures))
+            raise JudgeParseError(
+                _parse_failure_message(stage, rate, [s for s, _ in failed], [w for _, w in failed])
+            )
 
     def _max_new_tokens_check(self, prompts: list[str], stage: PreferenceStage) -> None:
         ctx = self.lm.max_seq_len

@@ -311,10 +311,6 @@ def test_scores_out_of_range(tmp_path):
         parse(run_config(reward_config={"score_range": [5, 0]}))
 
 
-@needs_fix(
-    "config._convert: for an optional section (X | None) given a mapping, re-raise the "
-    "error of building X instead of 'expected RewardConfigSpec | null, got dict'"
-)
 def test_error_inside_an_optional_config_section():
     with pytest.raises(ConfigError, match=r"score_range must be \[low, high\] with low <= high"):
         parse(run_config(reward_config={"score_range": [5, 0]}))
@@ -322,10 +318,6 @@ def test_error_inside_an_optional_config_section():
         parse(run_config(reward_config={"prompt_templte": "{{ prompt }} {{ response }}"}))
 
 
-@needs_fix(
-    "pipeline._parse_failure_message: name the most common failure reason of the judge "
-    "outputs (e.g. 'score 999 outside the valid range [0, 5]'), not only the parse rate"
-)
 def test_judge_parse_error_names_the_reason(tmp_path):
     with pytest.raises(JudgeParseError, match=r"outside the valid range \[0, 5\]"):
         _out_of_range_run(tmp_path).run()
@@ -481,11 +473,6 @@ def test_tokenizer_without_eos_or_pad(tmp_path):
         load_tokenizer(tmp_path / "tok")
 
 
-@needs_fix(
-    "SelfRewardingTrainer.__init__: warn (UserWarning) when a stage samples responses "
-    "(preference / SPIN / prompt generation) and the tokenizer has no EOS id, naming "
-    "the fix (pass eos_id=...)"
-)
 def test_tokenizer_without_eos_warns(tmp_path):
     no_eos = CallableTokenizer(
         lambda s: [ord(c) % 128 for c in s], lambda ids: "".join(chr(int(i)) for i in ids)
@@ -525,10 +512,6 @@ def test_unwritable_output_directory(tmp_path, monkeypatch):
     assert list(run_dir.iterdir()) == []
 
 
-@needs_fix(
-    "SelfRewardingTrainer.run: create the run folder through the store (raise StoreError "
-    "naming the path and the fix) instead of a bare NotADirectoryError from mkdir"
-)
 def test_output_directory_cannot_be_created(tmp_path):
     (tmp_path / "a-file").write_text("in the way")
     with pytest.raises(StoreError, match=r"a-file/run.*choose another output directory"):
@@ -591,10 +574,6 @@ def test_disk_full_while_appending_records(tmp_path, monkeypatch):
         assert (run_dir / DPO / name).read_bytes() == (clean / DPO / name).read_bytes()
 
 
-@needs_fix(
-    "SelfRewardingTrainer._load_state: a state.json that is not valid JSON should raise "
-    "an error naming the file and the fix (restore it, or delete it to rerun the stages)"
-)
 def test_corrupt_state_file(tmp_path):
     tmp_path.joinpath("state.json").write_text('{"finished": [')
     with pytest.raises((RuntimeError, ValueError), match=r"state.json.*delete it"):

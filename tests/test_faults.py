@@ -91,12 +91,6 @@ def test_killed_checkpoint_write_leaves_no_temp_folder_after_resume(tmp_path):
     assert leftovers(run) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a library change: pipeline._build_pairs repairs missing pairs by prompt id, "
-    "so with several pairs per prompt (all_pairs) a torn pairs.jsonl line is never "
-    "rewritten; repair by pair id instead",
-)
 def test_torn_pairs_line_with_several_pairs_per_prompt_is_restored(tmp_path, monkeypatch):
     """A crash in the middle of the second pairs.jsonl append (its last line torn), with
     all_pairs (up to 6 pairs per prompt); the rerun must end with the same pairs as a run
