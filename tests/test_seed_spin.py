@@ -123,3 +123,38 @@ def test_spin_generates_once_per_cycle_from_the_cycle_start_model(monkeypatch):
             model(batch["input_ids"]), batch["input_ids"], batch["response_mask"]
         )
     assert (lp_end[:8] - trainer.ref_logps[:, 0]).abs().max() > 1e-2
+
+
+class EOSFirstLM(torch.nn.Module):
+    """Always prefers token ``eos`` (logit 30); trainable bias, so SPIN can update it."""
+
+    def __init__(self, vocab: int = 16, eos: int = 3) -> None:
+        super().__init__()
+        bias = torch.zeros(vocab)
+        bias[eos] = 30.0
+        self.bias = torch.nn.Parameter(bias)
+        self.max_seq_len = 32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(ids.shape[0], ids.shape[1], -1)
+
+
+def test_spin_keeps_eos_at_the_end_of_generated_responses():
+    data = [([1, 2, 5, 6, 7], 2), ([4, 8, 9], 1)]
+    trainer = SPINTrainer(
+        EOSFirstLM(),
+        sft_dataset=data,
+        max_seq_len=8,
+        epochs=1,
+        eos_id=3,
+        pad_id=None,
+        accelerate_kwargs=dict(cpu=True),
+        seed=0,
+        progress=False,
+    )
+    trainer.train()
+    assert [p.rejected_ids for p in trainer.pairs] == [[3], [3]]
+    assert [p.chosen_ids for p in trainer.pairs] == [[5, 6, 7], [8, 9]]
+    assert trainer.cycle_finish_reasons == ["eos", "eos"]
+    cycle_log = [h for h in trainer.history if "generated_eos_fraction" in h]
+    assert cycle_log and cycle_log[0]["generated_eos_fraction"] == 1.0
