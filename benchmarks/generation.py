@@ -10,16 +10,22 @@ Prints one table; every column is measured in the same run on the same machine:
 * our time per decode step, ``(t(N new tokens) - t(1 new token)) / (N - 1)``, against its
   roofline: per step the larger of FLOPs / measured matmul FLOP/s and bytes read
   (weights + the real rows' KV cache) / measured memory bandwidth, averaged over the
-  decode steps.  Both ceilings are measured by this script, at the same thread count.
+  decode steps.  Both ceilings are measured by this script, at the same thread count;
+* the "torch matmul floor": every ``nn.Linear`` of the model applied once to the batch,
+  weights streaming from memory (what PyTorch's GEMMs alone need per step).
 
-Then two measurements of the reuse features: shared-prefix prefill (judge-like prompts
-with a long common head; N candidates per prompt) and dropping finished rows.
+Then a second table measures the reuse features at half the largest token count:
+shared-prefix prefill (judge-like prompts with a long common head; N candidates per
+prompt), dropping finished rows, and the preallocated KV cache against the stock one.
+
+Times are process CPU time by default (``--clock cpu``): on a machine shared with other
+jobs, one thread's CPU time is far steadier than wall time.
 
 All runs sample with the paper's settings (temperature 0.7, top-p 0.9) and no EOS, so
 every row produces exactly N tokens.  Usage::
 
-    python benchmarks/generation.py            # a few minutes on 1 CPU thread
-    python benchmarks/generation.py --quick    # 32 / 128 new tokens, about a minute
+    python benchmarks/generation.py            # ~6 CPU-minutes on 1 thread (most of it (a))
+    python benchmarks/generation.py --quick    # 32 / 128 new tokens, ~1.5 CPU-minutes
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from self_rewarding_lm_pytorch import generation as G
@@ -70,6 +77,25 @@ def measure_bandwidth(repeats: int = 5) -> float:
     x = torch.randn(64 * 1024 * 1024)
     x.sum()
     return x.numel() * x.element_size() / best_of(lambda: x.sum(), repeats)
+
+
+def matmul_floor(model: nn.Module, batch: int, repeats: int = 5) -> float:
+    """Time of every ``nn.Linear`` of ``model`` applied once to ``batch`` rows.
+
+    The weights are far larger than the CPU caches, so this is what PyTorch's own GEMM
+    kernels need per decode step just to stream the weights: a practical floor for any
+    engine built on them (the roofline above assumes peak FLOP/s and bandwidth).
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    xs = [torch.randn(batch, m.in_features) for m in linears]
+
+    def run() -> None:
+        with torch.no_grad():
+            for m, x in zip(linears, xs):
+                F.linear(x, m.weight, m.bias)
+
+    run()
+    return best_of(run, repeats)
 
 
 # ---------------------------------------------------------------------- models
@@ -186,6 +212,7 @@ def throughput_rows(
     batch = len(prompts)
     is_hf = not name.startswith("x-")
     ours(model, prompts[:2], 4, 0)  # warm up
+    floor = matmul_floor(model, batch)
     rows = []
     for new in new_tokens:
 
@@ -213,7 +240,7 @@ def throughput_rows(
             c_cols = f"n/a | {tps_b / tps_a:.0f}x | n/a"
         rows.append(
             f"| {name} | {new} | {tps_a:.1f} | {tps_b:.0f} | {c_cols} | {step * 1e3:.1f} "
-            f"| {roof * 1e3:.1f} | {step / roof:.2f}x |"
+            f"| {roof * 1e3:.1f} | {step / roof:.2f}x | {floor * 1e3:.1f} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -268,19 +295,20 @@ def reuse_rows(
     )
     print(rows[-1], flush=True)
 
-    if not name.startswith("x-"):
-        saved_pre = G.PREALLOCATE_HF_CACHE
-        try:
-            G.PREALLOCATE_HF_CACHE = False
-            t_dyn, _ = timed(lambda: ours(model, prompts, new, 0), args.repeats)
-        finally:
-            G.PREALLOCATE_HF_CACHE = saved_pre
-        t_pre, _ = timed(lambda: ours(model, prompts, new, 0), args.repeats)
-        rows.append(
-            f"| KV cache: DynamicCache -> preallocated | {name} | batch {len(prompts)}, "
-            f"{new} new | {t_dyn:.2f} -> {t_pre:.2f} | {t_dyn / t_pre:.2f}x |"
-        )
-        print(rows[-1], flush=True)
+    flag = "PREALLOCATE_XT_CACHE" if name.startswith("x-") else "PREALLOCATE_HF_CACHE"
+    stock = "torch.cat per step (x-transformers)" if name.startswith("x-") else "DynamicCache"
+    saved_pre = getattr(G, flag)
+    try:
+        setattr(G, flag, False)
+        t_dyn, _ = timed(lambda: ours(model, prompts, new, 0), args.repeats)
+    finally:
+        setattr(G, flag, saved_pre)
+    t_pre, _ = timed(lambda: ours(model, prompts, new, 0), args.repeats)
+    rows.append(
+        f"| KV cache: {stock} -> preallocated | {name} | batch {len(prompts)}, "
+        f"{new} new | {t_dyn:.2f} -> {t_pre:.2f} | {t_dyn / t_pre:.2f}x |"
+    )
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -293,7 +321,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--orig-prompts", type=int, default=1, help="prompts timed for (a)")
-    ap.add_argument("--repeats", type=int, default=2, help="best-of repeats for (b), (c)")
+    ap.add_argument("--repeats", type=int, default=1, help="best-of repeats for (b), (c)")
     ap.add_argument(
         "--clock",
         choices=("cpu", "wall"),
@@ -330,9 +358,10 @@ def main() -> None:
     )
     header = (
         "| model | new tokens | (a) original tok/s | (b) ours tok/s | (c) HF generate tok/s "
-        "| (b)/(a) | (b)/(c) | ours ms/step | roofline ms/step | step / roofline |"
+        "| (b)/(a) | (b)/(c) | ours ms/step | roofline ms/step | step / roofline "
+        "| torch matmul floor ms/step |"
     )
-    rows = [header, "|" + "---|" * 10]
+    rows = [header, "|" + "---|" * 11]
     for name, build in (("x-transformers", xt_model), ("llama (HF)", llama_model)):
         rows += throughput_rows(name, build().eval(), prompts, new_tokens, args, flops, bw)
     print()
@@ -344,7 +373,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for name, build in (("x-transformers", xt_model), ("llama (HF)", llama_model)):
-        extra += reuse_rows(name, build().eval(), prompts, new_tokens[-1], g, args)
+        extra += reuse_rows(name, build().eval(), prompts, new_tokens[-1] // 2, g, args)
     print()
     print("\n".join(extra))
     load = os.getloadavg()

@@ -75,6 +75,8 @@ MIN_SHARED_PREFIX = 8
 #: Hugging Face path: keep the KV cache in one preallocated buffer per layer (no per-step
 #: concatenation); ``False`` uses the stock ``DynamicCache`` layers.
 PREALLOCATE_HF_CACHE = True
+#: x-transformers path: the same, through :class:`_KVSlot` (its cache appends with torch.cat).
+PREALLOCATE_XT_CACHE = True
 #: Default KV-cache memory a micro-batch may use when ``token_budget`` is not given.
 DEFAULT_CACHE_BYTES = 2 * 1024**3
 
@@ -447,6 +449,54 @@ class _PlainBackend:
         return self._logits(state)
 
 
+class _KVSlot(Tensor):
+    """x-transformers cache entry backed by a preallocated buffer (no per-step copy).
+
+    x-transformers appends a step's keys/values with ``torch.cat((cached, new), dim=-2)``,
+    which copies the whole cache every step and layer.  A ``_KVSlot`` is the filled part
+    of a buffer with room for the whole generation; that one ``cat`` becomes an in-place
+    write of ``new`` after it and returns a view of the filled part.  Every other use falls
+    back to ordinary tensor semantics (the slot *is* the filled view), so results never
+    depend on the shortcut being taken; :class:`_XTBackend` checks that it was.
+    """
+
+    _buf: Tensor
+    _len: int
+
+    @staticmethod
+    def wrap(buf: Tensor, length: int) -> _KVSlot:
+        slot = buf.narrow(-2, 0, length).as_subclass(_KVSlot)
+        slot._buf, slot._len = buf, length
+        return slot
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        kwargs = kwargs or {}
+        if func is torch.cat and len(args) >= 1 and not (set(kwargs) - {"dim"}):
+            tensors = args[0]
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if isinstance(tensors, (tuple, list)) and len(tensors) == 2:
+                slot, new = tensors
+                if type(slot) is cls and type(new) is Tensor and slot._fits(new, dim):
+                    end = slot._len + new.shape[-2]
+                    slot._buf.narrow(-2, slot._len, new.shape[-2]).copy_(new)
+                    return slot._buf.narrow(-2, 0, end)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    def _fits(self, new: Tensor, dim: int) -> bool:
+        nd = self._buf.ndim
+        return (
+            new.ndim == nd
+            and dim in (-2, nd - 2)
+            and new.dtype == self._buf.dtype
+            and new.device == self._buf.device
+            and new.shape[:-2] == self._buf.shape[:-2]
+            and new.shape[-1] == self._buf.shape[-1]
+            and self._len + new.shape[-2] <= self._buf.shape[-2]
+        )
+
+
 class _XTBackend:
     """x-transformers ``TransformerWrapper`` with its KV cache and ``seq_start_pos``."""
 
@@ -499,7 +549,29 @@ class _XTBackend:
             )
         else:
             logits, inter = self._forward(ids, seq_start_pos=start)
-        return logits[:, -1], {"cache": self._slim(inter), "start": start}
+        state = {"cache": self._slim(inter), "start": start, "bufs": None, "length": T}
+        if PREALLOCATE_XT_CACHE:
+            state["bufs"] = self._buffers(state["cache"], T + max_new)
+        return logits[:, -1], state
+
+    @staticmethod
+    def _buffers(cache: Any, capacity: int) -> list[tuple[Tensor | None, ...]] | None:
+        """Copy each layer's cached keys/values into a buffer with room for ``capacity``."""
+        bufs = []
+        for a in cache.attn_intermediates:
+            kv = a.cached_kv
+            if not isinstance(kv, (tuple, list)) or not any(isinstance(t, Tensor) for t in kv):
+                return None
+            layer = []
+            for t in kv:
+                if t is None:
+                    layer.append(None)
+                    continue
+                buf = t.new_empty(*t.shape[:-2], capacity, t.shape[-1])
+                buf.narrow(-2, 0, t.shape[-2]).copy_(t)
+                layer.append(buf)
+            bufs.append(tuple(layer))
+        return bufs
 
     @staticmethod
     def _slim(inter: Any) -> Any:
@@ -522,21 +594,38 @@ class _XTBackend:
         )
 
     def select(self, state: dict, idx: Tensor) -> dict:
-        cache = state["cache"]
-        for a in cache.attn_intermediates:
-            a.cached_kv = tuple(None if t is None else t[idx] for t in a.cached_kv)
-        return {"cache": cache, "start": state["start"][idx]}
+        cache, bufs = state["cache"], state["bufs"]
+        if bufs is not None:
+            bufs = [tuple(None if t is None else t[idx] for t in layer) for layer in bufs]
+        else:
+            for a in cache.attn_intermediates:
+                a.cached_kv = tuple(None if t is None else t[idx] for t in a.cached_kv)
+        return {**state, "cache": cache, "start": state["start"][idx], "bufs": bufs}
 
     expand = select
 
     def step(self, state: dict, tokens: Tensor) -> Tensor:
+        cache, bufs, length = state["cache"], state["bufs"], state["length"]
+        if bufs is not None:
+            for a, layer in zip(cache.attn_intermediates, bufs):
+                a.cached_kv = tuple(None if t is None else _KVSlot.wrap(t, length) for t in layer)
         logits, inter = self._forward(
             tokens[:, None],
-            cache=state["cache"],
+            cache=cache,
             seq_start_pos=state["start"],
             input_not_include_cache=True,
         )
         state["cache"] = self._slim(inter)
+        if bufs is not None:
+            wrote = all(
+                t is None or (type(n) is Tensor and n.data_ptr() == t.data_ptr())
+                for a, layer in zip(state["cache"].attn_intermediates, bufs)
+                for n, t in zip(a.cached_kv, layer)
+            )
+            # if x-transformers did not append through torch.cat, its own (correct) cache
+            # tensors are kept and the buffers are dropped
+            state["bufs"] = bufs if wrote else None
+        state["length"] = length + 1
         return logits[:, -1]
 
 
@@ -827,7 +916,8 @@ class _StopChecker:
 def _device_generator(generator: torch.Generator | None, device: torch.device):
     if generator is None or generator.device.type == device.type:
         return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    # one draw from the caller's generator seeds a generator on the model's device
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g

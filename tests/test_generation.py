@@ -194,6 +194,25 @@ def test_shared_head_matches_reference(kind, tails):
     assert out_n.sequences == [s for s in ref.sequences for _ in range(2)]
 
 
+@pytest.mark.parametrize(
+    "attn_kw",
+    [
+        {"rotary_pos_emb": True},
+        {"alibi_pos_bias": True},
+        {"attn_flash": True},
+        {"attn_kv_heads": 1},
+    ],
+    ids=["rotary", "alibi", "flash", "multi-query"],
+)
+def test_xtransformers_variants_with_shared_head_match_reference(attn_kw):
+    model = make_xt(**attn_kw)
+    head = rand_prompts((12,), seed=7)[0]
+    prompts = rand_prompts((1, 30, 2, 17), seed=8, head=head)
+    ref = reference_generate(model, prompts, max_new_tokens=6, temperature=0)
+    out = generate(model, prompts, max_new_tokens=6, temperature=0, num_return_sequences=2)
+    assert out.sequences == [s for s in ref.sequences for _ in range(2)]
+
+
 def _count_embedded_tokens(model: nn.Module, fn) -> int:
     emb = model.token_emb if hasattr(model, "token_emb") else model.get_input_embeddings()
     seen = []
@@ -242,6 +261,39 @@ def test_hf_preallocated_cache_matches_dynamic_cache(monkeypatch):
             generate(model, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos).sequences
         )
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("fraction", [0.0, math.inf])
+def test_xt_preallocated_cache_matches_its_own_cache(monkeypatch, fraction):
+    model = make_xt(rotary_pos_emb=True)
+    prompts = rand_prompts(RAGGED, seed=4)
+    free = reference_generate(model, prompts, max_new_tokens=10, temperature=0)
+    eos = first_new_token(free.sequences[1])[0]
+    monkeypatch.setattr(G, "COMPACT_FRACTION", fraction)
+    outs = []
+    for pre in (True, False):
+        monkeypatch.setattr(G, "PREALLOCATE_XT_CACHE", pre)
+        out = generate(model, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos)
+        outs.append(out.sequences)
+    assert outs[0] == outs[1]
+
+
+def test_kv_slot_turns_the_cache_append_into_an_in_place_write():
+    buf = torch.zeros(2, 3, 10, 4)
+    buf[:, :, :5] = torch.randn(2, 3, 5, 4)
+    slot = G._KVSlot.wrap(buf, 5)
+    new = torch.randn(2, 3, 1, 4)
+    out = torch.cat((slot, new), dim=-2)
+    assert type(out) is torch.Tensor and out.data_ptr() == buf.data_ptr()
+    assert out.shape == (2, 3, 6, 4) and torch.equal(buf[:, :, 5:6], new)
+    # anything else is ordinary tensor arithmetic on the filled part, returning plain tensors
+    y = slot * 2
+    assert type(y) is torch.Tensor and torch.equal(y, buf[:, :, :5] * 2)
+    other = torch.cat((slot, torch.randn(2, 3, 5, 4)), dim=-1)  # not an append: real cat
+    assert other.data_ptr() != buf.data_ptr() and torch.equal(other[..., :4], buf[:, :, :5])
+    full = G._KVSlot.wrap(buf, 10)
+    grown = torch.cat((full, new), dim=-2)  # no room left: real cat
+    assert grown.shape == (2, 3, 11, 4) and grown.data_ptr() != buf.data_ptr()
 
 
 # ---------------------------------------------------------------------- Hugging Face generate
