@@ -892,6 +892,8 @@ class RewardModelJudge:
         self._compiled = _compile(
             template, "template", {"prompt", "response"}, {"response"}, _PROMPT_EXAMPLE
         )
+        # fail at construction, not mid-run, for templates that break the sandbox
+        _render(self._compiled, "template", prompt="x", response="y")
         self.head = head
         self.class_values = None if class_values is None else [float(v) for v in class_values]
         self.batch_size = batch_size

@@ -555,6 +555,8 @@ def _check_files(cfg: RunConfig) -> None:
 
 def _check_reward_configs(cfg: RunConfig, *, read_files: bool) -> None:
     """Compile the judge templates now (a bad template fails before any work)."""
+    from jinja2.sandbox import SecurityError
+
     from .judge import RewardConfig
 
     specs = [("reward_config", cfg.reward_config)]
@@ -573,7 +575,7 @@ def _check_reward_configs(cfg: RunConfig, *, read_files: bool) -> None:
                     prompt_template=template,
                     reward_regex_template=spec.reward_regex_template or "Score: {{ reward }}",
                 )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, SecurityError) as exc:
             raise ConfigError(f"{where}: {exc}") from exc
 
 

@@ -357,12 +357,6 @@ def test_template_in_a_config_file_is_refused_before_any_work(tmp_path):
     assert isinstance(info.value, (TemplateSecurityError, ValueError))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a library change: run_config._check_reward_configs should also catch "
-    "jinja2.sandbox.SecurityError (TemplateSecurityError) and raise ConfigError, so srlm "
-    "reports it as a config error (exit 2) instead of a traceback",
-)
 def test_srlm_reports_a_forbidden_template_as_a_config_error(tmp_path, capsys):
     from self_rewarding_lm_pytorch.cli import main
 
@@ -380,22 +374,8 @@ def test_srlm_reports_a_forbidden_template_as_a_config_error(tmp_path, capsys):
     assert "sandbox forbids" in capsys.readouterr().err
 
 
-def test_reward_model_template_is_sandboxed():
-    judge = RewardModelJudge(
-        tiny_model(), char_tokenizer(), template="{{ prompt.__class__ }} {{ response }}"
-    )
-    with pytest.raises(TemplateSecurityError, match=r"sandbox forbids"):
-        judge.score(["p"], ["r"])
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a library change: RewardModelJudge.__init__ should render its template "
-    "once with placeholder text (as RewardConfig does), so a forbidden template is "
-    "refused when the judge is built, before any work",
-)
 def test_reward_model_template_is_refused_at_construction():
-    with pytest.raises(TemplateSecurityError):
+    with pytest.raises(TemplateSecurityError, match=r"sandbox forbids"):
         RewardModelJudge(
             tiny_model(), char_tokenizer(), template="{{ prompt.__class__ }} {{ response }}"
         )
