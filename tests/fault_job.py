@@ -187,7 +187,7 @@ def trigger_options(rng: random.Random, run_dir: Path, target_stage: int) -> lis
     # metrics.jsonl keeps the lines of interrupted attempts: count from what is there now
     logged = count_lines(run_dir / name / "metrics.jsonl")
     ckpt = [
-        Trigger("trap", "checkpoint-writing", spec=f"ckpt-write:{s}:{rng.randint(1, 2)}"),
+        Trigger("trap", "checkpoint-writing", spec=f"ckpt-write:{s}:1"),
         Trigger("trap", "checkpoint-writing", spec=f"ckpt-swap:{s}:1"),
         Trigger("trap", "state-commit", spec=f"state:{s}:1"),
     ]
@@ -236,19 +236,34 @@ def trigger_options(rng: random.Random, run_dir: Path, target_stage: int) -> lis
 
 class TriggerDeck:
     """Draws kill points without replacement per stage kind (SFT / DPO), reshuffling when
-    a deck runs out, so a few dozen trials cover every kind of kill point."""
+    a deck runs out, so a few dozen trials cover every kind of kill point.
+
+    The swap window (old checkpoint moved aside, new one not yet renamed in) exists only
+    when a stage's checkpoint is written over an earlier one: a stage whose checkpoint
+    was written by an attempt killed before it committed. When no such checkpoint is
+    there, a swap draw first kills at the commit (leaving one), then in the swap."""
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.decks: dict[bool, list[int]] = {}
+        self.pending: Trigger | None = None
 
     def draw(self, run_dir: Path, target_stage: int) -> Trigger:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            if pending.spec.split(":")[1] == PLAN[target_stage][:2]:
+                return pending
         options = trigger_options(self.rng, run_dir, target_stage)
         deck = self.decks.setdefault(target_stage == 0, [])
         if not deck:
             deck.extend(range(len(options)))
             self.rng.shuffle(deck)
-        return options[deck.pop()]
+        trigger = options[deck.pop()]
+        if trigger.spec.startswith("ckpt-swap:"):
+            if not (run_dir / PLAN[target_stage] / "checkpoint").exists():
+                self.pending = trigger
+                return Trigger("trap", "state-commit", spec=f"state:{trigger.spec.split(':')[1]}:1")
+        return trigger
 
 
 def run_and_kill(
