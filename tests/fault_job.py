@@ -210,19 +210,7 @@ def trigger_options(rng: random.Random, run_dir: Path, target_stage: int) -> lis
             ),
             Trigger("time", "timed", delay=rng.uniform(0.3, 4.0)),
         ]
-    have = count_lines(run_dir / name / "candidates.jsonl")
-    return ckpt + [
-        Trigger("trap", "candidate-generation", spec=f"gen:{s}:{rng.randint(1, 3)}"),
-        Trigger(
-            "lines",
-            "candidate-generation",
-            file=f"{name}/candidates.jsonl",
-            lines=have + rng.randint(1, 4),
-            delay=rng.uniform(0, 0.15),
-        ),
-        Trigger("trap", "judging", spec=f"judge:{s}:{rng.randint(1, 3)}"),
-        Trigger("trap", "record-append", spec=f"torn-candidates:{s}:{rng.randint(1, 2)}"),
-        Trigger("trap", "record-append", spec=f"torn-pairs:{s}:{rng.randint(1, 2)}"),
+    training = [
         Trigger(
             "lines",
             "dpo-training",
@@ -232,11 +220,32 @@ def trigger_options(rng: random.Random, run_dir: Path, target_stage: int) -> lis
         ),
         Trigger("time", "timed", delay=rng.uniform(0.3, 6.0)),
     ]
+    if (run_dir / name / "stats.json").exists():  # all pairs built: no more generation
+        return ckpt + training
+    have = count_lines(run_dir / name / "candidates.jsonl")
+    return (
+        ckpt
+        + training
+        + [
+            Trigger("trap", "candidate-generation", spec=f"gen:{s}:{rng.randint(1, 2)}"),
+            Trigger(
+                "lines",
+                "candidate-generation",
+                file=f"{name}/candidates.jsonl",
+                lines=have + rng.randint(1, 4),
+                delay=rng.uniform(0, 0.15),
+            ),
+            Trigger("trap", "judging", spec=f"judge:{s}:{rng.randint(1, 2)}"),
+            Trigger("trap", "record-append", spec=f"torn-candidates:{s}:{rng.randint(1, 2)}"),
+            Trigger("trap", "record-append", spec=f"torn-pairs:{s}:1"),
+        ]
+    )
 
 
 class TriggerDeck:
-    """Draws kill points without replacement per stage kind (SFT / DPO), reshuffling when
-    a deck runs out, so a few dozen trials cover every kind of kill point.
+    """Draws kill points without replacement per set of options (SFT; DPO while pairs
+    are built; DPO once they are), reshuffling when a deck runs out, so a few dozen
+    trials cover every kind of kill point.
 
     The swap window (old checkpoint moved aside, new one not yet renamed in) exists only
     when a stage's checkpoint is written over an earlier one: a stage whose checkpoint
@@ -245,7 +254,7 @@ class TriggerDeck:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
-        self.decks: dict[bool, list[int]] = {}
+        self.decks: dict[tuple[str, ...], list[int]] = {}
         self.pending: Trigger | None = None
 
     def draw(self, run_dir: Path, target_stage: int) -> Trigger:
@@ -254,7 +263,7 @@ class TriggerDeck:
             if pending.spec.split(":")[1] == PLAN[target_stage][:2]:
                 return pending
         options = trigger_options(self.rng, run_dir, target_stage)
-        deck = self.decks.setdefault(target_stage == 0, [])
+        deck = self.decks.setdefault(tuple(o.phase for o in options), [])
         if not deck:
             deck.extend(range(len(options)))
             self.rng.shuffle(deck)
