@@ -381,6 +381,26 @@ def test_reward_model_template_is_refused_at_construction():
         )
 
 
+def test_chat_template_reaching_for_python_internals_is_refused():
+    """Chat templates (``tokenizer.chat_template_file`` in a config) are rendered by
+    transformers in its own Jinja2 sandbox."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from jinja2.sandbox import SecurityError
+
+    from self_rewarding_lm_pytorch.models import HFTokenizer
+
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=words)
+    tok.chat_template = (
+        "{{ messages.__class__.__mro__ }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    with pytest.raises(SecurityError, match=r"__class__"):
+        HFTokenizer(tok).format_prompt("hello")
+    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    assert HFTokenizer(tok).format_prompt("hello") == "[hello]"
+
+
 # ====================================================================== YAML
 
 
