@@ -89,6 +89,11 @@ class PreferenceExample:
 def _as_id_list(value: Any, what: str) -> list[int]:
     """Token ids from a tensor / array / sequence of integer values (any numeric dtype)."""
     if isinstance(value, Tensor):
+        if sum(d != 1 for d in value.shape) > 1:
+            raise ValueError(
+                f"{what} has shape {tuple(value.shape)}; expected one sequence of token ids "
+                "(1-D), not a batch: give one item per sequence"
+            )
         t = value.detach().reshape(-1).cpu()
         if t.dtype == torch.bool:
             raise TypeError(f"{what} is a bool tensor; expected integer token ids")

@@ -196,10 +196,6 @@ def test_sft_item_of_wrong_type(tmp_path):
     assert "pass (seq, prompt_len)" in str(info.value)
 
 
-@needs_fix(
-    "data._as_id_list: refuse a tensor with more than one non-1 dimension instead of "
-    "flattening a batch (2, 8) into one 16-token sequence"
-)
 def test_sft_item_of_wrong_shape(tmp_path):
     batch = torch.randint(0, 128, (2, 8))  # two sequences where one is expected
     run = trainer(
@@ -589,11 +585,6 @@ def test_different_plan_in_the_same_folder(tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
 
 
-@needs_fix(
-    "trainers.base.load_checkpoint: catch the shape mismatch from load_state_dict and "
-    "raise ValueError 'checkpoint ... does not match the model: <key> has shape ... in the "
-    "checkpoint but ... in the model; load it into the architecture it was saved from'"
-)
 def test_checkpoint_of_another_architecture(tmp_path):
     save_checkpoint(tiny_model(dim=32), tmp_path / "ckpt")
     with pytest.raises(ValueError, match=r"does not match the model.*architecture"):

@@ -72,11 +72,6 @@ def test_kill_inside_checkpoint_swap_then_resume(tmp_path):
     assert snapshot(run).finished == PLAN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a library change: save_checkpoint/SelfRewardingTrainer.run should remove "
-    "stale .checkpoint.tmp-*/.checkpoint.old-* folders left by a killed write",
-)
 def test_killed_checkpoint_write_leaves_no_temp_folder_after_resume(tmp_path):
     config = write_job(tmp_path / "job")
     run = tmp_path / "run"
@@ -150,12 +145,6 @@ def test_torn_pairs_line_with_several_pairs_per_prompt_is_restored(tmp_path, mon
     assert (tmp_path / "crashed" / name).read_text() == (tmp_path / "clean" / name).read_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs a library change: trainers.base.save_checkpoint should fsync every file "
-    "of the temporary folder (and the folder) before renaming it into place, as "
-    "store.atomic_write_text does; SIGKILL cannot lose page-cache data, but a power cut can",
-)
 def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
     import os as os_module
     from pathlib import Path

@@ -65,6 +65,14 @@ def _check_finite_params(module: nn.Module) -> None:
             )
 
 
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -92,6 +100,15 @@ def save_checkpoint(
             "another output folder"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a write killed mid-way leaves a full model copy in a temp folder: remove it
+    for stale in (
+        *path.parent.glob(f".{path.name}.tmp-*"),
+        *path.parent.glob(f".{path.name}.old-*"),
+    ):
+        if stale.is_dir() and not path.exists() and ".old-" in stale.name:
+            os.replace(stale, path)  # killed between the two renames: the old one is valid
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
@@ -108,9 +125,12 @@ def save_checkpoint(
             save_model(module, str(tmp / SAFETENSORS_NAME))
         if state is not None:
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=2, default=float) + "\n")
+        for f in (*tmp.rglob("*"), tmp):  # on disk before the rename makes it visible
+            _fsync_path(f)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_path(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -148,6 +168,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     tensors: dict[str, Tensor] = {}
     for f in files:
         tensors.update(load_file(str(f), device=str(device)))
+    own_shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for key, tensor in tensors.items():
+        if key in own_shapes and tuple(tensor.shape) != own_shapes[key]:
+            raise ValueError(
+                f"checkpoint {path} does not match the model: {key} has shape "
+                f"{tuple(tensor.shape)} in the checkpoint but {own_shapes[key]} in the model; "
+                "load it into the architecture it was saved from"
+            )
     missing, unexpected = module.load_state_dict(tensors, strict=False)
     if wrap_model(module).kind == "hf" and hasattr(module, "tie_weights"):
         module.tie_weights()
@@ -212,6 +240,29 @@ def _check_float(name: str, value: Any, *, minimum: float, allow_none: bool = Fa
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
 
 
+def length_grouped_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    mega_batch_factor: int = 50,
+) -> list[list[int]]:
+    """Batches of indices with similar lengths, in random order (HF ``group_by_length``).
+
+    Indices are shuffled, cut into mega-batches of ``mega_batch_factor * batch_size``,
+    each sorted by length (longest first), cut into batches; the batch order is shuffled.
+    Every index appears exactly once.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    mega = mega_batch_factor * batch_size
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
 class BaseTrainer:
     """Shared loop; see the module docstring. Not used directly.
 
@@ -271,6 +322,7 @@ class BaseTrainer:
         max_grad_norm: float | None = 1.0,
         dropout: float | None = None,
         max_seq_len: int | None = None,
+        group_by_length: bool = False,
         early_stopper_eval_module: Callable[[nn.Module], Any] | None = None,
         early_stop_mode: str = "min",
         check_early_stop_every: int = 200,
@@ -334,6 +386,7 @@ class BaseTrainer:
 
             set_seed(seed)
         self.seed = seed
+        self.group_by_length = bool(group_by_length)
 
         # ---------------------------------------------------------------- accelerator
         self._owns_trackers = False
@@ -416,19 +469,32 @@ class BaseTrainer:
         return unwrap_model(self.model)
 
     def _make_loader(
-        self, items: Sequence[Any], collate_fn: Callable, *, shuffle: bool, batch_size: int
+        self,
+        items: Sequence[Any],
+        collate_fn: Callable,
+        *,
+        shuffle: bool,
+        batch_size: int,
+        lengths: Sequence[int] | None = None,
     ) -> DataLoader:
+        """A loader over ``items``, sharded by accelerate. With ``group_by_length`` (and
+        ``lengths``), shuffled batches are drawn from length-sorted mega-batches of 50
+        batches, so little compute goes to padding (the order of batches stays random)."""
         generator = None
         if shuffle and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        loader = DataLoader(
-            ListDataset(items),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=False,
-            collate_fn=collate_fn,
-            generator=generator,
-        )
+        if shuffle and self.group_by_length and lengths is not None:
+            sampler = length_grouped_batches(lengths, batch_size, generator=generator)
+            loader = DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=collate_fn)
+        else:
+            loader = DataLoader(
+                ListDataset(items),
+                batch_size=batch_size,
+                shuffle=shuffle,
+                drop_last=False,
+                collate_fn=collate_fn,
+                generator=generator,
+            )
         return self.accelerator.prepare(loader)
 
     def _steps_per_epoch(self, num_items: int) -> int:

@@ -179,6 +179,9 @@ class PreferenceTrainer(BaseTrainer):
             partial(_collate_pairs, examples=self.pairs, max_seq_len=self.max_seq_len),
             shuffle=True,
             batch_size=self.batch_size,
+            lengths=[
+                len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in self.pairs
+            ],
         )
 
     def _replay_batches(self) -> Iterator[dict[str, Tensor]]:
@@ -189,6 +192,7 @@ class PreferenceTrainer(BaseTrainer):
                 partial(_collate_sft, max_seq_len=self.max_seq_len),
                 shuffle=True,
                 batch_size=self.replay_batch_size,
+                lengths=[len(e.input_ids) for e in self.replay_examples],
             )
 
     def _count(self, batch: dict[str, Tensor]) -> int:

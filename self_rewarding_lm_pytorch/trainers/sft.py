@@ -134,6 +134,7 @@ class SFTTrainer(BaseTrainer):
             partial(_collate, max_seq_len=self.max_seq_len),
             shuffle=True,
             batch_size=self.batch_size,
+            lengths=[len(e.input_ids) for e in self.train_examples],
         )
 
     def _count(self, batch: dict[str, Tensor]) -> int:
