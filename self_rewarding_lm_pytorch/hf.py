@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import is_peft_model
 from .run_config import LoRAConfig
 
 __all__ = [
@@ -108,15 +109,6 @@ def load_tokenizer(
 
 
 # ====================================================================== models
-
-
-def is_peft_model(model: nn.Module) -> bool:
-    """True when ``model`` is a peft ``PeftModel`` (LoRA adapters on a base model)."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft not installed: nothing can be a PeftModel
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _peft_config(lora: LoRAConfig | dict[str, Any]) -> Any:

@@ -31,14 +31,28 @@ __all__ = [
     "HFTokenizer",
     "Tokenizer",
     "detect_kind",
+    "is_peft_model",
     "unwrap_model",
     "wrap_model",
     "wrap_tokenizer",
 ]
 
 
+def is_peft_model(module: nn.Module) -> bool:
+    """True for a PEFT (LoRA, ...) wrapper around a model."""
+    return any(
+        c.__name__ == "PeftModel" and (c.__module__ or "").startswith("peft")
+        for c in type(module).__mro__
+    )
+
+
 def detect_kind(module: nn.Module) -> ModelKind:
-    """Return which family ``module`` belongs to: ``hf``, ``xtransformers`` or ``plain``."""
+    """Return which family ``module`` belongs to: ``hf``, ``xtransformers`` or ``plain``.
+
+    A PEFT wrapper counts as its base model's family (it forwards the same arguments).
+    """
+    if is_peft_model(module):
+        return detect_kind(module.get_base_model())
     for cls in type(module).__mro__:
         mod = cls.__module__ or ""
         if cls.__name__ == "PreTrainedModel" and mod.startswith("transformers"):

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import ListDataset
-from ..models import CausalLM, unwrap_model, wrap_model
+from ..models import CausalLM, is_peft_model, unwrap_model, wrap_model
 
 __all__ = ["BaseTrainer", "load_checkpoint", "save_checkpoint"]
 
@@ -114,7 +114,7 @@ def save_checkpoint(
     old = path.parent / f".{path.name}.old-{tag}"
     try:
         tmp.mkdir()
-        if kind == "hf":
+        if kind == "hf" and not is_peft_model(module):  # PEFT: full state dict below
             import inspect
 
             kwargs = {}
