@@ -19,7 +19,7 @@ __all__ = ["DEMO_MAX_SEQ_LEN", "DemoModelConfig", "build_demo_model", "count_par
 
 DEMO_MAX_SEQ_LEN = 128
 """Context length of the demo model; the longest judge sequence of the default task
-(a 16-character response) is :func:`~.task.max_sequence_length` = 61 characters."""
+(a 16-character response) is :func:`~.task.max_sequence_length` = 64 characters."""
 
 
 @dataclass(frozen=True)

@@ -93,7 +93,8 @@ ARMS: tuple[str, ...] = ("self", "oracle", "random")
 @dataclass(frozen=True)
 class IterationConfig:
     """DPO settings of one preference iteration (feasibility note, round 2: beta ~1,
-    lr ~1e-4, ~2 epochs, NLL on the chosen response, EFT replay)."""
+    lr ~1e-4, ~2 epochs, NLL on the chosen response, EFT replay); ``pair_margin``: the
+    least judge-score gap between chosen and rejected for a pair to be kept."""
 
     learning_rate: float = 1e-4
     end_learning_rate: float = 1e-5
@@ -102,6 +103,7 @@ class IterationConfig:
     nll_weight: float = 1.0
     replay_weight: float = 1.0
     batch_size: int = 32
+    pair_margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,8 @@ class DemoConfig:
     judge_mode: str = "mean"
     judge_temperature: float = 0.7
     judge_top_p: float = 0.9
-    judge_max_new_tokens: int = 16
+    judge_max_new_tokens: int = 20
+    judge_letters: bool = False
     n_eval_prompts: int = 1000
     n_judge_eval_prompts: int = 200
     judge_eval_responses: int = 4
@@ -492,7 +495,7 @@ class _Data:
 
 def _make_data(cfg: DemoConfig, seed: int) -> _Data:
     ift = task.ift_data(cfg.n_ift, seed, config=cfg.task_config, noise=cfg.ift_noise)
-    eft = task.eft_data(cfg.n_eft, seed, config=cfg.task_config)
+    eft = task.eft_data(cfg.n_eft, seed, config=cfg.task_config, letters=cfg.judge_letters)
     prompts = {
         f"prompts_{t}": task.fresh_prompts(cfg.prompt_pool, seed, t, config=cfg.task_config)
         for t in range(1, len(cfg.iterations) + 1)
@@ -524,6 +527,7 @@ def _preference_stages(cfg: DemoConfig, arm: str) -> list[PreferenceStage]:
             top_p=1.0,
             max_new_tokens=cfg.max_new_tokens,
             chunk_size=cfg.chunk_size,
+            pair_margin=it.pair_margin,
             replay="eft",
             trainer={
                 "beta": it.beta,

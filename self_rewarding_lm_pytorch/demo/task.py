@@ -77,6 +77,7 @@ __all__ = [
     "fully_correct",
     "ift_data",
     "instruction_metrics",
+    "judgement_text",
     "judge_eval_set",
     "max_prompt_length",
     "max_sequence_length",
@@ -111,7 +112,7 @@ prompt (it ends with ``>``), ``response`` the candidate.  Render it with autoesc
 JUDGE_REWARD_REGEX_TEMPLATE = "Score: {{ reward }}"
 """For ``RewardConfig(reward_regex_template=...)``: the judgement ends with ``Score: N``."""
 
-_JUDGEMENT_RE = re.compile(r"^\s*([yn]+) Score: ([0-5])\b")
+_JUDGEMENT_RE = re.compile(r"^\s*((?:[A-Z]?[yn])+) Score: ([0-5])\b")
 _SCORE_RE = re.compile(r"Score: ([0-5])\b")
 
 
@@ -286,10 +287,33 @@ def render_judge_prompt(prompt: str, response: str) -> str:
     return f"rate {prompt}{_require_str(response)}|"
 
 
-def format_judgement(prompt: str | Spec, response: str) -> str:
-    """The gold judgement: oracle verdicts then ``Score: N``, e.g. ``yyny Score: 4``."""
-    v = verdicts(prompt, response)
-    return f"{v} Score: {score_from_verdicts(v)}"
+def judgement_text(prompt: str | Spec, verdict_string: str, *, letters: bool = False) -> str:
+    """``verdicts Score: N`` for a verdict string, e.g. ``yyny Score: 4``.
+
+    With ``letters``, the verdict of each letter criterion (``start``, ``end``, ``has``) is
+    preceded by its letter from the prompt in upper case (``yByKnTy Score: 4`` for
+    ``len6 start:b end:k has:t>``): the judge restates what it checks before the verdict,
+    so the verdict compares the letter it just wrote with the response instead of
+    recalling which criterion comes next and its letter.  :func:`parse_judgement` reads
+    both forms.
+    """
+    spec = parse_prompt(prompt)
+    if len(verdict_string) != len(spec.criteria) or set(verdict_string) - {"y", "n"}:
+        raise ValueError(
+            f"need one y/n verdict per criterion of {spec.to_prompt()!r} "
+            f"({len(spec.criteria)}), got {verdict_string!r}"
+        )
+    parts = []
+    for name, v in zip(spec.criteria, verdict_string):
+        marker = getattr(spec, name) if letters and name in _LETTER_CRITERIA else ""
+        parts.append(marker.upper() + v)
+    return f"{''.join(parts)} Score: {score_from_verdicts(verdict_string)}"
+
+
+def format_judgement(prompt: str | Spec, response: str, *, letters: bool = False) -> str:
+    """The gold judgement: oracle verdicts then ``Score: N``, e.g. ``yyny Score: 4``
+    (see :func:`judgement_text` for ``letters``)."""
+    return judgement_text(prompt, verdicts(prompt, response), letters=letters)
 
 
 class ParsedJudgement(NamedTuple):
@@ -300,15 +324,16 @@ class ParsedJudgement(NamedTuple):
 
 
 def parse_judgement(text: str, num_criteria: int | None = None) -> ParsedJudgement:
-    """Read ``yyny Score: 4`` back.
+    """Read ``yyny Score: 4`` (or the ``letters`` form ``yByKnTy Score: 4``) back.
 
-    ``verdicts`` is ``None`` when the text does not start with a y/n string followed by
-    ``Score:`` or (given ``num_criteria``) has the wrong number of verdicts; ``score`` is
-    read wherever ``Score: N`` occurs (as the reward regex does) and is ``None`` otherwise.
+    ``verdicts`` is ``None`` when the text does not start with a y/n string (each verdict
+    optionally preceded by an upper-case letter) followed by ``Score:`` or (given
+    ``num_criteria``) has the wrong number of verdicts; ``score`` is read wherever
+    ``Score: N`` occurs (as the reward regex does) and is ``None`` otherwise.
     """
     text = _require_str(text)
     m = _JUDGEMENT_RE.match(text)
-    v = m.group(1) if m else None
+    v = "".join(c for c in m.group(1) if c in "yn") if m else None
     if v is not None and num_criteria is not None and len(v) != num_criteria:
         v = None
     s = _SCORE_RE.search(text)
@@ -677,9 +702,16 @@ def _mixed_response(spec: Spec, focus: str, rng: random.Random, mix: EFTMix) -> 
 
 
 def eft_data(
-    n: int, seed: int, *, config: TaskConfig = TaskConfig(), mix: EFTMix = EFTMix()
+    n: int,
+    seed: int,
+    *,
+    config: TaskConfig = TaskConfig(),
+    mix: EFTMix = EFTMix(),
+    letters: bool = False,
 ) -> list[EFTExample]:
-    """``n`` judge examples on training prompts: judge prompt -> ``verdicts Score: N``.
+    """``n`` judge examples on training prompts: judge prompt -> ``verdicts Score: N``
+    (with ``letters``, the judgement restates each letter criterion's letter before its
+    verdict: :func:`judgement_text`).
 
     Example ``i`` has criterion ``CRITERIA[i % 6]`` in its prompt and, unless it is a
     correct or garbage response, broken; so every criterion's failures appear equally often.
@@ -701,7 +733,7 @@ def eft_data(
         out.append(
             EFTExample(
                 prompt=render_judge_prompt(prompt, response),
-                response=f"{v} Score: {score_from_verdicts(v)}",
+                response=judgement_text(spec, v, letters=letters),
                 task_prompt=prompt,
                 task_response=response,
                 verdicts=v,
@@ -792,7 +824,8 @@ def max_sequence_length(config: TaskConfig = TaskConfig(), max_response_len: int
     """Characters in the longest judge sequence: judge prompt with a response of
     ``max_response_len`` characters, then the judgement and EOS.  Task sequences are shorter."""
     criteria = 1 + config.max_extra
-    judgement = len(f"{'y' * criteria} Score: 5")
+    letters = min(config.max_extra, len(_LETTER_CRITERIA))  # the ``letters`` judgement form
+    judgement = len(f"{'y' * (criteria + letters)} Score: 5")
     return (
         len(render_judge_prompt("", ""))
         + max_prompt_length(config)
