@@ -9,7 +9,7 @@ How it works (details and measurements in ``docs/generation.md``):
 * **KV cache** wherever the model offers one.  All rows of a micro-batch are
   *left-padded* to a common length ``T``; row ``r`` starts at column ``s_r``.
 
-  - Hugging Face causal LMs: a ``DynamicCache``, a 2-D attention mask and explicit
+  - Hugging Face causal LMs: a ``DynamicCache`` (preallocated layers), a 2-D mask and explicit
     ``position_ids`` (``column - s_r``), exactly as ``GenerationMixin.generate`` does.
   - x-transformers ``TransformerWrapper``: its own cache (``return_intermediates=True``,
     ``cache=``), ``seq_start_pos = s`` for the left padding, one new token per step
@@ -28,6 +28,11 @@ How it works (details and measurements in ``docs/generation.md``):
   the head's keys/values are the same in every row.  Only the last ``T - P`` columns of each
   row (its own tail, plus the few head tokens that the shift pushed past column ``P``) are
   then run through the model on top of that cache.
+* **Preallocated KV cache.**  Both libraries' stock caches append with ``torch.cat``,
+  copying the whole cache every step and layer.  The engine keeps one buffer per layer
+  with room for the whole generation: a ``DynamicLayer`` subclass for Hugging Face, and
+  :class:`_KVSlot` cache entries for x-transformers (:data:`PREALLOCATE_HF_CACHE`,
+  :data:`PREALLOCATE_XT_CACHE`).
 * **Decoding** is one batched forward per step; sampling filters are vectorised; a row
   stops at an EOS id, a stop string, or ``max_new_tokens``; the loop ends as soon as every
   row is done, and finished rows are dropped from the batch once they are at least
@@ -144,7 +149,9 @@ def _resolve_config(config: GenerationConfig | None, overrides: dict[str, Any]) 
             f"{list(_CONFIG_FIELDS)}"
         )
     cfg = replace(config or GenerationConfig(), **overrides)
-    if isinstance(cfg.stop_strings, str):
+    if cfg.stop_strings is None:
+        cfg.stop_strings = ()
+    elif isinstance(cfg.stop_strings, str):
         cfg.stop_strings = (cfg.stop_strings,)
     _check_config(cfg)
     return cfg
@@ -470,7 +477,9 @@ class _KVSlot(Tensor):
         return slot
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+    def __torch_function__(
+        cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is torch.cat and len(args) >= 1 and not (set(kwargs) - {"dim"}):
             tensors = args[0]
@@ -650,8 +659,9 @@ class _HFBackend:
         self.preallocate = PREALLOCATE_HF_CACHE
         self.shares_prefix = False
         cache = self._new_cache()
-        self.shares_prefix = bool(cache.layers) and all(
-            type(layer).__name__ == "DynamicLayer" for layer in cache.layers
+        layers = getattr(cache, "layers", None)  # transformers >= 4.56 cache layout
+        self.shares_prefix = bool(layers) and all(
+            type(layer).__name__ == "DynamicLayer" for layer in layers
         )
 
     @staticmethod
@@ -671,7 +681,10 @@ class _HFBackend:
         except TypeError:  # older transformers
             cache = self.DynamicCache()
         if capacity is not None and self.preallocate and self.shares_prefix:
-            layer_cls = _prealloc_layer_class()
+            try:
+                layer_cls = _prealloc_layer_class()
+            except ImportError:  # transformers without cache layer classes
+                return cache
             cache.layers = [layer_cls(capacity) for _ in cache.layers]
         return cache
 
