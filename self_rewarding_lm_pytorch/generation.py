@@ -651,9 +651,10 @@ class _HFBackend:
         from transformers import DynamicCache
 
         self.lm = lm
-        self.model = lm.module
+        self.model = lm.module  # called as is (a PEFT wrapper applies its adapters)
+        self.base = _hf_base(lm.module)  # declares the forward arguments and the config
         self.DynamicCache = DynamicCache
-        params = inspect.signature(self.model.forward).parameters
+        params = inspect.signature(self.base.forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.keep_kw = "logits_to_keep" in params
         self.preallocate = PREALLOCATE_HF_CACHE
@@ -666,8 +667,9 @@ class _HFBackend:
 
     @staticmethod
     def supported(model: nn.Module) -> bool:
-        params = inspect.signature(model.forward).parameters
-        cfg = getattr(model, "config", None)
+        base = _hf_base(model)
+        params = inspect.signature(base.forward).parameters
+        cfg = getattr(base, "config", None)
         return (
             ("cache" in params or "past_key_values" in params)
             and "position_ids" in params
@@ -677,7 +679,7 @@ class _HFBackend:
 
     def _new_cache(self, capacity: int | None = None) -> Any:
         try:
-            cache = self.DynamicCache(config=self.model.config)
+            cache = self.DynamicCache(config=self.base.config)
         except TypeError:  # older transformers
             cache = self.DynamicCache()
         if capacity is not None and self.preallocate and self.shares_prefix:
@@ -743,6 +745,16 @@ class _HFBackend:
         state["width"] = width
         state["lens"] = state["lens"] + 1
         return logits
+
+
+def _hf_base(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a PEFT wrapper (whose forward is ``*args, **kwargs``)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        base = get_base()
+        if isinstance(base, nn.Module):
+            return base
+    return model
 
 
 _PREALLOC_LAYER: Any = None

@@ -296,6 +296,27 @@ def test_kv_slot_turns_the_cache_append_into_an_in_place_write():
     assert grown.shape == (2, 3, 11, 4) and grown.data_ptr() != buf.data_ptr()
 
 
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_peft_lora_model_uses_the_cache_and_its_adapters(task_type):
+    from peft import LoraConfig, get_peft_model
+
+    base_out = generate(make_llama(), rand_prompts(RAGGED), max_new_tokens=8, temperature=0)
+    model = get_peft_model(
+        make_llama(),
+        LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type=task_type
+        ),
+    )
+    assert isinstance(G._make_backend(wrap_model(model), True), G._HFBackend)
+    head = rand_prompts((12,), seed=7)[0]
+    for prompts in (rand_prompts(RAGGED), rand_prompts((1, 30, 2), seed=8, head=head)):
+        ref = reference_generate(model, prompts, max_new_tokens=8, temperature=0)
+        out = generate(model, prompts, max_new_tokens=8, temperature=0, num_return_sequences=2)
+        assert out.sequences == [s for s in ref.sequences for _ in range(2)]
+    lora = generate(model, rand_prompts(RAGGED), max_new_tokens=8, temperature=0)
+    assert lora.sequences != base_out.sequences  # the adapters are applied
+
+
 # ---------------------------------------------------------------------- Hugging Face generate
 
 
