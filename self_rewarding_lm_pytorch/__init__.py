@@ -1,6 +1,7 @@
 """Self-Rewarding Language Models (Yuan et al., 2024) with SPIN and DPO, in PyTorch."""
 
 from .data import create_mock_dataset
+from .generation import GenerationConfig, GenerationOutput, generate, generate_text
 from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig, RewardModelJudge
 from .losses import (
     PreferenceLossOutput,
@@ -36,6 +37,8 @@ __all__ = [
     "CallableTokenizer",
     "CausalLM",
     "DPOTrainer",
+    "GenerationConfig",
+    "GenerationOutput",
     "HFTokenizer",
     "JudgeParseError",
     "LLMJudge",
@@ -52,6 +55,8 @@ __all__ = [
     "SelfRewardingTrainer",
     "create_mock_dataset",
     "dpo_loss",
+    "generate",
+    "generate_text",
     "kto_loss",
     "load_checkpoint",
     "nll_loss",

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..data import PreferenceExample, SFTExample, materialize, to_sft_example
 from ..generation import GenerationConfig, generate
 from ..losses import SPIN_LOSS_TYPES, PreferenceLossOutput, spin_loss
+from ..models import wrap_model
 from .dpo import PreferenceTrainer
 from .sft import evaluate_nll
 
@@ -235,7 +236,9 @@ class SPINTrainer(PreferenceTrainer):
                     top_k=self.top_k,
                     eos_token_id=self.eos_id,
                 )
-                out = generate(self.lm, [ex.prompt_ids for ex in exs], config, generator=generator)
+                # the bare module, so a DDP wrapper does not hide its KV cache
+                bare = wrap_model(self.unwrapped_model, max_seq_len=self.lm.max_seq_len)
+                out = generate(bare, [ex.prompt_ids for ex in exs], config, generator=generator)
                 for i, seq, reason, budget in zip(
                     chunk, out.sequences, out.finish_reasons, budgets
                 ):
