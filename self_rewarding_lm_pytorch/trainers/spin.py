@@ -237,7 +237,7 @@ class SPINTrainer(PreferenceTrainer):
                     eos_token_id=self.eos_id,
                 )
                 # the bare module, so a DDP wrapper does not hide its KV cache
-                bare = wrap_model(self.unwrapped_model, max_seq_len=self.lm.max_seq_len)
+                bare = wrap_model(self.unwrapped_model(), max_seq_len=self.lm.max_seq_len)
                 out = generate(bare, [ex.prompt_ids for ex in exs], config, generator=generator)
                 for i, seq, reason, budget in zip(
                     chunk, out.sequences, out.finish_reasons, budgets
