@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from itertools import combinations
 from pathlib import Path
@@ -320,8 +321,6 @@ def test_bad_arguments_are_refused(run: tuple[Path, dict], tmp_path: Path, capsy
 def test_random_judge_is_seeded_and_uninformative() -> None:
     judge = RandomJudge(7, salt="iteration-1")
     prompts = task.fresh_prompts(400, 0, 1)
-    import random
-
     rng = random.Random(0)
     responses = [task.solve(p, rng) if rng.random() < 0.5 else "xq" for p in prompts]
     scores = [judge(p, r) for p, r in zip(prompts, responses)]
@@ -370,3 +369,20 @@ def test_demo_model_is_what_the_run_trained(run: tuple[Path, dict]) -> None:
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not torch.equal(weights[0], weights[1])
     assert not torch.equal(weights[1], weights[2])
+
+
+def test_letters_judgement_form_round_trips_and_matches_the_oracle() -> None:
+    rng = random.Random(5)
+    for e in task.eft_data(300, 1, letters=True):
+        spec = task.parse_prompt(e.task_prompt)
+        # the restated letters are the prompt's, in prompt order, each before its verdict
+        letters = [getattr(spec, c).upper() for c in spec.criteria if c in ("start", "end", "has")]
+        assert [c for c in e.response.split(" ")[0] if c.isupper()] == letters
+        assert task.parse_judgement(e.response, len(spec.criteria)) == (e.verdicts, e.score)
+        assert e.score == task.score(e.task_prompt, e.task_response)
+    prompt = "len6 start:b end:k has:t>"
+    response = task.solve(prompt, rng)
+    assert task.format_judgement(prompt, response, letters=True) == "yByKyTy Score: 5"
+    assert task.format_judgement(prompt, response) == "yyyy Score: 5"
+    with pytest.raises(ValueError, match="one y/n verdict per criterion"):
+        task.judgement_text(prompt, "yyy")

@@ -93,8 +93,10 @@ ARMS: tuple[str, ...] = ("self", "oracle", "random")
 @dataclass(frozen=True)
 class IterationConfig:
     """DPO settings of one preference iteration (feasibility note, round 2: beta ~1,
-    lr ~1e-4, ~2 epochs, NLL on the chosen response, EFT replay); ``pair_margin``: the
-    least judge-score gap between chosen and rejected for a pair to be kept."""
+    lr ~1e-4, ~2 epochs, NLL on the chosen response, EFT replay); ``pair_margin``: with the
+    self judge, a pair is kept only when the chosen's score exceeds the rejected's by more
+    than this (a filter for the noise of a few sampled judgements; the oracle and random
+    controls keep every best/worst pair)."""
 
     learning_rate: float = 1e-4
     end_learning_rate: float = 1e-5
@@ -527,7 +529,7 @@ def _preference_stages(cfg: DemoConfig, arm: str) -> list[PreferenceStage]:
             top_p=1.0,
             max_new_tokens=cfg.max_new_tokens,
             chunk_size=cfg.chunk_size,
-            pair_margin=it.pair_margin,
+            pair_margin=it.pair_margin if arm == "self" else 0.0,
             replay="eft",
             trainer={
                 "beta": it.beta,
