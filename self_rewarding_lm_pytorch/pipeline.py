@@ -535,6 +535,7 @@ class SelfRewardingTrainer:
                 continue
             stage_dir = self._stage_dir(index, stage)
             stage_dir.mkdir(parents=True, exist_ok=True)
+            _set_aside_interrupted_metrics(stage_dir)
             log.info("stage %s", name)
             result = self._run_stage(index, stage, stage_dir)
             record = {"stage": name, **result}
@@ -573,7 +574,7 @@ class SelfRewardingTrainer:
         return examples
 
     def _run_sft(self, stage: SFTStage, stage_dir: Path) -> dict:
-        kwargs = {"seed": self.seed, **stage.trainer}
+        kwargs = {"seed": self.seed, "progress": self.progress, **stage.trainer}
         trainer = SFTTrainer(
             self.model,
             train_dataset=self._sft_examples(stage.datasets),
@@ -586,7 +587,7 @@ class SelfRewardingTrainer:
         return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
 
     def _run_spin(self, stage: SPINStage, stage_dir: Path) -> dict:
-        kwargs = {"epochs": stage.cycles, **stage.trainer}
+        kwargs = {"epochs": stage.cycles, "progress": self.progress, **stage.trainer}
         max_seq_len = kwargs.pop("max_seq_len", self.preference_max_seq_len)
         trainer = SPINTrainer(
             self.model,
@@ -680,7 +681,12 @@ class SelfRewardingTrainer:
             for p in pairs
         ]
         replay = self._sft_examples([stage.replay]) if stage.replay else None
-        kwargs = {"max_seq_len": self.preference_max_seq_len, "seed": self.seed, **stage.trainer}
+        kwargs = {
+            "max_seq_len": self.preference_max_seq_len,
+            "seed": self.seed,
+            "progress": self.progress,
+            **stage.trainer,
+        }
         if self.early_stopper_eval_module is not None:
             kwargs.setdefault("early_stopper_eval_module", self.early_stopper_eval_module)
         trainer = DPOTrainer(
@@ -983,6 +989,17 @@ def candidate_stats(candidates: list[dict], pairs: list[dict]) -> dict:
         )
         stats["pairs_oracle_correct"] = correct / len(pairs) if pairs else 0.0
     return stats
+
+
+def _set_aside_interrupted_metrics(stage_dir: Path) -> None:
+    """A stage rerun after a crash starts its metrics afresh; the interrupted attempt's
+    lines are kept beside it as ``metrics.interrupted-<k>.jsonl``."""
+    metrics = stage_dir / "metrics.jsonl"
+    if metrics.exists():
+        k = 1
+        while (stage_dir / f"metrics.interrupted-{k}.jsonl").exists():
+            k += 1
+        metrics.rename(stage_dir / f"metrics.interrupted-{k}.jsonl")
 
 
 def _mean(xs: Sequence[float]) -> float:

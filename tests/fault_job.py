@@ -184,8 +184,9 @@ def trigger_options(rng: random.Random, run_dir: Path, target_stage: int) -> lis
     with seeded random parameters."""
     name = PLAN[target_stage]
     s = name[:2]
-    # metrics.jsonl keeps the lines of interrupted attempts: count from what is there now
-    logged = count_lines(run_dir / name / "metrics.jsonl")
+    # a rerun of an unfinished stage sets the interrupted attempt's metrics.jsonl aside
+    # (metrics.interrupted-<k>.jsonl) and logs afresh, so count from zero
+    logged = 0
     ckpt = [
         Trigger("trap", "checkpoint-writing", spec=f"ckpt-write:{s}:1"),
         Trigger("trap", "checkpoint-writing", spec=f"ckpt-swap:{s}:1"),

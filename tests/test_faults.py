@@ -50,6 +50,9 @@ def test_sigkill_campaign_loses_duplicates_and_repeats_nothing(tmp_path):
     print(summary)
     assert not report.failures, "\n".join(report.failures)
     assert report.kills >= TRIALS
+    assert report.leftover_temp_paths == 0
+    # an interrupted stage's metrics are set aside, not mixed into the rerun's
+    assert report.duplicated_metric_lines == 0
     if TRIALS >= 30:  # the shuffled decks of kill points cover every phase
         hit = {key.split("@")[0] for key in report.kill_points}
         assert PHASES <= hit, f"phases never hit: {sorted(PHASES - hit)}"

@@ -719,7 +719,7 @@ class BaseTrainer:
                     bad = torch.tensor(float(not bool(torch.isfinite(loss))), device=self.device)
                     if float(self._reduce_sum(bad)) > 0:
                         self.optimizer.zero_grad(set_to_none=True)
-                        raise self._nonfinite_error("loss", float(loss), i)
+                        raise self._nonfinite_error("loss", float(loss.detach()), i)
                     weight = count * self.num_processes / global_total
                     # accelerate divides by gradient_accumulation_steps (= n) in backward
                     acc.backward(loss * (weight * n))
