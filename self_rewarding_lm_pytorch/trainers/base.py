@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import ListDataset
+from ..data import ListDataset, collate_sft
 from ..models import CausalLM, is_peft_model, unwrap_model, wrap_model
 
 __all__ = ["BaseTrainer", "load_checkpoint", "save_checkpoint"]
@@ -496,6 +497,16 @@ class BaseTrainer:
                 generator=generator,
             )
         return self.accelerator.prepare(loader)
+
+    def sft_loader(self, examples: Sequence[Any], *, batch_size: int, shuffle: bool) -> DataLoader:
+        """A loader of collated SFT batches (``collate_sft``) over ``examples``."""
+        return self._make_loader(
+            examples,
+            partial(collate_sft, max_seq_len=self.max_seq_len),
+            shuffle=shuffle,
+            batch_size=batch_size,
+            lengths=[len(e.input_ids) for e in examples],
+        )
 
     def _steps_per_epoch(self, num_items: int) -> int:
         per_process = math.ceil(num_items / self.num_processes)

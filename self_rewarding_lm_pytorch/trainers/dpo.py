@@ -26,7 +26,6 @@ from ..data import (
     PreferenceExample,
     SFTExample,
     collate_preference,
-    collate_sft,
     materialize,
     to_preference_example,
     to_sft_example,
@@ -50,10 +49,6 @@ def _collate_pairs(
     batch = collate_preference([examples[i] for i in indices], max_seq_len=max_seq_len)
     batch["index"] = torch.tensor(indices, dtype=torch.long)
     return batch
-
-
-def _collate_sft(examples: list[SFTExample], *, max_seq_len: int | None) -> dict[str, Tensor]:
-    return collate_sft(examples, max_seq_len=max_seq_len)
 
 
 class PreferenceTrainer(BaseTrainer):
@@ -187,12 +182,8 @@ class PreferenceTrainer(BaseTrainer):
     def _replay_batches(self) -> Iterator[dict[str, Tensor]]:
         assert self.replay_examples is not None
         while True:  # the replay set is non-empty, so every pass yields batches
-            yield from self._make_loader(
-                self.replay_examples,
-                partial(_collate_sft, max_seq_len=self.max_seq_len),
-                shuffle=True,
-                batch_size=self.replay_batch_size,
-                lengths=[len(e.input_ids) for e in self.replay_examples],
+            yield from self.sft_loader(
+                self.replay_examples, batch_size=self.replay_batch_size, shuffle=True
             )
 
     def _count(self, batch: dict[str, Tensor]) -> int:

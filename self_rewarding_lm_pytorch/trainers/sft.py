@@ -11,27 +11,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data import SFTExample, collate_sft, materialize, to_sft_example
+from ..data import SFTExample, materialize, to_sft_example
 from ..losses import nll_loss
 from .base import BaseTrainer
 
 __all__ = ["SFTTrainer", "evaluate_nll"]
 
 
-def _collate(examples: list[SFTExample], *, max_seq_len: int | None) -> dict[str, Tensor]:
-    return collate_sft(examples, max_seq_len=max_seq_len)
-
-
 @torch.no_grad()
 def evaluate_nll(trainer: BaseTrainer, examples: list[SFTExample]) -> float:
     """Mean NLL per response token of ``examples`` under the trainer's model (eval mode),
     summed over all processes."""
-    loader = trainer._make_loader(
-        examples,
-        partial(_collate, max_seq_len=trainer.max_seq_len),
-        shuffle=False,
-        batch_size=trainer.batch_size,
-    )
+    loader = trainer.sft_loader(examples, batch_size=trainer.batch_size, shuffle=False)
     was_training = trainer.lm.training
     trainer.lm.eval()
     total = torch.zeros(2, dtype=torch.float64, device=trainer.device)
@@ -129,13 +120,7 @@ class SFTTrainer(BaseTrainer):
         return len(self.train_examples)
 
     def _epoch_loader(self, epoch: int) -> Iterable[dict[str, Tensor]]:
-        return self._make_loader(
-            self.train_examples,
-            partial(_collate, max_seq_len=self.max_seq_len),
-            shuffle=True,
-            batch_size=self.batch_size,
-            lengths=[len(e.input_ids) for e in self.train_examples],
-        )
+        return self.sft_loader(self.train_examples, batch_size=self.batch_size, shuffle=True)
 
     def _count(self, batch: dict[str, Tensor]) -> int:
         return int(batch["response_mask"].sum())
