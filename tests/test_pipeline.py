@@ -277,3 +277,44 @@ def test_bad_configuration_is_rejected_before_work(tmp_path):
             **common,
         )
     assert not (tmp_path / "state.json").exists()
+
+
+def test_generated_prompts_feed_the_next_iteration(tmp_path):
+    from test_prompts import WORDS, TaskBigramLM, WordTokenizer
+
+    from self_rewarding_lm_pytorch import PromptGenerationStage
+
+    model = TaskBigramLM()
+    model.table.requires_grad_(True)  # DPO needs something to train
+    seeds = [" ".join(WORDS[i : i + 6]) for i in range(0, 30, 3)]
+    trainer = SelfRewardingTrainer(
+        model,
+        tokenizer=WordTokenizer(),
+        prompt_dataset=seeds,
+        judges={"length": lambda prompt, response: float(len(response.split()))},
+        stages=[
+            PromptGenerationStage(num_prompts=5, max_new_tokens=8),
+            PreferenceStage(
+                kind="external_reward_dpo",
+                judge="length",
+                prompts="generated",
+                num_preference_pairs=3,
+                max_new_tokens=8,
+                chunk_size=2,
+                trainer=dict(batch_size=3),
+            ),
+        ],
+        checkpoints_folder=str(tmp_path),
+        accelerate_kwargs=dict(cpu=True),
+        progress=False,
+    )
+    trainer.run()
+    generated = [
+        r["prompt"] for r in read_jsonl(tmp_path / "01-prompt-generation" / "prompts.jsonl")
+    ]
+    assert len(generated) == 5 and not set(generated) & set(seeds)
+    used = [
+        r["prompt"] for r in read_jsonl(tmp_path / "02-external-reward-dpo" / "candidates.jsonl")
+    ]
+    assert used and used == generated[: len(used)]
+    assert len(read_jsonl(tmp_path / "02-external-reward-dpo" / "pairs.jsonl")) == 3
