@@ -64,9 +64,10 @@ def _naive_pairwise(pred: list, gold: list, groups: list) -> float:
 
 
 def _verdicts_written(text: str) -> str:
-    """The verdict string of a well-formed judgement ``yyny Score: N`` (N in 0..5), else ''."""
-    m = re.match(r"\s*([yn]+) Score: [0-5](?!\d)", text)
-    return m.group(1) if m else ""
+    """The verdict string of a well-formed judgement ``yyny Score: N`` or, in the letters
+    form, ``yByKny Score: N`` (N in 0..5): its lower-case y/n characters; else ''."""
+    m = re.match(r"\s*((?:[A-Z]?[yn])+) Score: [0-5](?!\d)", text)
+    return re.sub("[A-Z]", "", m.group(1)) if m else ""
 
 
 # ---------------------------------------------------------------------- structure

@@ -117,12 +117,17 @@ class DemoConfig:
     ift_noise: task.IFTNoise = field(default_factory=task.IFTNoise)
     n_ift: int = 4000
     n_eft: int = 4000
-    sft_steps: int = 1500
+    sft_steps: int = 1000
     sft_batch_size: int = 64
-    sft_learning_rate: float = 1e-3
-    sft_end_learning_rate: float = 1e-4
+    sft_learning_rate: float = 2e-3
+    sft_end_learning_rate: float = 2e-4
     sft_warmup_steps: int = 50
-    iterations: tuple[IterationConfig, ...] = (IterationConfig(), IterationConfig())
+    iterations: tuple[IterationConfig, ...] = (
+        IterationConfig(pair_margin=1.0),
+        # iteration 2 at 0.3x the learning rate: it holds iteration 1's gains where the
+        # full rate reward-hacks the judge's blind spots (docs/demo.md)
+        IterationConfig(pair_margin=1.0, learning_rate=3e-5, end_learning_rate=3e-6),
+    )
     pairs_per_iteration: int = 650
     prompt_pool: int = 3000
     chunk_size: int = 50
@@ -134,7 +139,7 @@ class DemoConfig:
     judge_temperature: float = 0.7
     judge_top_p: float = 0.9
     judge_max_new_tokens: int = 20
-    judge_letters: bool = False
+    judge_letters: bool = True
     n_eval_prompts: int = 1000
     n_judge_eval_prompts: int = 200
     judge_eval_responses: int = 4
@@ -182,7 +187,7 @@ class DemoConfig:
 
 def quick_config() -> DemoConfig:
     """``--quick``: a smaller model and tiny data sets, for smoke tests (it need not show
-    the effect); about a minute on one core."""
+    the effect); about 10 seconds on an idle machine, 25 CPU-seconds on one core."""
     return DemoConfig(
         model=DemoModelConfig(dim=64, depth=2, heads=2, dim_head=32),
         n_ift=600,
@@ -805,7 +810,9 @@ def _parser() -> argparse.ArgumentParser:
             "writes report.md, report.json and report.png to --out."
         ),
     )
-    p.add_argument("--quick", action="store_true", help="tiny smoke-test run (about a minute)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny smoke-test run (seconds; shows no effect)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of data, model and sampling")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument(
