@@ -729,9 +729,9 @@ class SelfRewardingTrainer:
         target = stage.num_preference_pairs
         max_prompts = min(stage.max_prompts or len(prompts), len(prompts))
         judge = self._judge_for(stage)
-        self._max_new_tokens_check(prompts[:max_prompts], stage)
+        max_new_tokens = self._max_new_tokens_check(prompts[:max_prompts], stage)
         gen_config = GenerationConfig(
-            max_new_tokens=stage.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             temperature=stage.temperature,
             top_p=stage.top_p,
             top_k=stage.top_k,
@@ -911,7 +911,9 @@ class SelfRewardingTrainer:
                 _parse_failure_message(stage, rate, [s for s, _ in failed], [w for _, w in failed])
             )
 
-    def _max_new_tokens_check(self, prompts: list[str], stage: PreferenceStage) -> None:
+    def _max_new_tokens_check(self, prompts: list[str], stage: PreferenceStage) -> int:
+        """Check every prompt leaves room for a response; return the stage's
+        ``max_new_tokens`` capped by the context (the stage config is not modified)."""
         ctx = self.lm.max_seq_len
         limit = min(ctx, self.preference_max_seq_len) if ctx else self.preference_max_seq_len
         for i, p in enumerate(prompts):
@@ -922,8 +924,9 @@ class SelfRewardingTrainer:
                     f"{limit} tokens (preference_max_seq_len / the model's context); shorten it "
                     "or raise preference_max_seq_len"
                 )
-        if ctx is not None:
-            stage.max_new_tokens = min(stage.max_new_tokens, max(1, limit - 1))
+        if ctx is None:
+            return stage.max_new_tokens
+        return min(stage.max_new_tokens, max(1, limit - 1))
 
     # ------------------------------------------------------------------ report
     def _config_yaml(self) -> str:
