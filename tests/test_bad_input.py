@@ -604,16 +604,26 @@ def _table_rows() -> list[dict[str, str]]:
     return rows
 
 
+def _catalogue_tests() -> dict:
+    """Every test of the catalogue: this file's and those of ``tests/test_bad_input_*.py``."""
+    import importlib
+
+    tests = {n: o for n, o in globals().items() if n.startswith("test_") and callable(o)}
+    for path in sorted(Path(__file__).parent.glob("test_bad_input_*.py")):
+        module = importlib.import_module(path.stem)
+        for name, obj in vars(module).items():
+            if name.startswith("test_") and callable(obj):
+                assert name not in tests, f"{name} is defined in two catalogue files"
+                tests[name] = obj
+    tests.pop("test_catalogue_table_matches_the_tests")
+    return tests
+
+
 def test_catalogue_table_matches_the_tests():
     rows = _table_rows()
     named = [r["test"].strip("`") for r in rows]
-    here = {
-        name
-        for name, obj in globals().items()
-        if name.startswith("test_")
-        and callable(obj)
-        and name != "test_catalogue_table_matches_the_tests"
-    }
+    tests = _catalogue_tests()
+    here = set(tests)
     assert len(named) == len(set(named)), "a test is listed twice"
     assert set(named) == here, (
         f"in the table but not here: {sorted(set(named) - here)}; "
@@ -624,6 +634,6 @@ def test_catalogue_table_matches_the_tests():
     import inspect
 
     for r in rows:
-        source = inspect.getsource(globals()[r["test"].strip("`")])
+        source = inspect.getsource(tests[r["test"].strip("`")])
         for error in re.findall(r"[A-Z][A-Za-z]+Error", r["error"]):
             assert error in source, f"{r['test']}: {error} is not what the test checks"
