@@ -35,7 +35,14 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from torch import Tensor, nn
 
 from .generation import GenerationConfig, generate
-from .models import CausalLM, HFTokenizer, Tokenizer, unwrap_model, wrap_model, wrap_tokenizer
+from .models import (
+    CausalLM,
+    Tokenizer,
+    encode_response,
+    unwrap_model,
+    wrap_model,
+    wrap_tokenizer,
+)
 
 __all__ = [
     "DEFAULT_JUDGE_PROMPT",
@@ -471,10 +478,7 @@ def _chunks(costs: Sequence[int], batch_size: int | None, token_budget: int | No
 
 def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without BOS/special tokens or a sentencepiece prefix-space piece."""
-    if isinstance(tokenizer, HFTokenizer):
-        ids = list(tokenizer.tokenizer.encode(text, add_special_tokens=False))
-    else:
-        ids = list(tokenizer.encode(text))
+    ids = encode_response(tokenizer, text)
     if text and not text[0].isspace():
         while len(ids) > 1 and tokenizer.decode(ids[:1]).strip() == "":
             ids = ids[1:]

@@ -31,6 +31,7 @@ __all__ = [
     "HFTokenizer",
     "Tokenizer",
     "detect_kind",
+    "encode_response",
     "is_peft_model",
     "unwrap_model",
     "wrap_model",
@@ -237,7 +238,12 @@ def wrap_model(
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the library needs of a tokenizer."""
+    """What the library needs of a tokenizer.
+
+    ``encode`` encodes a (formatted) prompt, with whatever special tokens the tokenizer
+    puts in front of a text (BOS). A tokenizer may also define ``encode_response(text)``
+    for text that continues a prompt (no BOS); see :func:`encode_response`.
+    """
 
     eos_id: int | None
     pad_id: int | None
@@ -294,6 +300,10 @@ class CallableTokenizer:
     def encode(self, text: str) -> list[int]:
         return _to_id_list(self._encode(text), "tokenizer_encode")
 
+    def encode_response(self, text: str) -> list[int]:
+        """The callables know no special tokens: the same ids as :meth:`encode`."""
+        return self.encode(text)
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._decode(torch.tensor(list(ids), dtype=torch.long))
 
@@ -321,8 +331,13 @@ class HFTokenizer:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
-        # chat-formatted text already carries its special tokens
+        """A prompt's ids: chat-formatted text already carries its special tokens (BOS
+        included when the template writes it); plain text gets the tokenizer's own."""
         return list(self.tokenizer.encode(text, add_special_tokens=not self.use_chat_template))
+
+    def encode_response(self, text: str) -> list[int]:
+        """A response's ids: never any special tokens (it continues a prompt)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -333,6 +348,14 @@ class HFTokenizer:
         return self.tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
+
+
+def encode_response(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` that follows a prompt (a response, a continuation): no BOS or
+    other special tokens. Uses ``tokenizer.encode_response`` when the tokenizer defines it,
+    else ``tokenizer.encode``."""
+    method = getattr(tokenizer, "encode_response", None)
+    return list(method(text)) if callable(method) else list(tokenizer.encode(text))
 
 
 def wrap_tokenizer(

@@ -39,7 +39,7 @@ from .config import ConfigError, to_dict
 from .data import PreferenceExample, SFTExample, materialize, to_sft_example
 from .generation import GenerationConfig, generate_text
 from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
-from .models import CausalLM, Tokenizer, wrap_model, wrap_tokenizer
+from .models import CausalLM, Tokenizer, encode_response, wrap_model, wrap_tokenizer
 from .pairs import select_pairs
 from .prompts import generate_prompts
 from .store import JsonlStore, StoreError, atomic_write_json, atomic_write_text, read_jsonl
@@ -234,7 +234,7 @@ def tokenize_sft_item(item: Any, tokenizer: Tokenizer) -> SFTExample:
         if not isinstance(item.get("response"), str):
             raise TypeError("a text SFT item needs string 'prompt' and 'response' fields")
         prompt_ids = tokenizer.encode(tokenizer.format_prompt(item["prompt"]))
-        response_ids = tokenizer.encode(item["response"])
+        response_ids = encode_response(tokenizer, item["response"])
         if tokenizer.eos_id is not None:
             response_ids = response_ids + [tokenizer.eos_id]
         return SFTExample(prompt_ids + response_ids, len(prompt_ids))
@@ -248,8 +248,8 @@ def preference_example(
     eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     return PreferenceExample(
         prompt_ids=tokenizer.encode(tokenizer.format_prompt(prompt)),
-        chosen_ids=tokenizer.encode(chosen) + eos,
-        rejected_ids=tokenizer.encode(rejected) + eos,
+        chosen_ids=encode_response(tokenizer, chosen) + eos,
+        rejected_ids=encode_response(tokenizer, rejected) + eos,
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from self_rewarding_lm_pytorch.hf import (
+    TINY_CHAT_TEMPLATE,
     apply_lora,
     build_tiny_model,
     ensure_pad_token,
@@ -104,6 +105,60 @@ def test_multi_turn_chat_sft_is_tokenized_with_the_template(tiny, tmp_path):
     assert tok.tokenizer.convert_ids_to_tokens(item["prompt_ids"][:1]) == ["<|system|>"]
     ex = tokenize_sft_item(item, tok)
     assert ex.prompt_len == len(item["prompt_ids"])
+
+
+def _bos_tokenizer(tiny: Path, out: Path, chat_template: str | None) -> HFTokenizer:
+    """The tiny tokenizer with a Llama-style post-processor that adds ``<s>`` in front of
+    every text encoded with special tokens, saved and loaded back from ``out``."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    base = load_tokenizer(tiny)
+    backend = base.backend_tokenizer
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", base.bos_token_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(out))
+    tok = HFTokenizer(load_tokenizer(out))
+    assert tok.tokenizer.encode("the cat")[0] == tok.tokenizer.bos_token_id  # really adds BOS
+    return tok
+
+
+@pytest.mark.parametrize("template", [None, "{{ bos_token }}" + TINY_CHAT_TEMPLATE])
+def test_bos_starts_the_prompt_once_and_never_enters_a_response(tiny, tmp_path, template):
+    """A tokenizer that adds BOS: an SFT example, a DPO pair and a judge prompt each hold
+    exactly one BOS, at the very start; the responses (inside the loss mask) hold none, and
+    a chat template that writes BOS itself does not get a second one."""
+    tok = _bos_tokenizer(tiny, tmp_path / "tok", template)
+    bos = tok.tokenizer.bos_token_id
+    ex = tokenize_sft_item({"prompt": "tell me a story", "response": "the cat sat"}, tok)
+    assert ex.input_ids[0] == bos and ex.input_ids.count(bos) == 1
+    response = ex.input_ids[ex.prompt_len :]
+    assert response == tok.tokenizer.encode("the cat sat", add_special_tokens=False) + [tok.eos_id]
+    pair = preference_example("what is a dog ?", "a dog", "red", tok)
+    assert pair.prompt_ids[0] == bos and pair.prompt_ids.count(bos) == 1
+    for ids in (pair.chosen_ids, pair.rejected_ids):
+        assert bos not in ids and ids[-1] == tok.eos_id
+    # the judge: the candidate sits inside the judge prompt, which starts with one BOS
+    from self_rewarding_lm_pytorch.judge import LLMJudge, RewardConfig
+
+    config = RewardConfig(
+        "{{ prompt }} : {{ response }} score", reward_regex_template="{{ reward }}"
+    )
+    judge = LLMJudge(load_model(tiny), tok, config, max_new_tokens=4)
+    (ids,), _ = judge._encode_judge_prompts(["what is a dog ?"], ["a dog"])
+    assert ids[0] == bos and ids.count(bos) == 1
+    plain = [t for t in ids if t != bos]
+    assert tok.decode(ids) == tok.decode(plain)  # BOS is the only special token added
 
 
 # ====================================================================== data loaders
