@@ -388,7 +388,12 @@ class JudgeResult:
 
     ``score`` is the mean of the parsable ``sample_scores`` (mean mode), the expected
     score (expected mode) or the external judge's score; ``None`` when nothing parsed.
-    ``failures[i]`` is why sample ``i`` gave no score (``None`` when it did).
+    ``sample_scores[i]`` is the score of judge output ``i`` and ``failures[i]`` why it gave
+    none: every judge reports one entry per output in both (``sample_scores[i]`` is
+    ``None`` exactly when ``failures[i]`` is set); these are what the pipeline's
+    ``min_parse_rate`` counts. ``samples[i]`` is the output's text for judges that write
+    one (LLM judges; empty for callables and reward models). A result built with only
+    ``score`` counts as one output (a ``"no score"`` failure when ``score`` is ``None``).
     ``truncated`` is true when the response was shortened to fit the judge's context;
     ``score_mass`` is the probability the model put on the score tokens (expected mode).
     """
@@ -400,6 +405,19 @@ class JudgeResult:
     score_distribution: dict[int, float] | None = None
     truncated: bool = False
     score_mass: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sample_scores and not self.failures:
+            self.sample_scores = [self.score]
+        if not self.failures:
+            self.failures = [None if s is not None else "no score" for s in self.sample_scores]
+        n = len(self.sample_scores)
+        if len(self.failures) != n or len(self.samples) not in (0, n):
+            raise ValueError(
+                f"JudgeResult needs one entry per judge output in sample_scores and failures "
+                f"(and in samples, when given); got {n}, {len(self.failures)} and "
+                f"{len(self.samples)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (distribution keys become strings, as JSON requires)."""
@@ -748,6 +766,7 @@ class LLMJudge:
             m = self.config.find_reward(text)
             aligned = self._align(gen, text, m.start(1)) if m is not None else None
             if aligned is None:
+                res.sample_scores[0] = None
                 res.failures[0] = "could not align the score with the judgement's tokens"
                 continue
             n, gap = aligned
@@ -755,6 +774,7 @@ class LLMJudge:
                 candidate_cache[gap] = self._score_token_ids(gap)
             cand = candidate_cache[gap]
             if cand is None or gen[n] not in cand.values():
+                res.sample_scores[0] = None
                 res.failures[0] = (
                     "the score token does not match the single-token score_values; "
                     "use mode='mean' for this tokenizer"

@@ -886,27 +886,21 @@ class SelfRewardingTrainer:
         ]
 
     def _check_parse_rate(self, stage: PreferenceStage, records: list[dict]) -> None:
-        outputs, parsed = [], 0
+        # every judge reports one sample_scores / failures entry per output; samples holds
+        # the output texts of judges that write text (external judges have none)
+        outputs: list[tuple[str, float | None, str | None]] = []
         for r in records:
             for j in r["judgements"]:
-                for s, score in zip(j.get("samples", []), j.get("sample_scores", [])):
-                    outputs.append(s)
-                    parsed += score is not None
+                scores = j.get("sample_scores", [])
+                failures = j.get("failures") or [None] * len(scores)
+                texts = j.get("samples") or [None] * len(scores)
+                for text, score, why in zip(texts, scores, failures):
+                    outputs.append((text if text is not None else str(why), score, why))
         if len(outputs) < 8:  # judge at least a few outputs before deciding
             return
-        rate = parsed / len(outputs)
+        rate = sum(score is not None for _, score, _ in outputs) / len(outputs)
         if rate < stage.min_parse_rate:
-            failed = [
-                (s, why)
-                for r in records
-                for j in r["judgements"]
-                for s, sc, why in zip(
-                    j.get("samples", []),
-                    j.get("sample_scores", []),
-                    j.get("failures") or [None] * len(j.get("samples", [])),
-                )
-                if sc is None
-            ]
+            failed = [(text, why) for text, score, why in outputs if score is None]
             raise JudgeParseError(
                 _parse_failure_message(stage, rate, [s for s, _ in failed], [w for _, w in failed])
             )

@@ -23,6 +23,7 @@ from self_rewarding_lm_pytorch.judge import (
     DEFAULT_REWARD_CONFIG,
     CallableJudge,
     Judge,
+    JudgeResult,
     LLMJudge,
     RewardConfig,
     RewardModelJudge,
@@ -308,6 +309,41 @@ def test_expected_mode_unparsable_and_invalid_greedy_judgements_give_none():
     assert res[1].score is None and "outside the valid range" in res[1].failures[0]
     assert res[1].score_distribution is None
     assert res[2].score == pytest.approx(exact_expected(2)[0], abs=1e-5)
+
+
+def test_expected_mode_counts_a_score_it_cannot_weigh_as_unparsed():
+    """A greedy score outside ``score_values`` (7 of 0..5, no validator) gives the candidate
+    no expected score, and the judgement is reported as not parsed: ``sample_scores[i]`` is
+    ``None`` exactly when ``failures[i]`` says why (what the parse-rate stop counts)."""
+    cfg = RewardConfig(
+        prompt_template="Q:{{ prompt }} A:{{ response }}>",
+        reward_regex_template="#{{ reward }}",
+        score_values=range(6),
+    )
+    judge = make_judge(mode="expected", config=cfg)
+    bad, good = judge.score(["q", "q"], ["aaaaaaa", "aa"])
+    assert bad.samples == ["#7"] and bad.score is None
+    assert bad.sample_scores == [None] and "score_values" in bad.failures[0]
+    assert good.score is not None and good.sample_scores == [2.0] and good.failures == [None]
+
+
+def test_every_judge_reports_one_score_and_failure_per_output():
+    """Callable judges, reward models and bare results report their outputs in the same
+    shape as the LLM judge: ``sample_scores`` and ``failures`` with one entry per output."""
+    results = [
+        *CallableJudge(lambda p, r: None if r == "?" else len(r)).score(["a", "b"], ["xy", "?"]),
+        *RewardModelJudge(SumReward(per_position=False), char_tokenizer()).score(["a"], ["b"]),
+        JudgeResult(score=None),
+        JudgeResult(score=2.5),
+    ]
+    for res in results:
+        assert len(res.sample_scores) == len(res.failures) == 1 and res.samples == []
+        assert (res.sample_scores[0] is None) == (res.failures[0] is not None)
+        assert res.sample_scores[0] == res.score
+    assert results[1].failures == ["the judge returned None"]
+    assert results[3].failures == ["no score"] and results[4].failures == [None]
+    with pytest.raises(ValueError, match="one entry per judge output"):
+        JudgeResult(score=1.0, samples=["a", "b"], sample_scores=[1.0], failures=[None])
 
 
 def test_expected_mode_is_independent_of_batching_and_padding():

@@ -1,0 +1,74 @@
+"""The bad-input catalogue, area "Models, tokenizers, judges and prompts" (see
+``docs/bad-input.md``): one test per row of that table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import PROMPTS, SFT_DATA, char_tokenizer, tiny_model
+from torch import nn
+
+from self_rewarding_lm_pytorch.judge import JudgeResult, RewardModelJudge
+from self_rewarding_lm_pytorch.pipeline import (
+    JudgeParseError,
+    PreferenceStage,
+    SelfRewardingTrainer,
+)
+from self_rewarding_lm_pytorch.store import read_jsonl
+
+DPO = "01-external-reward-dpo"
+
+
+def _preference_run(run_dir, judge) -> SelfRewardingTrainer:
+    stage = PreferenceStage(
+        kind="external_reward_dpo",
+        judge="external",
+        num_preference_pairs=4,
+        max_new_tokens=4,
+        chunk_size=4,
+        temperature=1.0,
+        top_p=1.0,
+        trainer=dict(batch_size=4, num_train_steps=1),
+    )
+    return SelfRewardingTrainer(
+        tiny_model(),
+        tokenizer=char_tokenizer(),
+        datasets={"sft": SFT_DATA, "prompts": PROMPTS},
+        judges={"external": judge},
+        stages=[stage],
+        checkpoints_folder=str(run_dir),
+        accelerate_kwargs=dict(cpu=True),
+        progress=False,
+    )
+
+
+class _NoScoreJudge:
+    """A Judge object that reports only ``score=None`` (no samples, no reasons)."""
+
+    def score(self, prompts, responses, *, generator=None):
+        return [JudgeResult(score=None) for _ in prompts]
+
+
+class _NaNReward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0],), math.nan)
+
+
+@pytest.mark.parametrize("kind", ["callable", "judge_object", "reward_model"])
+def test_external_judge_that_never_scores(tmp_path, kind):
+    """Every judge kind reports its outputs, so the parse-rate stop sees an external judge
+    that gives no score, instead of running on until the prompts run out."""
+    judge = {
+        "callable": lambda prompt, response: None,
+        "judge_object": _NoScoreJudge(),
+        "reward_model": RewardModelJudge(_NaNReward(), char_tokenizer()),
+    }[kind]
+    with pytest.raises(JudgeParseError) as info:
+        _preference_run(tmp_path, judge).run()
+    msg = str(info.value)
+    assert "parsable score for only 0.0%" in msg and "external_reward_dpo" in msg
+    assert "external judge" in msg and "The most common failure:" in msg
+    kept = read_jsonl(tmp_path / DPO / "candidates.jsonl")  # the judged candidates are kept
+    assert kept and all(s is None for r in kept for s in r["scores"])
