@@ -135,10 +135,72 @@ def _compile_prompt_template(template: str) -> Any:
     )
 
 
-def _flexible_escape(text: str) -> str:
-    """``re.escape`` each non-space run; whitespace runs match any (possibly empty) whitespace."""
-    parts = re.split(r"(\s+)", text)
-    return "".join(r"\s*" if p and p.isspace() else re.escape(p) for p in parts)
+#: what may sit between the pieces of a score's literal text: whitespace and markdown
+#: emphasis (``**Score:** 4``, ``__Score__: 4``, ``Score: **4**``)
+_GAP = r"[\s*_]*"
+
+
+def _flexible_pattern(text: str) -> str:
+    """A regex for the literal ``text`` of a score template: its words and punctuation in
+    order, each may be separated by whitespace or markdown emphasis (whether the template
+    has a space there or not); case is ignored through the compiled pattern's flags."""
+    pieces = re.findall(r"[^\W_]+|[^\w\s]|_", text)
+    pattern = _GAP.join(re.escape(p) for p in pieces)
+    if pieces and pieces[0][0].isalnum():
+        pattern = r"(?<![^\W_])" + pattern  # "Score" is not the tail of "Subscore"
+    return pattern
+
+
+def _find_score(pattern: re.Pattern | None, match: str, text: str) -> re.Match | None:
+    found = None
+    for m in pattern.finditer(text) if pattern is not None else ():
+        found = m
+        if match == "first":
+            break
+    return found
+
+
+class _RegexReward:
+    """``parse_reward`` built from ``reward_regex_template``: the chosen match's number."""
+
+    def __init__(self, config: RewardConfig) -> None:
+        self.pattern, self.match = config._reward_regex, config.match
+
+    def __call__(self, text: str) -> float | None:
+        found = _find_score(self.pattern, self.match, text)
+        return None if found is None else float(found.group(1))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RegexReward) and (self.pattern, self.match) == (
+            other.pattern,
+            other.match,
+        )
+
+    def __repr__(self) -> str:
+        return f"<score regex {self.pattern.pattern!r}, {self.match} match>"
+
+
+class _JinjaTemplate:
+    """``template_fn`` built from ``prompt_template``: the sandboxed Jinja2 rendering."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self._compiled = _compile_prompt_template(template)
+
+    def __call__(self, *, prompt: str, response: str) -> str:
+        return _render(self._compiled, "prompt_template", prompt=prompt, response=response)
+
+    def __getstate__(self) -> dict:
+        return {"template": self.template}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["template"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _JinjaTemplate) and self.template == other.template
+
+    def __repr__(self) -> str:
+        return f"<Jinja2 template {self.template[:40]!r}...>"
 
 
 # ---------------------------------------------------------------------------- validation
@@ -175,11 +237,18 @@ class RewardConfig:
 
     Compatible with the seed's ``RewardConfig``: ``prompt_template`` is a Jinja2 template
     with ``{{ prompt }}`` and ``{{ response }}``; ``reward_regex_template`` is a template
-    with ``{{ reward }}`` marking where the number appears (the rest of the template is
-    matched literally, with flexible whitespace); or pass ``parse_reward(text) -> float |
-    None`` instead.  ``auto_dedent`` dedents and strips both templates (so triple-quoted,
-    indented strings work).  ``template_fn(prompt=..., response=...) -> str`` replaces the
-    Jinja2 rendering when given.
+    with ``{{ reward }}`` marking where the number appears; or pass ``parse_reward(text) ->
+    float | None`` instead.  ``auto_dedent`` dedents and strips both templates (so
+    triple-quoted, indented strings work).  ``template_fn(prompt=..., response=...) -> str``
+    replaces the Jinja2 rendering when given.  As in the seed, ``template_fn`` and
+    ``parse_reward`` are callables once the config is built (and after ``init()``): the
+    user's own, or ones made from the templates (rebuilt when ``init()`` runs again).
+
+    The text around ``{{ reward }}`` is matched tolerantly: case is ignored, and any
+    whitespace or markdown emphasis (``*``, ``_``) may sit between its words, its
+    punctuation and the number.  The default ``Score: {{ reward }}`` reads ``Score: 4``,
+    ``score:4``, ``Score : 4``, ``**Score:** 4`` and ``Score: **4**``, but not ``Score 4``
+    or ``Subscore: 4``.
 
     Extensions: ``validate_reward(score) -> bool`` (default: any finite float),
     ``match`` picks the ``"first"`` or ``"last"`` score in the text, and ``score_values``
@@ -195,10 +264,14 @@ class RewardConfig:
     match: Literal["first", "last"] = "last"
     score_values: Sequence[int] | None = None
 
-    _compiled_prompt: Any = field(default=None, init=False, repr=False, compare=False)
     _reward_regex: re.Pattern | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # callables made from the templates by an earlier init() are made again below
+        if isinstance(self.template_fn, _JinjaTemplate):
+            self.template_fn = None
+        if isinstance(self.parse_reward, _RegexReward):
+            self.parse_reward = None
         if self.match not in ("first", "last"):
             raise ValueError(f"match must be 'first' or 'last', got {self.match!r}")
         if self.auto_dedent:
@@ -209,11 +282,10 @@ class RewardConfig:
         if self.template_fn is not None:
             if not callable(self.template_fn):
                 raise TypeError("template_fn must be a callable (prompt=..., response=...) -> str")
-            self._compiled_prompt = None
         else:
-            self._compiled_prompt = _compile_prompt_template(self.prompt_template)
+            self.template_fn = _JinjaTemplate(self.prompt_template)
             # fail at construction, not mid-run, for templates that break the sandbox
-            _render(self._compiled_prompt, "prompt_template", prompt="x", response="y")
+            self.template_fn(prompt="x", response="y")
         if self.parse_reward is None and self.reward_regex_template is None:
             raise ValueError(
                 "RewardConfig needs a way to read the score: pass reward_regex_template "
@@ -238,10 +310,10 @@ class RewardConfig:
                     f"placeholder (found {len(pieces) - 1}); e.g. 'Score: {{{{ reward }}}}'"
                 )
             before, after = (p.strip() for p in pieces)
-            pattern = _flexible_escape(before)
-            pattern += (r"\s*" if before else "") + f"({NUMBER_PATTERN})"
-            pattern += (r"\s*" + _flexible_escape(after)) if after else ""
-            self._reward_regex = re.compile(pattern)
+            pattern = _flexible_pattern(before) + (_GAP if before else "")
+            pattern += f"({NUMBER_PATTERN})"
+            pattern += (_GAP + _flexible_pattern(after)) if after else ""
+            self._reward_regex = re.compile(pattern, re.IGNORECASE)
         if self.validate_reward is not None and not callable(self.validate_reward):
             raise TypeError("validate_reward must be a callable(score) -> bool")
         if self.score_values is not None:
@@ -253,21 +325,13 @@ class RewardConfig:
             if len(set(values)) != len(values):
                 raise ValueError(f"score_values must be distinct, got {values}")
             self.score_values = tuple(values)
+        if self.parse_reward is None:
+            self.parse_reward = _RegexReward(self)
 
     def init(self) -> RewardConfig:
         """Seed compatibility: (re)validate and compile the templates; returns ``self``."""
         self.__post_init__()
         return self
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_compiled_prompt"] = None
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        if self.template_fn is None:
-            self._compiled_prompt = _compile_prompt_template(self.prompt_template)
 
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: str, response: str) -> str:
@@ -277,48 +341,32 @@ class RewardConfig:
                 f"prompt and response must be strings, got {type(prompt).__name__} and "
                 f"{type(response).__name__}; decode token ids first"
             )
-        if self.template_fn is not None:
-            text = self.template_fn(prompt=prompt, response=response)
-            if not isinstance(text, str):
-                raise TypeError(f"template_fn must return a string, got {type(text).__name__}")
-            return text
-        return _render(self._compiled_prompt, "prompt_template", prompt=prompt, response=response)
+        template_fn = self.template_fn or _JinjaTemplate(self.prompt_template)
+        text = template_fn(prompt=prompt, response=response)
+        if not isinstance(text, str):
+            raise TypeError(f"template_fn must return a string, got {type(text).__name__}")
+        return text
 
     # ------------------------------------------------------------------ parsing
     def find_reward(self, text: str) -> re.Match | None:
         """The regex match of the score chosen by ``match`` (group 1 is the number)."""
-        if self._reward_regex is None:
-            return None
-        found = None
-        for m in self._reward_regex.finditer(text):
-            found = m
-            if self.match == "first":
-                break
-        return found
+        return _find_score(self._reward_regex, self.match, text)
 
     def parse_with_reason(self, text: str) -> tuple[float | None, str | None]:
         """``(score, None)`` or ``(None, reason)``; never raises for a string ``text``."""
         if not isinstance(text, str):
             raise TypeError(f"parse expects the judgement text (str), got {type(text).__name__}")
-        if self.parse_reward is not None:
-            try:
-                raw = self.parse_reward(text)
-            except Exception as e:  # a user parser must not crash a long run
-                return None, f"parse_reward raised {type(e).__name__}: {e}"
-            if raw is None:
-                return None, "no score found"
-            try:
-                score = float(raw)
-            except (TypeError, ValueError, OverflowError):
-                return None, f"parse_reward returned a non-number {raw!r}"
-        else:
-            m = self.find_reward(text)
-            if m is None:
-                return None, "no score found"
-            try:
-                score = float(m.group(1))
-            except (ValueError, OverflowError):  # pragma: no cover - the pattern is numeric
-                return None, f"unreadable score {m.group(1)!r}"
+        parse_reward = self.parse_reward or _RegexReward(self)
+        try:
+            raw = parse_reward(text)
+        except Exception as e:  # a user parser must not crash a long run
+            return None, f"parse_reward raised {type(e).__name__}: {e}"
+        if raw is None:
+            return None, "no score found"
+        try:
+            score = float(raw)
+        except (TypeError, ValueError, OverflowError):
+            return None, f"parse_reward returned a non-number {raw!r}"
         if not math.isfinite(score):
             return None, f"score {score} is not finite"
         validator = self.validate_reward or _accept_finite

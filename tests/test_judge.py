@@ -123,6 +123,46 @@ def test_seed_reward_config_example_parses_rating_in_free_text():
     assert cfg.parse_with_reason("no number here") == (None, "no score found")
 
 
+def test_init_exposes_parse_reward_and_template_fn_like_the_seed():
+    """The seed's ``RewardConfig.init()`` leaves ``template_fn`` and ``parse_reward`` as
+    callables that code written for the seed calls directly."""
+    cfg = RewardConfig(prompt_template=SEED_PROMPT, reward_regex_template="Rating: {{ reward }}")
+    cfg = cfg.init()
+    assert callable(cfg.template_fn) and callable(cfg.parse_reward)
+    text = cfg.template_fn(prompt="what is 2+2?", response="4")
+    assert text == cfg.render("what is 2+2?", "4") and "User: what is 2+2?" in text
+    assert cfg.parse_reward("so.\nRating: 7\n") == 7.0 and cfg.parse_reward("none") is None
+    # the exposed callables follow later changes of the templates when init() runs again
+    cfg.prompt_template, cfg.reward_regex_template = "{{ prompt }}={{ response }}", "R{{ reward }}"
+    cfg.init()
+    assert cfg.template_fn(prompt="a", response="b") == "a=b" and cfg.parse_reward("R 3") == 3.0
+    # a user's own callables are kept; the copies pickle and compare like the config
+    own = RewardConfig(prompt_template="x", template_fn=str.format, parse_reward=float).init()
+    assert own.template_fn is str.format and own.parse_reward is float
+    clone = pickle.loads(pickle.dumps(cfg))
+    assert clone == cfg and clone.parse_reward("R 4") == 4.0
+    assert clone.template_fn(prompt="p", response="r") == "p=r"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Score: 4", "score: 4", "SCORE:4", "Score : 4", "**Score:** 4", "**Score**: 4", "Score: **4**",
+     "__score__ :  4", "The total.\nscore:\n 4"],
+)  # fmt: skip
+def test_default_score_regex_is_tolerant_of_case_spacing_and_markdown(text):
+    assert DEFAULT_REWARD_CONFIG.parse(text) == 4.0
+    assert DEFAULT_REWARD_CONFIG.init().parse_reward(text) == 4.0
+
+
+def test_tolerant_score_regex_still_needs_the_template_text():
+    cfg = DEFAULT_REWARD_CONFIG
+    for text in ("4", "Scores 4", "Sc ore: 4", "Score 4", "points: 4"):
+        assert cfg.parse(text) is None, text
+    seed = RewardConfig(prompt_template=SEED_PROMPT, reward_regex_template="Rating: {{ reward }}")
+    assert seed.parse("rating: 7") == 7.0 and seed.parse("**Rating:** 7/10") == 7.0
+    assert seed.parse("Score: 7") is None
+
+
 def test_user_text_is_inserted_verbatim_not_rendered():
     cfg = RewardConfig(
         prompt_template="{{ prompt }}|{{ response }}", reward_regex_template="S{{ reward }}"
