@@ -624,6 +624,7 @@ class SelfRewardingTrainer:
             max_attempts=stage.max_attempts,
             generator=generator,
             progress=self.progress,
+            generated_prompts=self._generated_prompts_before(index),
         )
         if self.accelerator.is_main_process:
             store = JsonlStore(stage_dir / "prompts.jsonl")
@@ -638,6 +639,15 @@ class SelfRewardingTrainer:
             "prompts": str((stage_dir / "prompts.jsonl").relative_to(self.run_dir)),
             "stats": stats,
         }
+
+    def _generated_prompts_before(self, index: int) -> list[str]:
+        """The prompts of every prompt-generation stage before stage ``index``, in order."""
+        return [
+            r["prompt"]
+            for j in range(index)
+            if isinstance(self.stages[j], PromptGenerationStage)
+            for r in read_jsonl(self._stage_dir(j, self.stages[j]) / "prompts.jsonl")
+        ]
 
     def _latest_generated_prompts(self, index: int) -> list[str]:
         for j in range(index - 1, -1, -1):

@@ -3,7 +3,8 @@
 A model is few-shot prompted with existing instructions (paper: 8 shots, 6 from the IFT
 seed prompts and 2 from previously generated ones) and asked for one new task. Its
 answers are parsed and passed through Self-Instruct style filters (Wang et al. 2023):
-length bounds, banned keywords, a leading-punctuation check, exact duplicates, and
+length bounds (more than three words), banned keywords, a banned start ("Write a
+program"), a leading-punctuation and a leading non-ASCII check, exact duplicates, and
 ROUGE-L similarity against every existing and already accepted prompt.
 
 ROUGE-L is the F-measure of the longest common subsequence over lowercase word tokens,
@@ -33,6 +34,7 @@ from .models import wrap_model, wrap_tokenizer
 __all__ = [
     "BEGIN",
     "DEFAULT_BANNED_KEYWORDS",
+    "DEFAULT_BANNED_PREFIXES",
     "DEFAULT_HEADER",
     "DEFAULT_INSTRUCTION",
     "END",
@@ -58,6 +60,10 @@ DEFAULT_BANNED_KEYWORDS: tuple[str, ...] = (
     "map", "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart",
     "diagram",
 )  # fmt: skip
+
+#: Self-Instruct drops tasks that start like this (case-insensitive): models tend to turn
+#: any task into one, and whether to write the program or give its output is unclear
+DEFAULT_BANNED_PREFIXES: tuple[str, ...] = ("write a program",)
 
 
 # ---------------------------------------------------------------------------- few-shot
@@ -234,20 +240,25 @@ class PromptFilter:
     """Self-Instruct filters with memory: accepted prompts join the comparison pool.
 
     Reasons: ``"empty"``, ``"too_short"`` (fewer than ``min_words`` whitespace-separated
-    words), ``"too_long"`` (more than ``max_words``), ``"banned_keyword"`` (whole word or
-    phrase, case-insensitive), ``"starts_with_punctuation"``, ``"duplicate"`` (same words
-    up to case, punctuation and whitespace) and ``"too_similar"`` (ROUGE-L > ``max_rouge_l`` with an
-    existing or previously accepted prompt).
+    words; the default 4 drops Self-Instruct's "three words or fewer"), ``"too_long"``
+    (more than ``max_words``), ``"banned_keyword"`` (whole word or phrase,
+    case-insensitive), ``"banned_prefix"`` (starts with one of ``banned_prefixes``, case
+    and spacing ignored), ``"starts_with_punctuation"``, ``"starts_with_non_ascii"`` (with
+    ``ascii_start``: Self-Instruct keeps English tasks), ``"duplicate"`` (same words up to
+    case, punctuation and whitespace) and ``"too_similar"`` (ROUGE-L > ``max_rouge_l`` with
+    an existing or previously accepted prompt).
     """
 
     def __init__(
         self,
         existing: Iterable[str] = (),
         *,
-        min_words: int = 3,
+        min_words: int = 4,
         max_words: int = 150,
         max_rouge_l: float = 0.7,
         banned_keywords: Sequence[str] = DEFAULT_BANNED_KEYWORDS,
+        banned_prefixes: Sequence[str] = DEFAULT_BANNED_PREFIXES,
+        ascii_start: bool = True,
     ) -> None:
         if not isinstance(min_words, int) or not isinstance(max_words, int) or min_words < 0:
             raise ValueError(f"min_words/max_words must be ints >= 0, got {min_words}, {max_words}")
@@ -257,6 +268,8 @@ class PromptFilter:
             raise ValueError(f"max_rouge_l must lie in [0, 1], got {max_rouge_l}")
         if isinstance(banned_keywords, str):
             raise TypeError("banned_keywords must be a list of words, not a single string")
+        if isinstance(banned_prefixes, str):
+            raise TypeError("banned_prefixes must be a list of phrases, not a single string")
         self.min_words, self.max_words, self.max_rouge_l = min_words, max_words, max_rouge_l
         self._banned = (
             re.compile(
@@ -265,6 +278,8 @@ class PromptFilter:
             if banned_keywords
             else None
         )
+        self._prefixes = tuple(" ".join(p.lower().split()) for p in banned_prefixes if p.strip())
+        self.ascii_start = ascii_start
         self._seen: set[str] = set()
         self._index = _Index()
         self.reasons: Counter[str] = Counter()
@@ -296,8 +311,12 @@ class PromptFilter:
             return "too_long"
         if self._banned is not None and self._banned.search(text):
             return "banned_keyword"
+        if self._prefixes and " ".join(text.lower().split()).startswith(self._prefixes):
+            return "banned_prefix"
         if text[0] in string.punctuation:
             return "starts_with_punctuation"
+        if self.ascii_start and not text[0].isascii():
+            return "starts_with_non_ascii"
         if self._key(text) in self._seen:
             return "duplicate"
         if self.max_rouge_l < 1 and self._index.max_rouge_exceeds(
@@ -320,10 +339,12 @@ def filter_prompts(
     candidates: Sequence[str],
     existing: Sequence[str] = (),
     *,
-    min_words: int = 3,
+    min_words: int = 4,
     max_words: int = 150,
     max_rouge_l: float = 0.7,
     banned_keywords: Sequence[str] = DEFAULT_BANNED_KEYWORDS,
+    banned_prefixes: Sequence[str] = DEFAULT_BANNED_PREFIXES,
+    ascii_start: bool = True,
 ) -> FilteredPrompts:
     """Candidates that pass the Self-Instruct filters against ``existing`` and each other
     (in order: an accepted candidate joins the pool). Returns a list of the accepted,
@@ -336,6 +357,8 @@ def filter_prompts(
         max_words=max_words,
         max_rouge_l=max_rouge_l,
         banned_keywords=banned_keywords,
+        banned_prefixes=banned_prefixes,
+        ascii_start=ascii_start,
     )
     accepted = [c.strip() for c in candidates if f(c)]
     return FilteredPrompts(accepted, dict(f.reasons))
@@ -386,12 +409,16 @@ def generate_prompts(
     progress: bool = False,
     filter_kwargs: dict[str, Any] | None = None,
     instruction: str = DEFAULT_INSTRUCTION,
+    generated_prompts: Sequence[str] = (),
 ) -> PromptGenerationResult:
     """Generate ``num_prompts`` new, filtered prompts by few-shot prompting ``model``.
 
     Each attempt shows ``num_shots`` examples: ``num_seed_shots`` random seed prompts
     plus ``num_shots - num_seed_shots`` random previously generated ones (seed prompts
-    fill in while too few have been generated). Prompts go through
+    fill in while too few have been generated). ``generated_prompts`` are prompts made
+    earlier (e.g. by an earlier prompt-generation stage): they count as generated ones for
+    the shots, and like the seeds they are in the pool new prompts must not duplicate or
+    resemble (ROUGE-L). Prompts go through
     ``tokenizer.format_prompt``. Generation is batched (``batch_size`` attempts per call)
     and bounded: after ``max_attempts`` generations (default ``10 * num_prompts``) it
     returns what it has, with a warning. Shots that do not fit the model's context are
@@ -415,6 +442,10 @@ def generate_prompts(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     usable = [p.strip() for p in seed_prompts if isinstance(p, str) and p.strip()]
     usable = [p for p in usable if BEGIN not in p and END not in p]
+    if isinstance(generated_prompts, str):
+        raise TypeError("generated_prompts must be a list of prompts, not a single string")
+    earlier = [p.strip() for p in generated_prompts if isinstance(p, str) and p.strip()]
+    earlier = [p for p in earlier if BEGIN not in p and END not in p]
     if not usable:
         raise ValueError(
             "generate_prompts needs at least one non-empty seed prompt (without the "
@@ -441,7 +472,7 @@ def generate_prompts(
         eos_token_id=tok.eos_id,
         stop_strings=(END,),
     )
-    filt = PromptFilter(usable, **(filter_kwargs or {}))
+    filt = PromptFilter(usable + earlier, **(filter_kwargs or {}))
     result = PromptGenerationResult(prompts=[])
     bar = None
     if progress:
@@ -451,7 +482,7 @@ def generate_prompts(
 
     def encode_shots() -> list[int]:
         seeds = [usable[i] for i in _randperm(len(usable), generator)[:num_seed_shots]]
-        made = result.prompts
+        made = earlier + result.prompts
         extra = [made[i] for i in _randperm(len(made), generator)[: num_shots - len(seeds)]]
         pool = [usable[i] for i in _randperm(len(usable), generator) if usable[i] not in seeds]
         shots = seeds + extra + pool[: max(0, num_shots - len(seeds) - len(extra))]

@@ -293,7 +293,7 @@ def test_generated_prompts_feed_the_next_iteration(tmp_path):
         prompt_dataset=seeds,
         judges={"length": lambda prompt, response: float(len(response.split()))},
         stages=[
-            PromptGenerationStage(num_prompts=5, max_new_tokens=8),
+            PromptGenerationStage(num_prompts=5, max_new_tokens=8, temperature=1.0),
             PreferenceStage(
                 kind="external_reward_dpo",
                 judge="length",

@@ -3,6 +3,7 @@ bounded batched prompt generation with a tiny word-level bigram LM."""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
@@ -122,6 +123,26 @@ def test_filter_reasons_are_counted():
         filter_prompts(["a b c"], min_words=5, max_words=4)
     with pytest.raises(TypeError):
         filter_prompts("a b c d")  # type: ignore[arg-type]
+
+
+def test_self_instruct_length_program_and_first_character_filters():
+    """Self-Instruct drops tasks of three words or fewer, tasks that start "Write a
+    program" and tasks whose first character is not ASCII."""
+    candidates = [
+        "List three fruits.",  # 3 words
+        "List three sweet fruits.",
+        "Write a program that sorts a list of numbers.",
+        "write  a PROGRAM to add two numbers together.",
+        "Explain how to write a program step by step.",  # only the start counts
+        "¿Cómo se dice hola en inglés hoy?",
+        "Écris une courte histoire sur un chat.",
+    ]
+    out = filter_prompts(candidates)
+    assert list(out) == [candidates[1], candidates[4]]
+    assert out.reasons == {"too_short": 1, "banned_prefix": 2, "starts_with_non_ascii": 2}
+    keep = filter_prompts(candidates, banned_prefixes=(), ascii_start=False, min_words=3)
+    assert list(keep) == [c for c in candidates if c != candidates[1]]
+    assert keep.reasons == {"too_similar": 1}  # ROUGE-L 6/7 with "List three fruits."
 
 
 def test_filter_dedups_among_candidates_by_rouge():
@@ -252,8 +273,8 @@ def test_generate_prompts_returns_filtered_new_prompts_with_exact_accounting():
     seeds = [" ".join(random.Random(i).choices(WORDS, k=6)) for i in range(10)]
     model = TaskBigramLM()
     res = generate_prompts(
-        model, WordTokenizer(), seeds, 12, max_new_tokens=6, batch_size=8, generator=0
-    )
+        model, WordTokenizer(), seeds, 12, max_new_tokens=8, batch_size=8, generator=0
+    )  # up to 6 words: tasks of 3 words or fewer are dropped
     assert len(res.prompts) == 12
     assert all(p.split() and set(p.split()) <= set(WORDS) for p in res.prompts)
     # everything returned passes the filters against the seeds and each other
@@ -273,9 +294,64 @@ def test_generate_prompts_returns_filtered_new_prompts_with_exact_accounting():
     assert sum(s in seeds for s in shots) == 6 and sum(s in res.prompts for s in shots) == 2
     # seeded: the same run again gives the same prompts
     again = generate_prompts(
-        TaskBigramLM(), WordTokenizer(), seeds, 12, max_new_tokens=6, batch_size=8, generator=0
+        TaskBigramLM(), WordTokenizer(), seeds, 12, max_new_tokens=8, batch_size=8, generator=0
     )
     assert again.prompts == res.prompts
+
+
+class ChainLM(nn.Module):
+    """After <sep> it always writes ``<begin> t1 t2 t3 t4 t5 </end>``; records its inputs."""
+
+    CHAIN = ["<sep>", BEGIN, "t1", "t2", "t3", "t4", "t5", END, "<eos>"]
+
+    def __init__(self):
+        super().__init__()
+        v = len(VOCAB)
+        table = torch.full((v, v), -30.0)
+        table[:, 0] = 0.0
+        for a, b in zip(self.CHAIN, self.CHAIN[1:]):
+            table[TOK_ID[a], :] = -30.0
+            table[TOK_ID[a], TOK_ID[b]] = 0.0
+        self.table = nn.Parameter(table, requires_grad=False)
+        self.seen: list[str] = []
+
+    def forward(self, x):
+        for row in x.tolist():
+            if row and row[-1] == TOK_ID["<sep>"]:
+                self.seen.append(WordTokenizer().decode(row))
+        return self.table[x]
+
+
+def test_earlier_prompt_generation_stages_are_shots_and_in_the_similarity_pool(tmp_path):
+    """A second prompt-generation stage shows the first stage's prompts as the generated
+    shots and rejects a prompt the first stage already made."""
+    from self_rewarding_lm_pytorch.pipeline import PromptGenerationStage, SelfRewardingTrainer
+    from self_rewarding_lm_pytorch.store import read_jsonl
+
+    seeds = [" ".join(WORDS[i : i + 5]) for i in range(10, 35, 5)]
+    model = ChainLM()
+    stage = dict(num_prompts=1, num_shots=4, num_seed_shots=2, max_new_tokens=8, max_attempts=3)
+    trainer = SelfRewardingTrainer(
+        model,
+        tokenizer=WordTokenizer(),
+        prompt_dataset=seeds,
+        stages=[PromptGenerationStage(**stage), PromptGenerationStage(**stage)],
+        checkpoints_folder=str(tmp_path),
+        accelerate_kwargs=dict(cpu=True),
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match="made 0 of 1 prompts"):
+        trainer.run()
+    prompts = [
+        [r["prompt"] for r in read_jsonl(tmp_path / f"0{i}-prompt-generation" / "prompts.jsonl")]
+        for i in (1, 2)
+    ]
+    assert prompts == [["t1 t2 t3 t4 t5"], []]  # the second made it again: a duplicate
+    stats = json.loads((tmp_path / "02-prompt-generation" / "stats.json").read_text())
+    assert stats["filtered"] == {"duplicate": 3}
+    # stage 1: one batch of 3 attempts, before any prompt existed; stage 2: the same
+    shown = ["<begin>t1 t2 t3 t4 t5</end>" in text for text in model.seen]
+    assert shown == [False] * 3 + [True] * 3
 
 
 def test_generate_prompts_is_bounded_and_warns():
