@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from self_rewarding_lm_pytorch.pipeline import (
     SelfRewardingTrainer,
 )
 from self_rewarding_lm_pytorch.store import read_jsonl
+from self_rewarding_lm_pytorch.trainers.base import load_checkpoint, save_checkpoint
 
 DPO = "01-external-reward-dpo"
 
@@ -72,3 +74,40 @@ def test_external_judge_that_never_scores(tmp_path, kind):
     assert "external judge" in msg and "The most common failure:" in msg
     kept = read_jsonl(tmp_path / DPO / "candidates.jsonl")  # the judged candidates are kept
     assert kept and all(s is None for r in kept for s in r["scores"])
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from self_rewarding_lm_pytorch.hf import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _lora(folder: Path, targets: list[str]):
+    from self_rewarding_lm_pytorch.hf import apply_lora, load_model
+    from self_rewarding_lm_pytorch.run_config import LoRAConfig
+
+    return apply_lora(load_model(folder), LoRAConfig(r=4, alpha=8, target_modules=targets))
+
+
+def test_lora_checkpoint_into_a_model_without_lora(tiny_llama, tmp_path):
+    from self_rewarding_lm_pytorch.hf import load_model
+
+    ckpt = save_checkpoint(_lora(tiny_llama, ["q_proj"]), tmp_path / "checkpoint")
+    plain = load_model(tiny_llama)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(plain, ckpt)
+    msg = str(info.value)
+    assert "holds LoRA adapter weights" in msg and "model has no LoRA adapters" in msg
+    assert "apply the same LoRA first" in msg and "hf.load_model" in msg
+    assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())  # untouched
+
+
+def test_lora_checkpoint_with_other_lora_settings(tiny_llama, tmp_path):
+    ckpt = save_checkpoint(_lora(tiny_llama, ["q_proj"]), tmp_path / "checkpoint")
+    with pytest.raises(ValueError) as info:
+        load_checkpoint(_lora(tiny_llama, ["q_proj", "v_proj"]), ckpt)
+    msg = str(info.value)
+    assert "does not match the model's adapter 'default'" in msg and "v_proj" in msg
+    assert "LoRA settings (target modules) it was saved with" in msg

@@ -348,6 +348,59 @@ def test_lora_dpo_reference_is_the_base_model_or_the_current_adapter(tiny):
         )
 
 
+def test_lora_stage_checkpoint_is_an_adapter_folder_that_peft_and_the_loaders_open(tiny, tmp_path):
+    """A PEFT model's stage checkpoint is a PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors, the tokenizer beside it): ``PeftModel.from_pretrained``,
+    ``hf.load_model`` and the pipeline's resume all give back the trained model."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from self_rewarding_lm_pytorch.pipeline import SelfRewardingTrainer, SFTStage
+    from self_rewarding_lm_pytorch.trainers.base import load_checkpoint
+
+    def run(model):
+        return SelfRewardingTrainer(
+            model,
+            tokenizer=load_tokenizer(tiny),
+            datasets={"sft": ROWS * 2},
+            stages=[
+                SFTStage(trainer=dict(batch_size=2, num_train_steps=2, start_learning_rate=1e-2))
+            ],
+            checkpoints_folder=str(tmp_path / "run"),
+            accelerate_kwargs={"cpu": True},
+            progress=False,
+        ).run()
+
+    trained = _lora_model(tiny)
+    before = {n: p.detach().clone() for n, p in trained.named_parameters() if "lora_" in n}
+    run(trained)
+    assert any(not torch.equal(p, before[n]) for n, p in trained.named_parameters() if n in before)
+    ckpt = tmp_path / "run" / "01-sft" / "checkpoint"
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "config.json").exists()
+    keys = list(load_file(str(ckpt / "adapter_model.safetensors")))
+    assert keys and all("lora_" in k for k in keys)  # the adapter only, no base weights
+    assert (ckpt / "tokenizer_config.json").exists()
+    assert not list(ckpt.parent.glob(".checkpoint.*"))  # no temporary folder left behind
+    x = torch.tensor([load_tokenizer(tiny).encode("the cat sat on the mat")])
+    with torch.no_grad():
+        want = trained.eval()(input_ids=x).logits
+        for model in (
+            PeftModel.from_pretrained(load_model(tiny), str(ckpt)),
+            load_model(ckpt),
+            load_checkpoint(_lora_model(tiny), ckpt),
+        ):
+            got = model.eval()(input_ids=x).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # resume: a fresh LoRA model given to the finished run gets the trained adapter back
+    fresh = _lora_model(tiny)
+    torch.nn.init.normal_(
+        fresh.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    )
+    run(fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=x).logits, want, atol=1e-5, rtol=1e-5)
+
+
 def test_export_merged_and_adapter_reproduce_the_lora_model(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 

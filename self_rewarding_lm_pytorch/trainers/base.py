@@ -53,6 +53,8 @@ _DROPOUT_TYPES = (
 )
 SAFETENSORS_NAME = "model.safetensors"
 STATE_NAME = "trainer_state.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 # ====================================================================== checkpoints
@@ -84,7 +86,10 @@ def save_checkpoint(
     """Write ``model`` to the folder ``path`` with safetensors, atomically.
 
     A Hugging Face model (``kind == "hf"``) is saved with ``save_pretrained`` (config
-    and ``model.safetensors``); anything else as ``model.safetensors`` holding its
+    and ``model.safetensors``); a PEFT (LoRA) model as its adapter folder with PEFT's
+    ``save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``, which
+    ``PeftModel.from_pretrained(base, path)`` and ``hf.load_model(path)`` open; the base
+    weights are not copied); anything else as ``model.safetensors`` holding its
     ``state_dict`` (shared / tied tensors stored once, via ``safetensors.torch.save_model``).
     The folder is written under a temporary name and renamed into place, so ``path``
     holds either the previous checkpoint or the complete new one. A model with NaN/inf
@@ -115,7 +120,9 @@ def save_checkpoint(
     old = path.parent / f".{path.name}.old-{tag}"
     try:
         tmp.mkdir()
-        if kind == "hf" and not is_peft_model(module):  # PEFT: full state dict below
+        if is_peft_model(module):
+            module.save_pretrained(str(tmp), safe_serialization=True)
+        elif kind == "hf":
             import inspect
 
             kwargs = {}
@@ -142,12 +149,18 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     """Load safetensors weights from a checkpoint folder (or ``.safetensors`` file) into
     ``model`` in place and return it. Never unpickles anything.
 
+    An adapter folder (``adapter_config.json``, as :func:`save_checkpoint` writes for a
+    PEFT model) loads into a PEFT model's adapters of the same names.
+
     Sharded Hugging Face checkpoints (``model-0000x-of-0000y.safetensors``) are merged.
     Keys absent from the file are accepted only when they are tied to a loaded tensor
     (e.g. an output head sharing the embedding); with ``strict`` any other missing or
     unexpected key raises :class:`ValueError`.
     """
     path = Path(path)
+    if path.is_dir() and (path / ADAPTER_CONFIG_NAME).exists():
+        _load_adapter_checkpoint(unwrap_model(model), path, strict=strict)
+        return model
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -191,6 +204,47 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
                 "architecture it was saved from (or pass strict=False)"
             )
     return model
+
+
+def _load_adapter_checkpoint(module: nn.Module, path: Path, *, strict: bool) -> None:
+    """Load the adapter folder ``path`` (PEFT's layout: the ``default`` adapter at the top,
+    any other adapter in a subfolder of its name) into the PEFT model ``module``."""
+    if not is_peft_model(module):
+        raise ValueError(
+            f"checkpoint {path} holds LoRA adapter weights ({ADAPTER_CONFIG_NAME}), but the "
+            "model has no LoRA adapters; apply the same LoRA first (lora: in the model "
+            "config, or hf.apply_lora) or open the folder with hf.load_model"
+        )
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    for name in module.peft_config:
+        folder = path if name == "default" else path / name
+        weights = folder / ADAPTER_WEIGHTS_NAME
+        if not weights.exists():
+            if not strict:
+                continue
+            raise FileNotFoundError(
+                f"checkpoint {path} has no {weights.relative_to(path)} for the model's adapter "
+                f"{name!r} (pickled adapter files are never loaded); load it into the model "
+                "it was saved from, or pass strict=False"
+            )
+        tensors = load_file(str(weights), device=str(device))
+        own = set(get_peft_model_state_dict(module, adapter_name=name))
+        missing, unexpected = sorted(own - set(tensors)), sorted(set(tensors) - own)
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"checkpoint {path} does not match the model's adapter {name!r}: missing keys "
+                f"{missing[:8]}, unexpected keys {unexpected[:8]}; load it into a model with "
+                "the LoRA settings (target modules) it was saved with (or pass strict=False)"
+            )
+        try:
+            set_peft_model_state_dict(module, tensors, adapter_name=name)
+        except RuntimeError as exc:  # a shape mismatch (e.g. another LoRA rank)
+            raise ValueError(
+                f"checkpoint {path} does not match the model's adapter {name!r}: {exc}; load "
+                "it into a model with the LoRA settings it was saved with"
+            ) from exc
 
 
 # ====================================================================== schedule
