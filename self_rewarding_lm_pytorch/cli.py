@@ -54,6 +54,7 @@ log = logging.getLogger("srlm")
 
 EXIT_USAGE = 2  # bad config / arguments
 EXIT_FAILURE = 1  # the work itself failed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what shells report)
 
 
 # ====================================================================== trackers
@@ -231,7 +232,9 @@ def build_reward_config(spec: RewardConfigSpec | None) -> Any:
         return DEFAULT_REWARD_CONFIG
     template = spec.prompt_template
     if spec.prompt_template_file is not None:
-        template = Path(spec.prompt_template_file).read_text(encoding="utf-8")
+        from .io import read_text
+
+        template = read_text(spec.prompt_template_file)
     default_template = template is None
     kwargs: dict[str, Any] = {
         "prompt_template": DEFAULT_JUDGE_PROMPT if default_template else template,
@@ -329,27 +332,42 @@ def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
 
 def build_datasets(cfg: RunConfig, tokenizer: Any) -> dict[str, list]:
     """Load every dataset a stage uses: SFT items for SFT/SPIN/replay, prompt strings for
-    prompt datasets (text SFT items serve both)."""
-    from .io import load_prompts, load_sft
+    prompt datasets (text SFT items serve both).
+
+    Every data file of the config is read and parsed in full here (also one that no stage
+    uses), so a bad file fails now, naming ``data.<name>``, the file and the line."""
+    from .io import load_prompts, load_rows, load_sft
 
     out: dict[str, list] = {}
     roles = _dataset_roles(cfg)
     for name, src in cfg.data.items():
         role = roles.get(name)
-        if not role:
-            log.warning("data.%s is not used by any stage; not loaded", name)
-            continue
-        if "sft" in role:
-            items = load_sft(src, tokenizer)
-            if "prompts" in role and any("prompt" not in it for it in items):
-                raise ValueError(
-                    f"data.{name} is used for prompts and for SFT, but holds multi-turn chats; "
-                    "give the prompts as a separate single-turn dataset"
-                )
-            out[name] = items
-        else:
-            out[name] = load_prompts(src)
+        try:
+            if not role:
+                load_rows(src)  # checked, not kept
+                log.warning("data.%s is not used by any stage; read but not used", name)
+                continue
+            if "sft" in role:
+                items = load_sft(src, tokenizer)
+                if "prompts" in role and any("prompt" not in it for it in items):
+                    raise ValueError(
+                        "used for prompts and for SFT, but holds multi-turn chats; give the "
+                        "prompts as a separate single-turn dataset"
+                    )
+                out[name] = items
+            else:
+                out[name] = load_prompts(src)
+        except (ValueError, TypeError) as exc:
+            raise _with_prefix(exc, f"data.{name}") from exc
     return out
+
+
+def _with_prefix(exc: Exception, where: str) -> Exception:
+    """``exc`` again with ``where: `` in front of its message (itself if that fails)."""
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except Exception:  # an exception class with other constructor arguments
+        return exc
 
 
 def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -> Any:
@@ -461,7 +479,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_input(path: str, fmt: str, flag: str) -> None:
+    """Refuse a missing input file or one of an unknown format before any work."""
+    from .io import detect_format
+
+    if not Path(path).exists():
+        raise ConfigError(f"{flag}: {path} does not exist")
+    if fmt == "auto":
+        try:
+            detect_format(path)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from exc
+
+
 def _source_from_args(args: argparse.Namespace, path: str) -> DataSource:
+    _check_input(path, args.format, "--prompts")
     return DataSource(
         path=path,
         format=args.format,
@@ -634,6 +666,7 @@ def _score_rows(
 def _read_input(args: argparse.Namespace) -> list[dict]:
     from .io import read_rows
 
+    _check_input(args.input, args.format, "--input")
     return read_rows(args.input, format=args.format, split=args.split, limit=args.limit)
 
 
@@ -899,7 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``srlm``; returns the exit status (0 success, 1 failure, 2 bad input)."""
+    """Entry point of ``srlm``; returns the exit status (0 success, 1 failure, 2 bad input,
+    130 interrupted by Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `srlm demo ...` hands every later argument (including --help) to the demo's parser
     globals_ = [a for a in argv[: argv.index("demo")]] if "demo" in argv else []
@@ -915,6 +949,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        resumes = args.command in ("run", "generate", "judge") or getattr(args, "scored_out", None)
+        hint = "; rerun the same command to resume" if resumes else ""
+        print(f"srlm {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         print(f"srlm {args.command}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
