@@ -100,7 +100,9 @@ def _read_jsonl(path: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg}); one object per line") from exc
+            raise ValueError(
+                f"{path}:{n}: not valid JSON ({exc.msg}); one object per line"
+            ) from exc
     return rows
 
 
