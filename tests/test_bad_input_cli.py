@@ -18,6 +18,7 @@ import yaml
 
 from self_rewarding_lm_pytorch.cli import build_datasets, build_tokenizer, main
 from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.io import load_prompts, load_sft, read_text
 from self_rewarding_lm_pytorch.run_config import DataSource, load_run_config, load_yaml
 
@@ -157,6 +158,107 @@ def test_data_file_with_a_broken_line(tmp_path):
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+# ====================================================================== resuming generate / judge
+
+JUDGES = """
+def words(prompt, response):
+    return float(len(response.split()))
+
+
+def chars(prompt, response):
+    return float(len(response))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture()
+def judges(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "srlm_cli_judges.py").write_text(JUDGES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generate_resumed_with_other_settings(tmp_path, tiny, capsys):
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("prompt\nname a fish\nwrite a poem\n")
+    out = tmp_path / "cands.jsonl"
+    base = ["-q", "generate", "--model", str(tiny), "--out", str(out), "--max-new-tokens", "3",
+            "--device", "cpu"]  # fmt: skip
+    assert main([*base, "--prompts", str(prompts), "--num-candidates", "2"]) == 0
+    made = out.read_bytes()
+    capsys.readouterr()
+    # other settings onto the same --out: refused before any work, naming old -> new
+    assert main([*base, "--prompts", str(prompts), "--num-candidates", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds rows made with other settings (num_candidates: 2 -> 3)" in err, err
+    assert "use another --out, or add --overwrite to replace the file" in err
+    with pytest.raises(ConfigError, match=r"num_candidates: 2 -> 3"):  # what is raised
+        main(["--debug", *base, "--prompts", str(prompts), "--num-candidates", "3"])
+    # another prompt file with the same prompts: its rows are not reused
+    other = tmp_path / "other.csv"
+    other.write_bytes(prompts.read_bytes())
+    assert main([*base, "--prompts", str(other), "--num-candidates", "2"]) == 2
+    assert f"prompts: {str(prompts)!r} -> {str(other)!r}" in capsys.readouterr().err
+    assert out.read_bytes() == made  # nothing was touched
+    # --overwrite replaces the file
+    assert main([*base, "--prompts", str(prompts), "--num-candidates", "3", "--overwrite"]) == 0
+    rows = [json.loads(x) for x in out.open()]
+    assert [len(r["responses"]) for r in rows] == [3, 3]
+    assert all(r["generate_settings"]["num_candidates"] == 3 for r in rows)
+
+
+def test_judge_resumed_with_other_settings(judges, capsys):
+    rows = [{"prompt": "p", "response": "a b c"}, {"prompt": "q", "response": "d"}]
+    data = _jsonl(judges / "rows.jsonl", rows)
+    out = judges / "judged.jsonl"
+    base = ["-q", "judge", "--input", str(data), "--out", str(out)]
+    assert main([*base, "--function", "srlm_cli_judges:words"]) == 0
+    assert [json.loads(x)["score"] for x in out.open()] == [3.0, 1.0]
+    made = out.read_bytes()
+    assert main([*base, "--function", "srlm_cli_judges:chars"]) == 2
+    err = capsys.readouterr().err
+    assert "function: 'srlm_cli_judges:words' -> 'srlm_cli_judges:chars'" in err, err
+    assert "--overwrite" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match=r"function: 'srlm_cli_judges:words' -> "):
+        main(["--debug", *base, "--function", "srlm_cli_judges:chars"])
+    # an input row edited since: its old row is not kept next to the new one
+    _jsonl(data, [rows[0], {"prompt": "q", "response": "d e"}])
+    assert main([*base, "--function", "srlm_cli_judges:words"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 rows made from input rows that" in err and "no longer gives" in err, err
+    assert "(the first: id '1', prompt 'q')" in err
+    assert out.read_bytes() == made
+    # --overwrite judges again
+    assert main([*base, "--function", "srlm_cli_judges:words", "--overwrite"]) == 0
+    assert [json.loads(x)["score"] for x in out.open()] == [3.0, 2.0]
+
+
+def test_output_file_not_written_by_srlm(judges, capsys):
+    data = _jsonl(judges / "rows.jsonl", [{"prompt": "p", "response": "a b"}])
+    foreign = _jsonl(judges / "scores.jsonl", [{"id": "0", "prompt": "p", "score": 9.0}])
+    made = foreign.read_bytes()
+    args = ["judge", "--input", str(data), "--function", "srlm_cli_judges:words"]
+    assert main([*args, "--out", str(foreign)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1 is not a row written by srlm judge (it has no 'judge_key')" in err, err
+    assert foreign.read_bytes() == made
+    with pytest.raises(ConfigError, match=r"not a row written by srlm judge"):
+        main(["--debug", *args, "--out", str(foreign)])
+    # the input file itself as --out
+    assert main([*args, "--out", str(data), "--overwrite"]) == 2
+    assert "is the input file; write the output elsewhere" in capsys.readouterr().err
+    assert json.loads(data.read_text()) == {"prompt": "p", "response": "a b"}
 
 
 # ====================================================================== Ctrl-C
