@@ -1246,7 +1246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `srlm demo ...` hands every later argument (including --help) to the demo's parser
     globals_ = [a for a in argv[: argv.index("demo")]] if "demo" in argv else []
     if "demo" in argv and all(a.startswith("-") for a in globals_):
-        return cmd_demo(argv[argv.index("demo") + 1 :])
+        try:
+            return cmd_demo(argv[argv.index("demo") + 1 :])
+        except KeyboardInterrupt:
+            if "--debug" in globals_:
+                raise
+            print("srlm demo: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

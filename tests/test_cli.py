@@ -20,7 +20,7 @@ from self_rewarding_lm_pytorch.cli import build_model, build_tokenizer, main
 from self_rewarding_lm_pytorch.config import ConfigError
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.metrics import kendall_tau, spearman
-from self_rewarding_lm_pytorch.run_config import load_run_config, parse_run_config
+from self_rewarding_lm_pytorch.run_config import load_run_config, load_yaml, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -538,5 +538,5 @@ def test_example_run_configs_are_valid(path):
 def test_accelerate_example_configs_name_their_backend():
     found = {}
     for p in (REPO / "examples").glob("accelerate_*.yaml"):
-        found[yaml.safe_load(p.read_text())["distributed_type"]] = p.name
+        found[load_yaml(p)["distributed_type"]] = p.name  # no key given twice
     assert {"DEEPSPEED", "FSDP"} <= set(found)
