@@ -521,10 +521,17 @@ def _device(name: str) -> Any:
 # ---------------------------------------------------------------- resumable outputs
 
 
-def _fingerprint(path: str | Path) -> str:
+def _need(path: str | Path, flag: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{flag}: {path} does not exist; fix the path")
+    return p
+
+
+def _fingerprint(path: str | Path, flag: str) -> str:
     """A short hash of a file's or a folder's files (names, sizes, modification times):
     changes when a model is saved again in the same folder."""
-    p = Path(path)
+    p = _need(path, flag)
     files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     h = hashlib.sha256()
     for f in files:
@@ -533,11 +540,11 @@ def _fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _file_hash(path: str | Path | None) -> str | None:
+def _file_hash(path: str | Path | None, flag: str) -> str | None:
     """A short hash of a file's bytes (``None`` for no file)."""
     if path is None:
         return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(_need(path, flag).read_bytes()).hexdigest()[:12]
 
 
 def _abspath(path: str | Path | None) -> str | None:
@@ -582,6 +589,7 @@ class _KeyedOutput:
         self.rows: dict[str, dict] = {}
         self.order: list[str] = []  # keys in file order
         self._cut: int | None = None  # where to truncate before the first append
+        self._duplicates = False
         if Path(input_path).resolve() == self.path.resolve():
             raise ConfigError(f"{flag} {path} is the input file; write the output elsewhere")
         fix = f"use another {flag}, or add --overwrite to replace the file"
@@ -621,23 +629,27 @@ class _KeyedOutput:
                     f"its rows are reused only for the same settings: {fix}"
                 )
             key = row[self.key_field]
-            if key not in self.rows:
-                self.rows[key] = row
-                self.order.append(key)
+            if key in self.rows:
+                self._duplicates = True  # dropped when the file is rewritten at the end
+                continue
+            self.rows[key] = row
+            self.order.append(key)
         wanted = set(keys)
         stale = [k for k in self.order if k not in wanted]
         if stale:
             first = self.rows[stale[0]]
+            shown = f"id {first.get('id')!r}"
+            if isinstance(first.get("prompt"), str):
+                shown += f", prompt {first['prompt'][:60]!r}"
             raise ConfigError(
                 f"{flag} {path} holds {len(stale)} rows made from input rows that {input_path} "
-                f"no longer gives (the first: id {first.get('id')!r}, prompt "
-                f"{str(first.get('prompt'))[:60]!r}): the input was edited, or --limit "
+                f"no longer gives (the first: {shown}): the input was edited, or --limit "
                 f"lowered; {fix}"
             )
 
     def append(self, rows: list[dict]) -> None:
         """Append ``rows`` (each already keyed), flushing each line, fsyncing at the end."""
-        from .store import StoreError
+        from .store import _explain  # the library's explanation of write errors
 
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -651,11 +663,7 @@ class _KeyedOutput:
                     f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
-            raise StoreError(
-                exc.errno,
-                f"cannot write {self.path}: {exc.strerror or exc}; check that the "
-                "folder exists and is writable, and that the disk has space",
-            ) from exc
+            raise _explain(exc, self.path) from exc
         for row in rows:
             key = row[self.key_field]
             self.rows[key] = row
@@ -672,6 +680,7 @@ class _KeyedOutput:
 
         rows = [self.rows[k] for k in keys]
         in_order = self.order == keys and all(r.get("id") == i for r, i in zip(rows, ids))
+        in_order = in_order and not self._duplicates
         rows = [{**r, "id": i} for r, i in zip(rows, ids)]
         if not in_order:
             text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
@@ -686,10 +695,10 @@ def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
         "prompt_field": args.prompt_field,
         "messages_field": args.messages_field,
         "model": _abspath(args.model),
-        "model_files": _fingerprint(args.model),
+        "model_files": _fingerprint(args.model, "--model"),
         "tokenizer": _abspath(args.tokenizer),
-        "tokenizer_files": _fingerprint(args.tokenizer) if args.tokenizer else None,
-        "chat_template_file": _file_hash(args.chat_template_file),
+        "tokenizer_files": _fingerprint(args.tokenizer, "--tokenizer") if args.tokenizer else None,
+        "chat_template_file": _file_hash(args.chat_template_file, "--chat-template-file"),
         "no_chat_template": args.no_chat_template,
         "dtype": args.dtype,
         "num_candidates": args.num_candidates,
@@ -832,19 +841,22 @@ def _judge_settings(spec: JudgeSpec, args: argparse.Namespace) -> dict[str, Any]
         resolve_object(spec.function)  # an import error names the fix
         source = getattr(sys.modules[spec.function.partition(":")[0]], "__file__", None)
         settings["function"] = spec.function
-        settings["function_file"] = _file_hash(source) if source else None
+        settings["function_file"] = _file_hash(source, "--function") if source else None
         return settings
+    flag = "--model" if spec.kind == "llm" else "--reward-model"
     settings.update(
         model=_abspath(spec.path),
-        model_files=_fingerprint(spec.path) if spec.path else None,
+        model_files=_fingerprint(spec.path, flag) if spec.path else None,
         tokenizer=_abspath(spec.tokenizer),
-        tokenizer_files=_fingerprint(spec.tokenizer) if spec.tokenizer else None,
+        tokenizer_files=_fingerprint(spec.tokenizer, "--tokenizer") if spec.tokenizer else None,
         dtype=spec.dtype,
     )
     if spec.kind == "llm":
         rc = spec.reward_config
         settings.update(
-            prompt_template_file=_file_hash(rc.prompt_template_file) if rc else None,
+            prompt_template_file=(
+                _file_hash(rc.prompt_template_file, "--prompt-template-file") if rc else None
+            ),
             regex_template=rc.reward_regex_template if rc else None,
             score_range=rc.score_range if rc else None,
             samples=spec.num_samples,
@@ -870,6 +882,11 @@ def _responses(row: dict, args: argparse.Namespace, i: int) -> tuple[bool, list[
         raise ValueError(
             f"row {i} has neither {args.response_field!r} nor {args.responses_field!r}; "
             "set --response-field or --responses-field"
+        )
+    if not isinstance(row[args.prompt_field], str):
+        raise TypeError(
+            f"row {i}: the prompt must be text, got {type(row[args.prompt_field]).__name__}; "
+            "check --prompt-field"
         )
     resp = row.get(args.responses_field, row.get(args.response_field))
     many = isinstance(resp, list)

@@ -522,6 +522,20 @@ def test_judge_resumes_by_content_and_keeps_duplicate_rows(workdir, capsys):
     # nothing left to do: the judge is not even built (an unimportable one would fail)
     assert main([*base, "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["judged"] == 0
+    # srlm eval --scored-out resumes the same way
+    labelled = workdir / "labelled.jsonl"
+    items = [{"prompt": "p", "response": "a " * g, "gold_score": g} for g in (1, 2, 3)]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in items))
+    scored = workdir / "scored.jsonl"
+    ev = ["eval", "--input", str(labelled), "--scored-out", str(scored)]
+    assert main([*ev, "--function", "srlm_test_judges:words"]) == 0
+    made = scored.read_bytes()
+    assert main([*ev, "--function", "srlm_test_judges:words"]) == 0
+    assert scored.read_bytes() == made
+    capsys.readouterr()
+    assert main([*ev, "--function", "srlm_test_judges:Echo"]) == 2
+    err = capsys.readouterr().err
+    assert "--scored-out" in err and "function: 'srlm_test_judges:words' -> " in err
 
 
 @pytest.mark.parametrize(
