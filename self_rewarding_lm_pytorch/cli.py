@@ -1283,6 +1283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         resumes = args.command in ("run", "generate", "judge") or getattr(args, "scored_out", None)
         hint = "; rerun the same command to resume" if resumes else ""
+        if resumes and getattr(args, "overwrite", False):  # rerun as is: it would start over
+            hint = "; rerun the same command without --overwrite to resume"
         print(f"srlm {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ConfigError as exc:

@@ -39,6 +39,17 @@ def words(prompt, response):
     return float(len(response.split()))
 
 
+CALLS = []
+
+
+def interrupted_on_third_call(prompt, response):
+    """Scores 1.0, but the third call is interrupted as by Ctrl-C."""
+    CALLS.append(response)
+    if len(CALLS) == 3:
+        raise KeyboardInterrupt
+    return 1.0
+
+
 class Echo:
     """A judge class: scores a response by the number it is."""
 
@@ -536,6 +547,23 @@ def test_judge_resumes_by_content_and_keeps_duplicate_rows(workdir, capsys):
     assert main([*ev, "--function", "srlm_test_judges:Echo"]) == 2
     err = capsys.readouterr().err
     assert "--scored-out" in err and "function: 'srlm_test_judges:words' -> " in err
+
+
+def test_ctrl_c_in_judge_keeps_the_rows_and_names_the_rerun(workdir, capsys):
+    data = workdir / "rows.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(4))
+    )
+    out = workdir / "out.jsonl"
+    args = ["-q", "judge", "--input", str(data), "--out", str(out), "--chunk-size", "1",
+            "--function", "srlm_test_judges:interrupted_on_third_call"]  # fmt: skip
+    assert main([*args, "--overwrite"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "srlm judge: interrupted; rerun the same command without --overwrite to resume"
+    assert [json.loads(x)["id"] for x in out.open()] == ["0", "1"]  # saved as they were made
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["judged"], summary["reused"]) == (2, 2)
 
 
 @pytest.mark.parametrize(
