@@ -10,16 +10,21 @@
 * ``srlm demo ...``: the built-in miniature task (``self_rewarding_lm_pytorch.demo.run``).
 
 Every command takes ``--help``. ``generate`` and ``judge`` append records as they are
-made and skip records already in the output file, so an interrupted command resumes.
+made; each record carries a key of the input row and the settings that made it, so a
+rerun reuses exactly the records it would make again (an interrupted command resumes)
+and refuses an output file made with other settings, naming them (``--overwrite``
+replaces it).
 Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is quick.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -54,6 +59,7 @@ log = logging.getLogger("srlm")
 
 EXIT_USAGE = 2  # bad config / arguments
 EXIT_FAILURE = 1  # the work itself failed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what shells report)
 
 
 # ====================================================================== trackers
@@ -231,7 +237,9 @@ def build_reward_config(spec: RewardConfigSpec | None) -> Any:
         return DEFAULT_REWARD_CONFIG
     template = spec.prompt_template
     if spec.prompt_template_file is not None:
-        template = Path(spec.prompt_template_file).read_text(encoding="utf-8")
+        from .io import read_text
+
+        template = read_text(spec.prompt_template_file)
     default_template = template is None
     kwargs: dict[str, Any] = {
         "prompt_template": DEFAULT_JUDGE_PROMPT if default_template else template,
@@ -329,27 +337,42 @@ def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
 
 def build_datasets(cfg: RunConfig, tokenizer: Any) -> dict[str, list]:
     """Load every dataset a stage uses: SFT items for SFT/SPIN/replay, prompt strings for
-    prompt datasets (text SFT items serve both)."""
-    from .io import load_prompts, load_sft
+    prompt datasets (text SFT items serve both).
+
+    Every data file of the config is read and parsed in full here (also one that no stage
+    uses), so a bad file fails now, naming ``data.<name>``, the file and the line."""
+    from .io import load_prompts, load_rows, load_sft
 
     out: dict[str, list] = {}
     roles = _dataset_roles(cfg)
     for name, src in cfg.data.items():
         role = roles.get(name)
-        if not role:
-            log.warning("data.%s is not used by any stage; not loaded", name)
-            continue
-        if "sft" in role:
-            items = load_sft(src, tokenizer)
-            if "prompts" in role and any("prompt" not in it for it in items):
-                raise ValueError(
-                    f"data.{name} is used for prompts and for SFT, but holds multi-turn chats; "
-                    "give the prompts as a separate single-turn dataset"
-                )
-            out[name] = items
-        else:
-            out[name] = load_prompts(src)
+        try:
+            if not role:
+                load_rows(src)  # checked, not kept
+                log.warning("data.%s is not used by any stage; read but not used", name)
+                continue
+            if "sft" in role:
+                items = load_sft(src, tokenizer)
+                if "prompts" in role and any("prompt" not in it for it in items):
+                    raise ValueError(
+                        "used for prompts and for SFT, but holds multi-turn chats; give the "
+                        "prompts as a separate single-turn dataset"
+                    )
+                out[name] = items
+            else:
+                out[name] = load_prompts(src)
+        except (ValueError, TypeError) as exc:
+            raise _with_prefix(exc, f"data.{name}") from exc
     return out
+
+
+def _with_prefix(exc: Exception, where: str) -> Exception:
+    """``exc`` again with ``where: `` in front of its message (itself if that fails)."""
+    try:
+        return type(exc)(f"{where}: {exc}")
+    except Exception:  # an exception class with other constructor arguments
+        return exc
 
 
 def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -> Any:
@@ -461,7 +484,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_input(path: str, fmt: str, flag: str) -> None:
+    """Refuse a missing input file or one of an unknown format before any work."""
+    from .io import detect_format
+
+    if not Path(path).exists():
+        raise ConfigError(f"{flag}: {path} does not exist")
+    if fmt == "auto":
+        try:
+            detect_format(path)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from exc
+
+
 def _source_from_args(args: argparse.Namespace, path: str) -> DataSource:
+    _check_input(path, args.format, "--prompts")
     return DataSource(
         path=path,
         format=args.format,
@@ -481,16 +518,242 @@ def _device(name: str) -> Any:
     return torch.device(name)
 
 
+# ---------------------------------------------------------------- resumable outputs
+
+
+def _need(path: str | Path, flag: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{flag}: {path} does not exist; fix the path")
+    return p
+
+
+def _fingerprint(path: str | Path, flag: str) -> str:
+    """A short hash of a file's or a folder's files (names, sizes, modification times):
+    changes when a model is saved again in the same folder."""
+    p = _need(path, flag)
+    files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
+def _file_hash(path: str | Path | None, flag: str) -> str | None:
+    """A short hash of a file's bytes (``None`` for no file)."""
+    if path is None:
+        return None
+    return hashlib.sha256(_need(path, flag).read_bytes()).hexdigest()[:12]
+
+
+def _abspath(path: str | Path | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _row_keys(settings: dict[str, Any], contents: list[Any]) -> list[str]:
+    """One key per input row: a hash of the settings, the row's content and how many
+    rows with the same content come before it (so duplicated rows keep their own rows)."""
+    base = json.dumps(settings, sort_keys=True, default=str)
+    seen: dict[str, int] = {}
+    keys = []
+    for content in contents:
+        text = json.dumps(content, sort_keys=True, default=str)
+        n = seen[text] = seen.get(text, -1) + 1
+        keys.append(hashlib.sha256(f"{base}\0{text}\0{n}".encode()).hexdigest()[:32])
+    return keys
+
+
+class _KeyedOutput:
+    """An output JSONL whose rows carry ``<name>_key`` (what produced the row: the input
+    row's content and the settings) and ``<name>_settings``, so a rerun reuses exactly the
+    rows it would make again. Rows are appended (flushed each, fsynced each chunk); a torn
+    last line from a crash is dropped. Anything else in the file (rows of other settings,
+    of input rows no longer given, of another tool) is refused before any work."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str,
+        settings: dict[str, Any],
+        keys: list[str],
+        flag: str,
+        input_path: str,
+        overwrite: bool,
+    ) -> None:
+        self.path = Path(path)
+        self.name = name
+        self.settings = settings
+        self.key_field, self.settings_field = f"{name}_key", f"{name}_settings"
+        self.rows: dict[str, dict] = {}
+        self.order: list[str] = []  # keys in file order
+        self._cut: int | None = None  # where to truncate before the first append
+        self._duplicates = False
+        if Path(input_path).resolve() == self.path.resolve():
+            raise ConfigError(f"{flag} {path} is the input file; write the output elsewhere")
+        fix = f"use another {flag}, or add --overwrite to replace the file"
+        if overwrite or not self.path.exists():
+            self._cut = 0 if self.path.exists() else None
+            return
+        from .io import decode_utf8
+
+        raw = self.path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]  # a torn last line (a crash) is dropped
+        self._cut = len(complete) if len(complete) < len(raw) else None
+        try:
+            text = decode_utf8(complete, self.path)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}; or {fix}") from exc
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or self.key_field not in row:
+                raise ConfigError(
+                    f"{flag} {path}: line {n} is not a row written by srlm {name} (it has no "
+                    f"{self.key_field!r}), so the file cannot be resumed; {fix}"
+                )
+            old = row.get(self.settings_field) or {}
+            if old != settings:
+                changed = [
+                    f"{k}: {old.get(k)!r} -> {settings.get(k)!r}"
+                    for k in sorted(set(old) | set(settings))
+                    if old.get(k) != settings.get(k)
+                ]
+                raise ConfigError(
+                    f"{flag} {path} holds rows made with other settings ({'; '.join(changed)}); "
+                    f"its rows are reused only for the same settings: {fix}"
+                )
+            key = row[self.key_field]
+            if key in self.rows:
+                self._duplicates = True  # dropped when the file is rewritten at the end
+                continue
+            self.rows[key] = row
+            self.order.append(key)
+        wanted = set(keys)
+        stale = [k for k in self.order if k not in wanted]
+        if stale:
+            first = self.rows[stale[0]]
+            shown = f"id {first.get('id')!r}"
+            if isinstance(first.get("prompt"), str):
+                shown += f", prompt {first['prompt'][:60]!r}"
+            raise ConfigError(
+                f"{flag} {path} holds {len(stale)} rows made from input rows that {input_path} "
+                f"no longer gives (the first: {shown}): the input was edited, or --limit "
+                f"lowered; {fix}"
+            )
+
+    def append(self, rows: list[dict]) -> None:
+        """Append ``rows`` (each already keyed), flushing each line, fsyncing at the end."""
+        from .store import _explain  # the library's explanation of write errors
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._cut is not None:  # drop a torn last line (or, with --overwrite, all)
+                with open(self.path, "r+b") as f:
+                    f.truncate(self._cut)
+                self._cut = None
+            with open(self.path, "ab") as f:
+                for row in rows:
+                    f.write((json.dumps(row, sort_keys=True, default=str) + "\n").encode())
+                    f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise _explain(exc, self.path) from exc
+        for row in rows:
+            key = row[self.key_field]
+            self.rows[key] = row
+            self.order.append(key)
+
+    def keyed(self, row: dict, key: str) -> dict:
+        """``row`` with this output's key and settings."""
+        return {**row, self.key_field: key, self.settings_field: self.settings}
+
+    def finish(self, keys: list[str], ids: list[str]) -> list[dict]:
+        """The rows in input order (ids as given); the file is rewritten atomically in that
+        order when a resumed run appended rows out of order."""
+        from .store import atomic_write_text
+
+        rows = [self.rows[k] for k in keys]
+        in_order = self.order == keys and all(r.get("id") == i for r, i in zip(rows, ids))
+        in_order = in_order and not self._duplicates
+        rows = [{**r, "id": i} for r, i in zip(rows, ids)]
+        if not in_order:
+            text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+            atomic_write_text(self.path, text)
+        return rows
+
+
+def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that shapes what ``srlm generate`` writes for a prompt."""
+    return {
+        "prompts": _abspath(args.prompts),
+        "prompt_field": args.prompt_field,
+        "messages_field": args.messages_field,
+        "model": _abspath(args.model),
+        "model_files": _fingerprint(args.model, "--model"),
+        "tokenizer": _abspath(args.tokenizer),
+        "tokenizer_files": _fingerprint(args.tokenizer, "--tokenizer") if args.tokenizer else None,
+        "chat_template_file": _file_hash(args.chat_template_file, "--chat-template-file"),
+        "no_chat_template": args.no_chat_template,
+        "dtype": args.dtype,
+        "num_candidates": args.num_candidates,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .io import load_prompts
+
+    prompts = load_prompts(_source_from_args(args, args.prompts))
+    settings = _generate_settings(args)
+    keys = _row_keys(settings, prompts)
+    out = _KeyedOutput(
+        args.out,
+        name="generate",
+        settings=settings,
+        keys=keys,
+        flag="--out",
+        input_path=args.prompts,
+        overwrite=args.overwrite,
+    )
+    todo = [i for i, k in enumerate(keys) if k not in out.rows]
+    if todo:
+        _generate_into(out, args, prompts, keys)
+    out.finish(keys, [str(i) for i in range(len(prompts))])
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "prompts": len(prompts),
+                "generated": len(todo),
+                "reused": len(prompts) - len(todo),
+            }
+        )
+    )
+    return 0
+
+
+def _generate_into(
+    out: _KeyedOutput, args: argparse.Namespace, prompts: list[str], keys: list[str]
+) -> None:
+    """Sample the rows ``out`` lacks, in fixed chunks of the input (each seeded by its
+    first position), so a resumed run writes what an uninterrupted one would."""
     import torch
 
     from .generation import GenerationConfig, generate_text
     from .hf import ensure_pad_token, load_model, load_tokenizer
-    from .io import load_prompts
     from .models import HFTokenizer
-    from .store import JsonlStore
 
-    prompts = load_prompts(_source_from_args(args, args.prompts))
     hf_tok = load_tokenizer(
         args.tokenizer or args.model, chat_template_file=args.chat_template_file
     )
@@ -506,17 +769,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p,
         num_return_sequences=args.num_candidates,
     )
-    store = JsonlStore(args.out)
-    todo = [i for i in range(len(prompts)) if str(i) not in store]
-    for start in range(0, len(todo), args.chunk_size):
-        idx = todo[start : start + args.chunk_size]
-        gen = torch.Generator(device=_device(args.device)).manual_seed(args.seed + idx[0])
+    for start in range(0, len(prompts), args.chunk_size):
+        idx = list(range(start, min(start + args.chunk_size, len(prompts))))
+        if all(keys[i] in out.rows for i in idx):
+            continue
+        gen = torch.Generator(device=_device(args.device)).manual_seed(args.seed + start)
         texts = generate_text(model, tok, [prompts[i] for i in idx], config, generator=gen)
-        store.extend(
-            {"id": str(i), "prompt": prompts[i], "responses": r} for i, r in zip(idx, texts)
+        out.append(
+            [
+                out.keyed({"id": str(i), "prompt": prompts[i], "responses": r}, keys[i])
+                for i, r in zip(idx, texts)
+                if keys[i] not in out.rows
+            ]
         )
-    print(json.dumps({"out": str(args.out), "prompts": len(prompts), "generated": len(todo)}))
-    return 0
 
 
 def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
@@ -561,92 +826,174 @@ def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
         raise ConfigError(str(exc)) from exc
 
 
+def _judge_settings(spec: JudgeSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that shapes the scores ``srlm judge`` writes for a row."""
+    settings: dict[str, Any] = {
+        "input": _abspath(args.input),
+        "prompt_field": args.prompt_field,
+        "response_field": args.response_field,
+        "responses_field": args.responses_field,
+        "judge": spec.kind,
+        "seed": args.seed,
+    }
+    if spec.kind == "python":
+        assert spec.function is not None
+        resolve_object(spec.function)  # an import error names the fix
+        source = getattr(sys.modules[spec.function.partition(":")[0]], "__file__", None)
+        settings["function"] = spec.function
+        settings["function_file"] = _file_hash(source, "--function") if source else None
+        return settings
+    flag = "--model" if spec.kind == "llm" else "--reward-model"
+    settings.update(
+        model=_abspath(spec.path),
+        model_files=_fingerprint(spec.path, flag) if spec.path else None,
+        tokenizer=_abspath(spec.tokenizer),
+        tokenizer_files=_fingerprint(spec.tokenizer, "--tokenizer") if spec.tokenizer else None,
+        dtype=spec.dtype,
+    )
+    if spec.kind == "llm":
+        rc = spec.reward_config
+        settings.update(
+            prompt_template_file=(
+                _file_hash(rc.prompt_template_file, "--prompt-template-file") if rc else None
+            ),
+            regex_template=rc.reward_regex_template if rc else None,
+            score_range=rc.score_range if rc else None,
+            samples=spec.num_samples,
+            mode=spec.mode,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            max_new_tokens=spec.max_new_tokens,
+            on_too_long=spec.on_too_long,
+        )
+    else:
+        settings.update(template=spec.template, head=spec.head)
+    return settings
+
+
+def _responses(row: dict, args: argparse.Namespace, i: int) -> tuple[bool, list[str]]:
+    """Whether ``row`` holds a list of responses, and its responses; checks the fields."""
+    if args.prompt_field not in row:
+        raise ValueError(
+            f"row {i} has no {args.prompt_field!r} field (fields: {', '.join(map(str, row))}); "
+            "set --prompt-field"
+        )
+    if args.responses_field not in row and args.response_field not in row:
+        raise ValueError(
+            f"row {i} has neither {args.response_field!r} nor {args.responses_field!r}; "
+            "set --response-field or --responses-field"
+        )
+    if not isinstance(row[args.prompt_field], str):
+        raise TypeError(
+            f"row {i}: the prompt must be text, got {type(row[args.prompt_field]).__name__}; "
+            "check --prompt-field"
+        )
+    resp = row.get(args.responses_field, row.get(args.response_field))
+    many = isinstance(resp, list)
+    for r in resp if many else [resp]:
+        if not isinstance(r, str):
+            raise TypeError(
+                f"row {i}: responses must be text, got {type(r).__name__}; "
+                "check --response-field / --responses-field"
+            )
+    return many, list(resp) if many else [resp]
+
+
 def _score_rows(
-    rows: list[dict], judge: Any, args: argparse.Namespace, out: str | None
-) -> list[dict]:
-    """Score every row (``response`` or a ``responses`` list) in chunks; with ``out``,
-    append scored rows to that JSONL and skip rows already there."""
+    rows: list[dict],
+    make_judge: Any,
+    args: argparse.Namespace,
+    out: str | None,
+    *,
+    spec: JudgeSpec,
+    flag: str = "--out",
+) -> tuple[list[dict], int]:
+    """Score every row (``response`` or a ``responses`` list) in fixed chunks of the input
+    (each seeded by its first position). With ``out``, scored rows are appended to that
+    JSONL as they are made, and a rerun reuses the rows made with the same settings from
+    the same input rows (see :class:`_KeyedOutput`). ``make_judge()`` builds the judge,
+    only when some row needs scoring. Returns the rows and how many were scored now."""
     import torch
 
-    from .store import JsonlStore
-
-    store = JsonlStore(out) if out is not None else None
-    done: dict[str, dict] = {r["id"]: r for r in store} if store is not None else {}
-    results: list[dict] = []
-    pending: list[dict] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        prompts, responses, owners = [], [], []
-        for j, row in enumerate(pending):
-            resp = row.get(args.responses_field, row.get(args.response_field))
-            many = isinstance(resp, list)
-            for r in resp if many else [resp]:
-                if not isinstance(r, str):
-                    raise TypeError(
-                        f"row {row['id']}: responses must be text, got {type(r).__name__}; "
-                        f"check --response-field / --responses-field"
-                    )
-                prompts.append(row[args.prompt_field])
-                responses.append(r)
-                owners.append(j)
-        gen = torch.Generator().manual_seed(args.seed + len(results))
-        scored = judge.score(prompts, responses, generator=gen)
-        for j, row in enumerate(pending):
-            mine = [s for s, o in zip(scored, owners) if o == j]
-            many = isinstance(row.get(args.responses_field), list)
-            new = dict(row)
-            if many:
-                new["scores"] = [s.score for s in mine]
-                new["judgements"] = [s.to_dict() for s in mine]
-            else:
-                new["score"] = mine[0].score
-                new["judgement"] = mine[0].to_dict()
-            results.append(new)
-            if store is not None:
-                store.append(new)
-        pending.clear()
-
-    for i, row in enumerate(rows):
-        row = dict(row)
-        row["id"] = str(row.get("id", i))
-        if args.prompt_field not in row:
-            raise ValueError(
-                f"row {i} has no {args.prompt_field!r} field (fields: {', '.join(row)}); "
-                "set --prompt-field"
-            )
-        if args.responses_field not in row and args.response_field not in row:
-            raise ValueError(
-                f"row {i} has neither {args.response_field!r} nor {args.responses_field!r}; "
-                "set --response-field or --responses-field"
-            )
-        if row["id"] in done:
-            results.append(done[row["id"]])
+    checked = [_responses(row, args, i) for i, row in enumerate(rows)]  # all, before any work
+    ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
+    settings = _judge_settings(spec, args)
+    keys = _row_keys(settings, rows)
+    store = None
+    if out is not None:
+        store = _KeyedOutput(
+            out,
+            name="judge",
+            settings=settings,
+            keys=keys,
+            flag=flag,
+            input_path=args.input,
+            overwrite=args.overwrite,
+        )
+    done: dict[str, dict] = store.rows if store is not None else {}
+    todo = [k for k in keys if k not in done]
+    made: dict[str, dict] = {}
+    judge = make_judge() if todo else None
+    for start in range(0, len(rows), args.chunk_size):
+        idx = list(range(start, min(start + args.chunk_size, len(rows))))
+        if all(keys[i] in done for i in idx):
             continue
-        pending.append(row)
-        if len(pending) >= args.chunk_size:
-            flush()
-    flush()
-    return results
+        prompts, responses, owners = [], [], []
+        for i in idx:
+            for r in checked[i][1]:
+                prompts.append(rows[i][args.prompt_field])
+                responses.append(r)
+                owners.append(i)
+        gen = torch.Generator().manual_seed(args.seed + start)
+        scored = judge.score(prompts, responses, generator=gen)
+        new = []
+        for i in idx:
+            if keys[i] in done:
+                continue
+            mine = [sc for sc, o in zip(scored, owners) if o == i]
+            row = {**rows[i], "id": ids[i]}
+            if checked[i][0]:
+                row["scores"] = [sc.score for sc in mine]
+                row["judgements"] = [sc.to_dict() for sc in mine]
+            else:
+                row["score"] = mine[0].score
+                row["judgement"] = mine[0].to_dict()
+            new.append(store.keyed(row, keys[i]) if store is not None else row)
+            made[keys[i]] = new[-1]
+        if store is not None:
+            store.append(new)
+    if store is not None:
+        return store.finish(keys, ids), len(todo)
+    return [made[k] for k in keys], len(todo)
 
 
 def _read_input(args: argparse.Namespace) -> list[dict]:
     from .io import read_rows
 
+    _check_input(args.input, args.format, "--input")
     return read_rows(args.input, format=args.format, split=args.split, limit=args.limit)
+
+
+def _judge_maker(spec: JudgeSpec, args: argparse.Namespace) -> Any:
+    return lambda: build_judge(spec, device=_device(args.device) if spec.kind != "python" else None)
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
     spec = _judge_spec_from_args(args)
     rows = _read_input(args)
-    judge = build_judge(spec, device=_device(args.device) if spec.kind != "python" else None)
-    scored = _score_rows(rows, judge, args, args.out)
+    scored, judged = _score_rows(rows, _judge_maker(spec, args), args, args.out, spec=spec)
     flat = [s for r in scored for s in (r["scores"] if "scores" in r else [r["score"]])]
     parsed = sum(s is not None for s in flat)
     print(
         json.dumps(
-            {"out": str(args.out), "rows": len(scored), "scores": len(flat), "parsed": parsed}
+            {
+                "out": str(args.out),
+                "rows": len(scored),
+                "scores": len(flat),
+                "parsed": parsed,
+                "judged": judged,
+                "reused": len(scored) - judged,
+            }
         )
     )
     return 0
@@ -667,8 +1014,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = _read_input(args)
     if args.pred_field is None:
         spec = _judge_spec_from_args(args)
-        judge = build_judge(spec, device=_device(args.device) if spec.kind != "python" else None)
-        rows = _score_rows(rows, judge, args, args.scored_out)
+        maker = _judge_maker(spec, args)
+        rows, _ = _score_rows(rows, maker, args, args.scored_out, spec=spec, flag="--scored-out")
         pred_field, preds_field = "score", "scores"
     else:
         if any(getattr(args, a) is not None for a in ("model", "reward_model", "function")):
@@ -828,14 +1175,16 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="sample candidate responses for prompts, to JSONL",
         description="Sample --num-candidates responses per prompt with a local Hugging Face "
-        "model. Writes one JSON line per prompt: {id, prompt, responses}. Resumes: prompts "
-        "already in --out are skipped.",
+        "model. Writes one JSON line per prompt: {id, prompt, responses}. Resumes: a rerun "
+        "reuses the rows of --out made from the same prompts with the same settings, and "
+        "refuses an --out made with other settings (naming them).",
     )
     p.add_argument("--model", required=True, help="local causal LM folder")
     p.add_argument(
         "--prompts", required=True, help="prompt file (jsonl/json/csv/tsv/parquet/datasets folder)"
     )
     p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--overwrite", action="store_true", help="replace --out instead of resuming it")
     _add_model_args(p)
     p.add_argument(
         "--chat-template-file", default=None, help="replace the tokenizer's chat template"
@@ -859,11 +1208,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a JSONL of prompt/response pairs with a judge",
         description="Score each row's response (or list of responses, as written by srlm "
         "generate) with an LLM judge, a reward model or a Python function. Writes the rows "
-        "with score/judgement (or scores/judgements) added. Resumes: rows already in --out "
-        "are skipped.",
+        "with score/judgement (or scores/judgements) added. Resumes: a rerun reuses the "
+        "rows of --out judged from the same input rows with the same settings, and refuses "
+        "an --out made with other settings (naming them).",
     )
     p.add_argument("--input", required=True, help="rows with prompt and response(s)")
     p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--overwrite", action="store_true", help="replace --out instead of resuming it")
     _add_judge_args(p)
     _add_input_args(p, response=True)
     p.set_defaults(func=cmd_judge)
@@ -885,7 +1236,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="pairwise accuracy compares rows sharing this field ('' for all pairs)",
     )
     p.add_argument("--out", default=None, help="write the metrics JSON here too")
-    p.add_argument("--scored-out", default=None, help="with a judge: write the scored rows (JSONL)")
+    p.add_argument(
+        "--scored-out",
+        default=None,
+        help="with a judge: write the scored rows (JSONL; a rerun resumes it like srlm judge)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --scored-out instead of resuming it"
+    )
     _add_judge_args(p)
     _add_input_args(p, response=True)
     p.set_defaults(func=cmd_eval)
@@ -899,12 +1257,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``srlm``; returns the exit status (0 success, 1 failure, 2 bad input)."""
+    """Entry point of ``srlm``; returns the exit status (0 success, 1 failure, 2 bad input,
+    130 interrupted by Ctrl-C)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `srlm demo ...` hands every later argument (including --help) to the demo's parser
     globals_ = [a for a in argv[: argv.index("demo")]] if "demo" in argv else []
     if "demo" in argv and all(a.startswith("-") for a in globals_):
-        return cmd_demo(argv[argv.index("demo") + 1 :])
+        try:
+            return cmd_demo(argv[argv.index("demo") + 1 :])
+        except KeyboardInterrupt:
+            if "--debug" in globals_:
+                raise
+            print("srlm demo: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -915,6 +1280,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        resumes = args.command in ("run", "generate", "judge") or getattr(args, "scored_out", None)
+        hint = "; rerun the same command to resume" if resumes else ""
+        if resumes and getattr(args, "overwrite", False):  # rerun as is: it would start over
+            hint = "; rerun the same command without --overwrite to resume"
+        print(f"srlm {args.command}: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         print(f"srlm {args.command}: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -101,7 +101,9 @@ def load_tokenizer(
         str(_local_dir(path, "tokenizer folder")), local_files_only=True
     )
     if chat_template_file is not None:
-        chat_template = Path(chat_template_file).read_text(encoding="utf-8")
+        from .io import read_text
+
+        chat_template = read_text(chat_template_file)
     if chat_template is not None:
         tok.chat_template = chat_template
     tok.padding_side = "right"

@@ -20,20 +20,24 @@ multi-turn chats.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections.abc import Sequence
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from .run_config import DataSource
 
 __all__ = [
+    "decode_utf8",
     "detect_format",
     "load_prompts",
     "load_rows",
     "load_sft",
     "read_rows",
+    "read_text",
     "row_to_example",
     "write_jsonl",
 ]
@@ -57,30 +61,54 @@ def detect_format(path: str | Path) -> str:
     fmt = _SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise ValueError(
-            f"cannot tell the format of {p} from its suffix {p.suffix!r}; name it .jsonl, "
-            ".json, .csv, .tsv or .parquet, or set format: explicitly"
+            f"cannot tell the format of {p} from its suffix {p.suffix!r}; supported: .jsonl, "
+            ".json, .csv, .tsv or .parquet files and datasets folders (for one prompt per "
+            "line, write a .csv with the header line 'prompt'); rename the file or set its "
+            "format explicitly (format: in a config, --format on the command line)"
         )
     return fmt
 
 
+def decode_utf8(raw: bytes, path: str | Path) -> str:
+    """``raw`` as UTF-8 text (a leading byte-order mark is dropped); invalid bytes raise a
+    ``ValueError`` naming the file, the line, the byte offset and the fix."""
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        pos = skip + exc.start
+        line_start = raw.rfind(b"\n", 0, pos) + 1
+        line = raw.count(b"\n", 0, pos) + 1
+        bad = " ".join(f"0x{b:02x}" for b in raw[pos : skip + exc.end])
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte {bad} at byte offset {pos}, column "
+            f"{pos - line_start + 1} of the line); re-save the file as UTF-8 (e.g. "
+            f"iconv -f latin1 -t utf-8), or fix that line"
+        ) from None
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file (data, templates, configs); see :func:`decode_utf8`."""
+    return decode_utf8(Path(path).read_bytes(), path)
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{n}: not valid JSON ({exc.msg}); one object per line"
-                ) from exc
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path}:{n}: not valid JSON ({exc.msg}); one object per line"
+            ) from exc
     return rows
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise ValueError(
             f"{path} is not valid JSON ({exc}); for one object per line name it .jsonl"
@@ -93,8 +121,8 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path, delimiter: str) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return [dict(r) for r in csv.DictReader(f, delimiter=delimiter)]
+    text = StringIO(read_text(path), newline="")
+    return [dict(r) for r in csv.DictReader(text, delimiter=delimiter)]
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -45,6 +45,7 @@ __all__ = [
     "TokenizerConfig",
     "build_stages",
     "load_run_config",
+    "load_yaml",
     "parse_run_config",
     "resolve_object",
 ]
@@ -530,6 +531,13 @@ def _check_files(cfg: RunConfig) -> None:
     _check_exists(cfg.tokenizer.chat_template_file, "tokenizer.chat_template_file")
     for name, src in cfg.data.items():
         _check_exists(src.path, f"data.{name}.path")
+        if src.path is not None and src.format == "auto":
+            from .io import detect_format
+
+            try:
+                detect_format(src.path)
+            except ValueError as exc:
+                raise ConfigError(f"data.{name}.path: {exc}") from exc
     for name, spec in cfg.judges.items():
         _check_exists(spec.path, f"judges.{name}.path", hf_model=True)
         _check_exists(spec.tokenizer, f"judges.{name}.tokenizer")
@@ -569,7 +577,9 @@ def _check_reward_configs(cfg: RunConfig, *, read_files: bool) -> None:
             if spec.prompt_template_file is not None:
                 if not read_files:
                     continue
-                template = Path(spec.prompt_template_file).read_text(encoding="utf-8")
+                from .io import read_text
+
+                template = read_text(spec.prompt_template_file)
             if template is not None:
                 RewardConfig(
                     prompt_template=template,
@@ -616,17 +626,63 @@ def parse_run_config(
     return cfg
 
 
-def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
-    """Read and validate a ``srlm run`` YAML file (see the module docstring)."""
+def _strict_loader() -> type:
     import yaml
 
+    class StrictSafeLoader(yaml.SafeLoader):
+        """PyYAML's safe loader (no Python tags) that refuses a key given twice in a mapping."""
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *anchor` keys may be overridden by design
+                    key = self.construct_object(key_node, deep=True)
+                    line = key_node.start_mark.line + 1
+                    try:
+                        first = seen.get(key)
+                        seen.setdefault(key, line)
+                    except TypeError:  # an unhashable key: the base class reports it
+                        continue
+                    if first is not None:
+                        raise ConfigError(
+                            f"{key_node.start_mark.name}:{line}: the key {key!r} is given twice "
+                            f"in the same mapping (first on line {first}); YAML would keep only "
+                            "the last value: remove one of them"
+                        )
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictSafeLoader
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with PyYAML's safe loader (Python tags are refused), refusing a
+    key given twice in one mapping; errors are :class:`ConfigError` naming the file and line."""
+    import yaml
+
+    from .io import read_text
+
+    try:
+        text = read_text(path)
+    except ValueError as exc:  # not UTF-8
+        raise ConfigError(str(exc)) from exc
+    loader = _strict_loader()(text)
+    loader.name = str(path)  # marks (line numbers in errors) name the file
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
+
+
+def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
+    """Read and validate a ``srlm run`` YAML file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    data = load_yaml(path)
     if data is None:
         raise ConfigError(f"{path} is empty; see examples/*.yaml for a complete config")
     return parse_run_config(data, base_dir=path.resolve().parent, check_files=check_files)

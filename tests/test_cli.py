@@ -20,7 +20,7 @@ from self_rewarding_lm_pytorch.cli import build_model, build_tokenizer, main
 from self_rewarding_lm_pytorch.config import ConfigError
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.metrics import kendall_tau, spearman
-from self_rewarding_lm_pytorch.run_config import load_run_config, parse_run_config
+from self_rewarding_lm_pytorch.run_config import load_run_config, load_yaml, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,17 @@ from self_rewarding_lm_pytorch.judge import JudgeResult
 def words(prompt, response):
     """Scripted judge: longer answers are better."""
     return float(len(response.split()))
+
+
+CALLS = []
+
+
+def interrupted_on_third_call(prompt, response):
+    """Scores 1.0, but the third call is interrupted as by Ctrl-C."""
+    CALLS.append(response)
+    if len(CALLS) == 3:
+        raise KeyboardInterrupt
+    return 1.0
 
 
 class Echo:
@@ -461,6 +472,100 @@ def test_generate_judge_eval_commands(workdir, tiny, capsys):
     assert "no gold score field 'g'" in capsys.readouterr().err
 
 
+def test_generate_resumes_by_content_as_an_uninterrupted_run(workdir, tiny, capsys):
+    prompts = workdir / "prompts.csv"  # four prompts
+    base = ["-q", "generate", "--model", str(tiny), "--prompts", str(prompts), "--prompt-field",
+            "instruction", "--num-candidates", "2", "--max-new-tokens", "4", "--chunk-size", "3",
+            "--device", "cpu"]  # fmt: skip
+    fresh = workdir / "fresh.jsonl"
+    assert main([*base, "--out", str(fresh)]) == 0
+    # a first run on two prompts, then all four: the two rows are reused, the others are
+    # sampled in the same chunks as in the uninterrupted run (so they are its rows)
+    out = workdir / "out.jsonl"
+    assert main([*base, "--out", str(out), "--limit", "2"]) == 0
+    first = [json.loads(x) for x in out.open()]
+    capsys.readouterr()
+    assert main([*base, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "out": str(out), "prompts": 4, "generated": 2, "reused": 2
+    }  # fmt: skip
+    rows = [json.loads(x) for x in out.open()]
+    assert rows[:2] == first
+    assert rows[2:] == [json.loads(x) for x in fresh.open()][2:]
+    # a crash mid-line: the torn line is dropped and its row made again, as before
+    data = fresh.read_bytes()
+    torn = workdir / "torn.jsonl"
+    torn.write_bytes(data[: data.index(b"\n") + 1 + 25])
+    assert main([*base, "--out", str(torn)]) == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 3
+    assert torn.read_bytes() == data
+    # the prompts reordered: every row is reused, written in the new order
+    lines = prompts.read_text().splitlines()
+    prompts.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    assert main([*base, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 0
+    before = {r["prompt"]: r["responses"] for r in rows}
+    rows = [json.loads(x) for x in out.open()]
+    assert [r["prompt"] for r in rows] == list(reversed(lines[1:]))
+    assert [r["id"] for r in rows] == ["0", "1", "2", "3"]
+    assert all(r["responses"] == before[r["prompt"]] for r in rows)
+
+
+def test_judge_resumes_by_content_and_keeps_duplicate_rows(workdir, capsys):
+    rows = [{"prompt": "p", "response": "a b"}, {"prompt": "p", "response": "a b"}]
+    rows += [{"prompt": f"q{i}", "responses": ["x " * i, "y"]} for i in range(4)]
+    data = workdir / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["-q", "judge", "--input", str(data), "--function", "srlm_test_judges:words",
+            "--chunk-size", "4"]  # fmt: skip
+    fresh = workdir / "fresh.jsonl"
+    assert main([*base, "--out", str(fresh)]) == 0
+    got = [json.loads(x) for x in fresh.open()]
+    assert len(got) == 6 and got[0]["score"] == got[1]["score"] == 2.0  # duplicates both kept
+    assert len({r["judge_key"] for r in got}) == 6
+    out = workdir / "out.jsonl"
+    assert main([*base, "--out", str(out), "--limit", "3"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["judged"], summary["reused"]) == (3, 3)
+    assert out.read_bytes() == fresh.read_bytes()
+    # nothing left to do: the judge is not even built (an unimportable one would fail)
+    assert main([*base, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["judged"] == 0
+    # srlm eval --scored-out resumes the same way
+    labelled = workdir / "labelled.jsonl"
+    items = [{"prompt": "p", "response": "a " * g, "gold_score": g} for g in (1, 2, 3)]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in items))
+    scored = workdir / "scored.jsonl"
+    ev = ["eval", "--input", str(labelled), "--scored-out", str(scored)]
+    assert main([*ev, "--function", "srlm_test_judges:words"]) == 0
+    made = scored.read_bytes()
+    assert main([*ev, "--function", "srlm_test_judges:words"]) == 0
+    assert scored.read_bytes() == made
+    capsys.readouterr()
+    assert main([*ev, "--function", "srlm_test_judges:Echo"]) == 2
+    err = capsys.readouterr().err
+    assert "--scored-out" in err and "function: 'srlm_test_judges:words' -> " in err
+
+
+def test_ctrl_c_in_judge_keeps_the_rows_and_names_the_rerun(workdir, capsys):
+    data = workdir / "rows.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(4))
+    )
+    out = workdir / "out.jsonl"
+    args = ["-q", "judge", "--input", str(data), "--out", str(out), "--chunk-size", "1",
+            "--function", "srlm_test_judges:interrupted_on_third_call"]  # fmt: skip
+    assert main([*args, "--overwrite"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == "srlm judge: interrupted; rerun the same command without --overwrite to resume"
+    assert [json.loads(x)["id"] for x in out.open()] == ["0", "1"]  # saved as they were made
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["judged"], summary["reused"]) == (2, 2)
+
+
 @pytest.mark.parametrize(
     "path",
     sorted(
@@ -475,5 +580,5 @@ def test_example_run_configs_are_valid(path):
 def test_accelerate_example_configs_name_their_backend():
     found = {}
     for p in (REPO / "examples").glob("accelerate_*.yaml"):
-        found[yaml.safe_load(p.read_text())["distributed_type"]] = p.name
+        found[load_yaml(p)["distributed_type"]] = p.name  # no key given twice
     assert {"DEEPSPEED", "FSDP"} <= set(found)
