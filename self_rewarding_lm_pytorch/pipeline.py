@@ -583,7 +583,8 @@ class SelfRewardingTrainer:
             save_final_checkpoint=False,  # the pipeline writes <stage>/checkpoint
             **kwargs,
         )
-        metrics = trainer.train()
+        with trainer:  # gives back its optimizer and loaders when done
+            metrics = trainer.train()
         return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
 
     def _run_spin(self, stage: SPINStage, stage_dir: Path) -> dict:
@@ -598,7 +599,8 @@ class SelfRewardingTrainer:
             checkpoint_folder=str(stage_dir / "spin-checkpoints"),
             **kwargs,
         )
-        metrics = trainer.train()
+        with trainer:  # gives back its optimizer and loaders when done
+            metrics = trainer.train()
         return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
 
     # ------------------------------------------------------------------ prompt generation
@@ -698,7 +700,8 @@ class SelfRewardingTrainer:
             save_final_checkpoint=False,  # the pipeline writes <stage>/checkpoint
             **kwargs,
         )
-        metrics = trainer.train()
+        with trainer:  # gives back its optimizer and loaders when done
+            metrics = trainer.train()
         stats = json.loads((stage_dir / "stats.json").read_text())
         return {
             "checkpoint": self._checkpoint(stage_dir),

@@ -530,3 +530,103 @@ def test_sft_with_group_by_length_learns():
         accelerate_kwargs=dict(cpu=True),
     ).train()
     assert loss() < 0.5 * before
+
+
+# --------------------------------------------------------------------------- release
+def _live_optimizers() -> list[torch.optim.Optimizer]:
+    """Live torch optimizers, not counting accelerate's wrappers around them."""
+    import gc
+
+    gc.collect()
+    return [
+        o
+        for o in gc.get_objects()
+        if issubclass(type(o), torch.optim.Optimizer) and type(o).__name__ != "AcceleratedOptimizer"
+    ]
+
+
+def test_pipeline_stages_release_their_optimizers(tmp_path):
+    """SFT -> DPO -> DPO on one shared accelerator: each finished stage gives back its
+    optimizer (and AdamW state), model wrapper and data loaders; one optimizer at most is
+    alive at any time."""
+    import weakref
+
+    from self_rewarding_lm_pytorch.pipeline import PreferenceStage, SelfRewardingTrainer, SFTStage
+    from tests.tiny import PROMPTS, SFT_DATA, char_tokenizer, scripted_score, tiny_model
+
+    seen: dict[str, list] = {"judge": [], "train": []}
+    stage_optimizers: list[weakref.ref] = []
+    check_next_judge = [True]
+
+    def judge(prompt: str, response: str) -> float | None:
+        if check_next_judge[0]:  # first judging after SFT / after the first DPO stage
+            check_next_judge[0] = False
+            seen["judge"].append(len(_live_optimizers()))
+        return scripted_score(prompt, response)
+
+    def eval_module(model: nn.Module) -> float:  # at the start and end of a DPO stage
+        live = _live_optimizers()
+        seen["train"].append(len(live))
+        stage_optimizers.extend(weakref.ref(o) for o in live)
+        check_next_judge[0] = True
+        return 0.0
+
+    dpo = dict(
+        kind="external_reward_dpo",
+        judge="scripted",
+        num_preference_pairs=4,
+        max_new_tokens=4,
+        trainer=dict(batch_size=2, num_train_steps=2, start_learning_rate=1e-3),
+    )
+    pipe = SelfRewardingTrainer(
+        tiny_model(),
+        tokenizer=char_tokenizer(),
+        datasets={"sft": SFT_DATA[:8], "prompts": PROMPTS},
+        judges={"scripted": judge},
+        stages=[
+            SFTStage(trainer=dict(batch_size=4, num_train_steps=2)),
+            PreferenceStage(**dpo),
+            PreferenceStage(**dpo),
+        ],
+        checkpoints_folder=str(tmp_path),
+        accelerate_kwargs=dict(cpu=True),
+        early_stopper_eval_module=eval_module,
+        progress=False,
+    )
+    model = pipe.model
+    before = [p.detach().clone() for p in model.parameters()]
+    pipe.run()
+    assert seen["judge"] == [0, 0]  # nothing of the SFT stage / first DPO stage is left
+    assert seen["train"] == [1, 1, 1, 1]  # the DPO stage's own optimizer only
+    assert _live_optimizers() == []
+    assert all(ref() is None for ref in stage_optimizers)
+    acc = pipe.accelerator
+    assert (acc._optimizers, acc._models, acc._schedulers, acc._dataloaders) == ([], [], [], [])
+    # the shared model stayed the user's module, trained, with no gradients left behind
+    assert pipe.model is model
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_release_keeps_others_prepared_objects_and_refuses_to_train_again(tmp_path):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    other = acc.prepare(other)
+    model = tiny_lm()
+    trainer = SFTTrainer(
+        model, train_dataset=sft_data(4), batch_size=2, accelerator=acc, progress=False
+    )
+    trainer.train()
+    assert len(acc._optimizers) == 2 and acc._dataloaders
+    with trainer:  # the context manager releases on exit
+        pass
+    assert acc._optimizers == [other] and acc._dataloaders == [] and acc._models == []
+    trainer.release()  # twice is harmless
+    with pytest.raises(RuntimeError, match="was released.*create a new trainer"):
+        trainer.train()
+    # the model and the trainer's non-training methods still work
+    out = trainer.save_checkpoint(tmp_path / "ckpt")
+    load_checkpoint(tiny_lm(seed=5), out)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, VOCAB)

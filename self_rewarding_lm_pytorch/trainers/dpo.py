@@ -164,6 +164,11 @@ class PreferenceTrainer(BaseTrainer):
             )
         return module
 
+    def _release_extra(self) -> None:
+        self.ref_logps = None
+        self.ref_lm = None
+        self._replay_iter = None
+
     # ------------------------------------------------------------------ data
     def _num_items(self) -> int:
         return len(self.pairs)
@@ -381,6 +386,10 @@ class DPOTrainer(PreferenceTrainer):
                 self.ref_lm = copy.deepcopy(self.lm)
                 self.ref_lm.requires_grad_(False)
                 self.ref_lm.eval()
+
+    def _release_extra(self) -> None:
+        super()._release_extra()
+        self._given_ref = None
 
     def _epoch_loader(self, epoch: int) -> Iterable[dict[str, Tensor]]:
         return self._pair_loader()
