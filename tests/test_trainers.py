@@ -630,3 +630,39 @@ def test_release_keeps_others_prepared_objects_and_refuses_to_train_again(tmp_pa
     out = trainer.save_checkpoint(tmp_path / "ckpt")
     load_checkpoint(tiny_lm(seed=5), out)
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, VOCAB)
+
+
+def test_dpo_trainer_ipo_uses_each_pair_response_lengths():
+    """The trainer hands IPO the response token counts: the logged loss of the first step
+    is the length-normalised IPO loss of the starting policy vs the given reference."""
+    g = torch.Generator().manual_seed(4)
+    pairs = [  # chosen and rejected responses of different lengths
+        PreferenceExample(rand_ids(g, 3), rand_ids(g, 2 + i % 4), rand_ids(g, 7 - i % 3))
+        for i in range(6)
+    ]
+    policy, ref = tiny_lm(seed=0), tiny_lm(seed=1)
+    start = copy.deepcopy(policy)
+    beta = 0.5
+    trainer = DPOTrainer(
+        policy,
+        train_dataset=pairs,
+        ref_model=ref,
+        loss_type="ipo",
+        beta=beta,
+        batch_size=6,
+        num_train_steps=1,
+        accelerate_kwargs=CPU,
+        progress=False,
+    )
+    trainer.train()
+    batch = collate_preference(pairs)
+    ids, rm = batch["input_ids"], batch["response_mask"]
+    with torch.no_grad():
+        lp = sequence_logprobs(start(ids), ids, rm)
+        lp_ref = sequence_logprobs(ref(ids), ids, rm)
+    n = rm.sum(dim=1)
+    h = (lp[:6] - lp_ref[:6]) / n[:6] - (lp[6:] - lp_ref[6:]) / n[6:]
+    want = ((h - 1 / (2 * beta)) ** 2).mean().item()
+    assert trainer.history[0]["pref_loss"] == pytest.approx(want, rel=1e-5)
+    summed = (lp[:6] - lp_ref[:6]) - (lp[6:] - lp_ref[6:])  # the unnormalised form differs
+    assert ((summed - 1 / (2 * beta)) ** 2).mean().item() != pytest.approx(want, rel=1e-2)

@@ -300,7 +300,7 @@ class SPINTrainer(PreferenceTrainer):
         return self._pair_loader()
 
     def _preference_loss(
-        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, lc: Tensor, lr: Tensor
     ) -> PreferenceLossOutput:
         return spin_loss(pc, pr, rc, rr, lam=self.lam, loss_type=self.loss_type)
 
