@@ -666,3 +666,71 @@ def test_dpo_trainer_ipo_uses_each_pair_response_lengths():
     assert trainer.history[0]["pref_loss"] == pytest.approx(want, rel=1e-5)
     summed = (lp[:6] - lp_ref[:6]) - (lp[6:] - lp_ref[6:])  # the unnormalised form differs
     assert ((summed - 1 / (2 * beta)) ** 2).mean().item() != pytest.approx(want, rel=1e-2)
+
+
+def _ddp_release_rank(rank: int, port: int, errors) -> None:
+    """One of two gloo ranks (forked from the test process, so nothing is imported
+    again): SFT then DPO on one shared accelerator, each trainer released."""
+    import os
+    import traceback
+    import weakref
+
+    try:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+            LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        )  # fmt: skip
+        torch.set_num_threads(1)
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)  # the parent's single-process state
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+        acc = Accelerator(cpu=True)
+        assert acc.num_processes == 2
+        model = tiny_lm()
+        for cls, data in ((SFTTrainer, sft_data(4)), (DPOTrainer, pref_data(4))):
+            trainer = cls(model, train_dataset=data, batch_size=2, accelerator=acc,
+                          progress=False, start_learning_rate=1e-3)  # fmt: skip
+            assert type(trainer.model).__name__ == "DistributedDataParallel"
+            wrapper = weakref.ref(trainer.model)
+            with trainer:
+                trainer.train()
+            assert wrapper() is None  # release() dropped the DDP wrapper (and its hooks)
+            assert (acc._models, acc._optimizers, acc._dataloaders) == ([], [], [])
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        both = acc.gather(flat[None])
+        assert torch.equal(both[0], both[1])  # the ranks stayed in sync through both stages
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def test_release_under_ddp_drops_the_wrapper_and_the_accelerator_lists():
+    """Two real CPU ranks: accelerate lists the bare module (not the DDP wrapper) as its
+    model, and release() must remove both, so that wrappers do not pile up over stages."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import accelerate.data_loader  # noqa: F401  (imported once here, not in each rank)
+
+    with contextlib.suppress(ImportError):
+        import datasets  # noqa: F401  (accelerate imports it when preparing a loader)
+    ctx = mp.get_context("fork")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_release_rank, args=(r, port, errors)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    msgs = [errors.get(timeout=1) for _ in range(errors.qsize())] if not errors.empty() else []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "\n".join(msgs)

@@ -418,9 +418,10 @@ class BaseTrainer:
         optimizer = torch.optim.AdamW(groups, lr=start_learning_rate, **(adam_kwargs or {}))
         self.model, self.optimizer = self.accelerator.prepare(self.lm, optimizer)
         self._raw_optimizer = optimizer
-        # everything this trainer prepared on the (possibly shared) accelerator; release()
-        # removes exactly these from its lists
-        self._prepared: list[Any] = [self.model, self.optimizer]
+        # everything this trainer prepared on the (possibly shared) accelerator, as given
+        # and as returned (accelerate lists the bare module under DDP); release() removes
+        # exactly these from its lists
+        self._prepared: list[Any] = [self.lm, optimizer, self.model, self.optimizer]
         self._released = False
 
         # ---------------------------------------------------------------- settings
@@ -501,7 +502,7 @@ class BaseTrainer:
                 generator=generator,
             )
         prepared = self.accelerator.prepare(loader)
-        self._prepared.append(prepared)
+        self._prepared += [loader, prepared]
         return prepared
 
     def sft_loader(self, examples: Sequence[Any], *, batch_size: int, shuffle: bool) -> DataLoader:
