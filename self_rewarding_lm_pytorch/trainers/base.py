@@ -22,6 +22,7 @@ even when micro-batches hold different numbers of response tokens.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -577,7 +578,8 @@ class BaseTrainer:
         if self._released:
             return
         self._released = True
-        self.optimizer.zero_grad(set_to_none=True)
+        # the raw optimizer: accelerate's wrapper skips zero_grad mid-accumulation
+        self._raw_optimizer.zero_grad(set_to_none=True)
         self._raw_optimizer.state.clear()
         acc = self.accelerator
         mine = {id(obj) for obj in self._prepared}
@@ -597,8 +599,6 @@ class BaseTrainer:
         self._scheduler = None
         self._scheduler_total = None
         self._es_best_state = None
-        import gc
-
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
