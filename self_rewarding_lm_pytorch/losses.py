@@ -417,7 +417,7 @@ def dpo_loss(
       ``label_smoothing = eps > 0`` it is conservative DPO (cDPO, Mitchell 2023; TRL's
       former ``"sigmoid"`` with ``label_smoothing``):
       ``-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
-    * ``"robust"`` — robust DPO (rDPO, Chowdhury et al. 2024, Eq. 9; TRL's ``"robust"``),
+    * ``"robust"`` — robust DPO (rDPO, Chowdhury et al. 2024; TRL's ``"robust"``),
       unbiased when labels are flipped with probability ``eps = label_smoothing``:
       ``(-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``.
     * ``"ipo"`` — IPO, Azar et al. 2023, Eq. 17, with TRL's length normalisation (each

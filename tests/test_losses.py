@@ -364,7 +364,7 @@ def test_dpo_ipo_needs_lengths() -> None:
 
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_dpo_robust_is_rdpo(eps: float) -> None:
-    """rDPO (Chowdhury et al. 2024, Eq. 9): unbiased under label flips with rate eps."""
+    """rDPO (Chowdhury et al. 2024): unbiased under label flips with rate eps."""
     pc, pr, rc, rr = random_logps(13)
     beta = 0.5
     out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)
