@@ -617,13 +617,20 @@ def test_release_keeps_others_prepared_objects_and_refuses_to_train_again(tmp_pa
     other = acc.prepare(other)
     model = tiny_lm()
     trainer = SFTTrainer(
-        model, train_dataset=sft_data(4), batch_size=2, accelerator=acc, progress=False
+        model,
+        train_dataset=sft_data(4),
+        batch_size=2,
+        num_train_steps=1,  # stops inside the epoch: its loader is left mid-iteration
+        accelerator=acc,
+        progress=False,
     )
     trainer.train()
     assert len(acc._optimizers) == 2 and acc._dataloaders
+    assert acc.gradient_state.active_dataloader is not None
     with trainer:  # the context manager releases on exit
         pass
     assert acc._optimizers == [other] and acc._dataloaders == [] and acc._models == []
+    assert acc.gradient_state.active_dataloader is None
     trainer.release()  # twice is harmless
     with pytest.raises(RuntimeError, match="was released.*create a new trainer"):
         trainer.train()
