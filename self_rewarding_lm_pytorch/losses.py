@@ -1,5 +1,9 @@
 """Pure loss functions over tensors: log-probabilities, SFT/NLL, DPO, SPIN and KTO.
 
+The preference losses follow TRL's conventions (checked against a re-implementation of
+TRL's formulas in ``tests/test_losses.py``); see ``docs/losses.md``.  ``kto_loss`` is a
+building block only: no trainer or pipeline stage of this library uses it.
+
 Nothing here touches a model, an optimizer or accelerate: every function maps tensors to
 tensors, so each one can be checked against the paper's equation on hand-made inputs.
 
@@ -28,14 +32,15 @@ __all__ = [
     "SPIN_LOSS_TYPES",
     "PreferenceLossOutput",
     "dpo_loss",
-    "kto_loss",
     "nll_loss",
     "sequence_logprobs",
     "spin_loss",
     "token_logprobs",
 ]
 
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust", "ipo", "hinge")
+# loss types that take label_smoothing (sigmoid: cDPO, robust: rDPO)
+_SMOOTHED_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "robust")
 SPIN_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "hinge")
 
 # Upper bound on the number of logits upcast at once (per chunk of positions): 2**22
@@ -324,6 +329,26 @@ def _check_logps(tensors: dict[str, Tensor]) -> tuple[Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors.values())
 
 
+def _check_lengths(name: str, lengths: Tensor | None, like: Tensor) -> Tensor:
+    """Response token counts ``(batch,)`` > 0, as a tensor of ``like``'s dtype."""
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(lengths).__name__}")
+    if lengths.shape != like.shape:
+        raise ValueError(
+            f"{name} must have shape {tuple(like.shape)} (one response length per pair), got "
+            f"{tuple(lengths.shape)}"
+        )
+    if lengths.dtype == torch.bool or lengths.is_complex():
+        raise TypeError(f"{name} must hold token counts, got {lengths.dtype}")
+    lengths = lengths.to(device=like.device, dtype=like.dtype)
+    if bool((lengths <= 0).any()) or not bool(torch.isfinite(lengths).all()):
+        raise ValueError(
+            f"{name} must be > 0 (the number of response tokens of each sequence); "
+            "compute them as response_mask.sum(dim=1)"
+        )
+    return lengths
+
+
 def _pairwise_preference_loss(
     policy_pos: Tensor,
     policy_neg: Tensor,
@@ -333,22 +358,33 @@ def _pairwise_preference_loss(
     beta: float,
     loss_type: str,
     label_smoothing: float,
+    pos_lengths: Tensor | None = None,
+    neg_lengths: Tensor | None = None,
 ) -> PreferenceLossOutput:
     """Shared core of DPO and SPIN on the log-ratio margin ``h``.
 
     ``h = (pi_pos - ref_pos) - (pi_neg - ref_neg)``;
     sigmoid: ``-(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)``;
-    ipo: ``(h - 1 / (2 beta))^2``; hinge: ``relu(1 - beta h)``.
+    robust: ``(-(1 - eps) logsigmoid(beta h) + eps logsigmoid(-beta h)) / (1 - 2 eps)``;
+    ipo: ``(h_len - 1 / (2 beta))^2`` with each log-ratio divided by its length;
+    hinge: ``relu(1 - beta h)``.
     """
     pos_ratio = policy_pos - ref_pos
     neg_ratio = policy_neg - ref_neg
     h = pos_ratio - neg_ratio
+    eps = label_smoothing
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h)
-        if label_smoothing:
-            losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-beta * h)
+        if eps:
+            losses = (1.0 - eps) * losses - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1.0 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (
+            1.0 - 2.0 * eps
+        )
     elif loss_type == "ipo":
-        losses = (h - 1.0 / (2.0 * beta)) ** 2
+        assert pos_lengths is not None and neg_lengths is not None
+        h_per_token = pos_ratio / pos_lengths - neg_ratio / neg_lengths
+        losses = (h_per_token - 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
     else:  # callers validate; kept as a guard
@@ -369,24 +405,35 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
 ) -> PreferenceLossOutput:
     """Direct Preference Optimization loss per pair.
 
-    With ``h = (log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))``:
+    With ``r_c = log pi(y_c|x) - log pi_ref(y_c|x)``, ``r_r`` the same for ``y_r`` and
+    ``h = r_c - r_r``:
 
     * ``"sigmoid"`` — DPO, Rafailov et al. 2023, Eq. 7: ``-log sigmoid(beta h)``; with
-      ``label_smoothing = eps`` (conservative DPO) ``-(1-eps) log sigmoid(beta h) -
-      eps log sigmoid(-beta h)``.
-    * ``"ipo"`` — IPO, Azar et al. 2023, Eq. 17: ``(h - 1 / (2 beta))^2`` (here ``beta``
-      plays the role of the paper's ``tau``).
+      ``label_smoothing = eps > 0`` it is conservative DPO (cDPO, Mitchell 2023; TRL's
+      former ``"sigmoid"`` with ``label_smoothing``):
+      ``-(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``.
+    * ``"robust"`` — robust DPO (rDPO, Chowdhury et al. 2024; TRL's ``"robust"``),
+      unbiased when labels are flipped with probability ``eps = label_smoothing``:
+      ``(-(1-eps) log sigmoid(beta h) + eps log sigmoid(-beta h)) / (1 - 2 eps)``.
+    * ``"ipo"`` — IPO, Azar et al. 2023, Eq. 17, with TRL's length normalisation (each
+      log-ratio divided by its response length, the form the IPO authors confirmed):
+      ``(r_c / |y_c| - r_r / |y_r| - 1 / (2 beta))^2``; ``beta`` is the paper's ``tau``.
+      Needs ``chosen_lengths`` and ``rejected_lengths``.
     * ``"hinge"`` — SLiC-HF calibration loss, Zhao et al. 2023: ``max(0, 1 - beta h)``.
 
     Args:
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps:
-            ``(batch,)`` sequence log-probs (:func:`sequence_logprobs`).
+            ``(batch,)`` summed sequence log-probs (:func:`sequence_logprobs`).
         beta: KL-penalty strength, > 0 (paper of Yuan et al. 2024: 0.1).
         loss_type: one of :data:`DPO_LOSS_TYPES`.
-        label_smoothing: assumed label-noise rate in ``[0, 0.5)``; sigmoid only.
+        label_smoothing: assumed label-noise rate in ``[0, 0.5)``; sigmoid and robust only.
+        chosen_lengths, rejected_lengths: ``(batch,)`` response token counts (> 0), e.g.
+            ``response_mask.sum(dim=1)``; needed by ``"ipo"``, ignored otherwise.
 
     Returns:
         :class:`PreferenceLossOutput` (losses in float32 or wider).
@@ -401,10 +448,10 @@ def dpo_loss(
             f"label_smoothing must lie in [0, 0.5), got {label_smoothing}; it is the assumed "
             "probability that a preference label is flipped"
         )
-    if label_smoothing and loss_type != "sigmoid":
+    if label_smoothing and loss_type not in _SMOOTHED_LOSS_TYPES:
         raise ValueError(
-            f"label_smoothing is only defined for loss_type='sigmoid' (cDPO), got "
-            f"loss_type={loss_type!r}; set label_smoothing=0.0"
+            f"label_smoothing is only defined for loss_type='sigmoid' (cDPO) and 'robust' "
+            f"(rDPO), got loss_type={loss_type!r}; set label_smoothing=0.0"
         )
     pc, pr, rc, rr = _check_logps(
         {
@@ -414,8 +461,26 @@ def dpo_loss(
             "ref_rejected_logps": ref_rejected_logps,
         }
     )
+    lc = lr = None
+    if loss_type == "ipo":
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(
+                "loss_type='ipo' divides each log-ratio by its response length: pass "
+                "chosen_lengths and rejected_lengths (response token counts, e.g. "
+                "response_mask.sum(dim=1))"
+            )
+        lc = _check_lengths("chosen_lengths", chosen_lengths, pc)
+        lr = _check_lengths("rejected_lengths", rejected_lengths, pc)
     return _pairwise_preference_loss(
-        pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=float(label_smoothing)
+        pc,
+        pr,
+        rc,
+        rr,
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=float(label_smoothing),
+        pos_lengths=lc,
+        neg_lengths=lr,
     )
 
 
@@ -471,8 +536,11 @@ def kto_loss(
 ) -> Tensor:
     """Kahneman-Tversky Optimization loss per example (Ethayarajh et al. 2024, Eq. 8).
 
+    A building block: no trainer or pipeline stage of this library trains with it.
+
     With ``r = log pi(y|x) - log pi_ref(y|x)`` and reference point
-    ``z0 = max(kl_ref, 0)`` (detached, no gradient):
+    ``z0 = max(mean(kl_ref), 0)`` (detached, no gradient; as in TRL's ``KTOTrainer``, the
+    batch mean of the mismatched-pair log-ratios, clamped after averaging):
 
     * desirable ``y``:   ``w_d * (1 - sigmoid(beta * (r - z0)))``
     * undesirable ``y``: ``w_u * (1 - sigmoid(beta * (z0 - r)))``
@@ -480,8 +548,9 @@ def kto_loss(
     Args:
         policy_logps, ref_logps: ``(batch,)`` sequence log-probs.
         desirable: ``(batch,)`` bool (or 0/1 integers), True for desirable outputs.
-        kl_ref: the KL estimate ``z0``: a scalar (tensor or number) or a ``(batch,)``
-            tensor (e.g. the batch mean of mismatched-pair log-ratios).
+        kl_ref: the KL estimate: a scalar (tensor or number), or a ``(batch,)`` tensor of
+            per-example log-ratios ``log pi(y'|x) - log pi_ref(y'|x)`` on mismatched
+            pairs, averaged over the batch before clamping.
         beta: > 0.  desirable_weight, undesirable_weight: ``lambda_D``, ``lambda_U`` >= 0.
 
     Returns:
@@ -516,7 +585,7 @@ def kto_loss(
         if kl_ref.numel() == 1:
             z0 = kl_ref.detach().reshape(())
         elif kl_ref.shape == policy.shape:
-            z0 = kl_ref.detach()
+            z0 = kl_ref.detach().mean()
         else:
             raise ValueError(
                 f"kl_ref must be a scalar or have shape {tuple(policy.shape)}, got "

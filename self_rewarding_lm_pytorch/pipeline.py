@@ -74,7 +74,13 @@ class SFTStage:
 
 @dataclass
 class SPINStage:
-    """SPIN cycles on an SFT dataset: real responses vs the model's own samples."""
+    """SPIN on an SFT dataset: real responses vs the model's own samples.
+
+    ``cycles`` is the number of SPIN iterations; by default each generates once and trains
+    3 epochs on it, mixed with the previous iteration's generations (the official schedule;
+    ``trainer=dict(schedule="per_epoch")`` or ``epochs_per_iteration=k`` change it, see
+    :class:`~self_rewarding_lm_pytorch.trainers.SPINTrainer`).
+    """
 
     kind: Literal["spin"] = "spin"
     dataset: str = "sft"
@@ -583,11 +589,14 @@ class SelfRewardingTrainer:
             save_final_checkpoint=False,  # the pipeline writes <stage>/checkpoint
             **kwargs,
         )
-        metrics = trainer.train()
+        with trainer:  # gives back its optimizer and loaders when done
+            metrics = trainer.train()
         return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
 
     def _run_spin(self, stage: SPINStage, stage_dir: Path) -> dict:
-        kwargs = {"epochs": stage.cycles, "progress": self.progress, **stage.trainer}
+        kwargs = {"progress": self.progress, **stage.trainer}
+        if "epochs" not in kwargs:  # trainer.epochs (passes in all) replaces cycles
+            kwargs.setdefault("iterations", stage.cycles)
         max_seq_len = kwargs.pop("max_seq_len", self.preference_max_seq_len)
         trainer = SPINTrainer(
             self.model,
@@ -598,7 +607,8 @@ class SelfRewardingTrainer:
             checkpoint_folder=str(stage_dir / "spin-checkpoints"),
             **kwargs,
         )
-        metrics = trainer.train()
+        with trainer:  # gives back its optimizer and loaders when done
+            metrics = trainer.train()
         return {"checkpoint": self._checkpoint(stage_dir), "metrics": _plain(metrics)}
 
     # ------------------------------------------------------------------ prompt generation
@@ -708,7 +718,8 @@ class SelfRewardingTrainer:
             save_final_checkpoint=False,  # the pipeline writes <stage>/checkpoint
             **kwargs,
         )
-        metrics = trainer.train()
+        with trainer:  # gives back its optimizer and loaders when done
+            metrics = trainer.train()
         stats = json.loads((stage_dir / "stats.json").read_text())
         return {
             "checkpoint": self._checkpoint(stage_dir),

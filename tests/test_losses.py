@@ -285,7 +285,9 @@ def test_dpo_sigmoid_equals_minus_logsigmoid() -> None:
 @pytest.mark.parametrize("beta", [0.1, 2.0])
 def test_dpo_ipo_and_hinge_match_reference(beta: float) -> None:
     pc, pr, rc, rr = random_logps(4, batch=8)
-    ipo = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo").losses
+    ones = torch.ones(8)  # one response token each: per-token = summed log-ratios
+    ipo = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo", chosen_lengths=ones,
+                   rejected_lengths=ones).losses  # fmt: skip
     hinge = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="hinge").losses
     active = 0
     for i in range(len(pc)):
@@ -299,11 +301,13 @@ def test_dpo_ipo_and_hinge_match_reference(beta: float) -> None:
 
 def test_dpo_gradient_signs_increase_margin() -> None:
     pc, pr, rc, rr = random_logps(5)
-    for loss_type in ("sigmoid", "ipo", "hinge"):
+    for loss_type in ("sigmoid", "robust", "ipo", "hinge"):
         # choose policy values so the margin h is small (hinge active, IPO below target)
         c = (rc + 0.1).clone().requires_grad_(True)
         r = (rr + 0.2).clone().requires_grad_(True)
-        out = dpo_loss(c, r, rc, rr, beta=0.5, loss_type=loss_type)
+        n = torch.full((len(c),), 2)
+        out = dpo_loss(c, r, rc, rr, beta=0.5, loss_type=loss_type, chosen_lengths=n,
+                       rejected_lengths=n)  # fmt: skip
         out.losses.sum().backward()
         assert torch.all(c.grad < 0), (loss_type, c.grad)  # raising pi_c lowers the loss
         assert torch.all(r.grad > 0), (loss_type, r.grad)  # raising pi_r raises it
@@ -322,6 +326,115 @@ def test_dpo_low_precision_inputs_computed_in_float32() -> None:
     assert out.losses.dtype == torch.float32
     ref = dpo_loss(pc.bfloat16().float(), pr.bfloat16().float(), rc, rr)
     torch.testing.assert_close(out.losses, ref.losses)
+
+
+def random_lengths(seed: int, batch: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 40, (batch,), generator=g) for _ in range(2)]
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_dpo_ipo_divides_each_log_ratio_by_its_length(beta: float) -> None:
+    """IPO (Azar et al. 2023, Eq. 17) on per-token log-ratios, as TRL computes it."""
+    pc, pr, rc, rr = random_logps(11, batch=8)
+    lc, lr = random_lengths(12, batch=8)
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo", chosen_lengths=lc,
+                   rejected_lengths=lr)  # fmt: skip
+    for i in range(8):
+        h = (float(pc[i]) - float(rc[i])) / int(lc[i]) - (float(pr[i]) - float(rr[i])) / int(lr[i])
+        assert abs(float(out.losses[i]) - (h - 1 / (2 * beta)) ** 2) < 1e-9
+        # the implicit rewards stay the summed log-ratios (as in TRL)
+        assert abs(float(out.chosen_rewards[i]) - beta * (float(pc[i]) - float(rc[i]))) < 1e-9
+    # float lengths (e.g. counts from a float mask) give the same result
+    same = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo", chosen_lengths=lc.double(),
+                    rejected_lengths=lr.double())  # fmt: skip
+    torch.testing.assert_close(same.losses, out.losses)
+
+
+def test_dpo_ipo_needs_lengths() -> None:
+    pc, pr, rc, rr = random_logps(0)
+    lc, lr = random_lengths(0)
+    with pytest.raises(ValueError, match="loss_type='ipo'.*pass chosen_lengths and rejected_len"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo")
+    with pytest.raises(ValueError, match="chosen_lengths must be > 0"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=lc * 0, rejected_lengths=lr)
+    with pytest.raises(ValueError, match=r"rejected_lengths must have shape \(6,\)"):
+        dpo_loss(pc, pr, rc, rr, loss_type="ipo", chosen_lengths=lc, rejected_lengths=lr[:3])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_dpo_robust_is_rdpo(eps: float) -> None:
+    """rDPO (Chowdhury et al. 2024): unbiased under label flips with rate eps."""
+    pc, pr, rc, rr = random_logps(13)
+    beta = 0.5
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)
+    for i in range(len(pc)):
+        h = (float(pc[i]) - float(rc[i])) - (float(pr[i]) - float(rr[i]))
+        want = (-(1 - eps) * log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1 - 2 * eps)
+        assert abs(float(out.losses[i]) - want) < 1e-9
+    # its expectation over a flip with probability eps is the clean DPO loss
+    flipped = dpo_loss(pr, pc, rr, rc, beta=beta, loss_type="robust", label_smoothing=eps)
+    clean = dpo_loss(pc, pr, rc, rr, beta=beta)
+    torch.testing.assert_close((1 - eps) * out.losses + eps * flipped.losses, clean.losses)
+
+
+# --------------------------------------------------------------------------- TRL
+# Independent re-implementation of TRL's formulas (huggingface/trl, commit f2cd577 of the
+# main branch, VERSION 1.10.0.dev0): trl/trainer/dpo_trainer.py, DPOTrainer loss block
+# (loss_type "sigmoid", "hinge", "ipo", "robust"), trl/trainer/kto_trainer.py
+# KTOTrainer._compute_loss (loss_type "kto"); the cDPO form is TRL's "sigmoid" with
+# label_smoothing as it was before its DPO refactor (trl/trainer/dpo_trainer.py at
+# e3b7897c8^, DPOTrainer.dpo_loss).
+def _trl_dpo(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, lc=None, lr=None):
+    chosen_scores = pc - rc
+    rejected_scores = pr - rr
+    delta = chosen_scores - rejected_scores
+    if loss_type == "sigmoid":  # pre-refactor: label smoothing = cDPO
+        return (
+            -F.logsigmoid(beta * delta) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * delta) * label_smoothing
+        )
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":
+        ipo_delta = chosen_scores / lc.clamp(min=1.0) - rejected_scores / lr.clamp(min=1.0)
+        return (ipo_delta - 1 / (2 * beta)) ** 2
+    if loss_type == "robust":
+        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
+        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
+        return (clean - flipped) / (1 - 2 * label_smoothing)
+    raise AssertionError(loss_type)
+
+
+def _trl_kto(policy, ref, desirable, kl_policy, kl_ref, beta, wd, wu):
+    kl = (kl_policy - kl_ref).mean().detach().clamp(min=0)
+    chosen = 1 - F.sigmoid(beta * ((policy - ref)[desirable] - kl))
+    rejected = 1 - F.sigmoid(beta * (kl - (policy - ref)[~desirable]))
+    return wd * chosen, wu * rejected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_losses_match_trl_formulas(seed: int) -> None:
+    pc, pr, rc, rr = random_logps(20 + seed, batch=16)
+    lc, lr = (x.double() for x in random_lengths(30 + seed, batch=16))
+    for beta in (0.1, 0.5):
+        for loss_type, eps in (("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0),
+                               ("ipo", 0.0), ("robust", 0.2)):  # fmt: skip
+            ours = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                            label_smoothing=eps, chosen_lengths=lc, rejected_lengths=lr)  # fmt: skip
+            trl = _trl_dpo(pc, pr, rc, rr, beta, loss_type, eps, lc, lr)
+            torch.testing.assert_close(ours.losses, trl, rtol=1e-12, atol=1e-12)
+    # KTO: the reference point is the batch mean of the mismatched-pair log-ratios
+    g = torch.Generator().manual_seed(40 + seed)
+    policy, ref, kl_p, kl_r = (-10 + 3 * torch.randn(16, generator=g, dtype=torch.float64)
+                               for _ in range(4))  # fmt: skip
+    kl_r = kl_r - 1.0 if seed else kl_r + 1.0  # a negative mean (clamped) and a positive one
+    desirable = torch.arange(16) % 3 != 0
+    ours = kto_loss(policy, ref, desirable, kl_p - kl_r, beta=0.2, desirable_weight=1.3,
+                    undesirable_weight=0.8)  # fmt: skip
+    want_d, want_u = _trl_kto(policy, ref, desirable, kl_p, kl_r, 0.2, 1.3, 0.8)
+    torch.testing.assert_close(ours[desirable], want_d, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[~desirable], want_u, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- SPIN
@@ -391,6 +504,21 @@ def test_kto_matches_eq_8(kl: float) -> None:
     )
 
 
+def test_kto_averages_per_example_kl_before_clamping() -> None:
+    """A (batch,) KL estimate is averaged over the batch, then clamped at 0 (as TRL)."""
+    policy = torch.tensor([-5.0, -7.0, -6.0], dtype=torch.float64)
+    ref = torch.tensor([-6.0, -6.0, -6.0], dtype=torch.float64)
+    desirable = torch.tensor([True, False, True])
+    kl = torch.tensor([3.0, -1.0, 1.0], dtype=torch.float64)  # mean 1.0
+    torch.testing.assert_close(
+        kto_loss(policy, ref, desirable, kl), kto_loss(policy, ref, desirable, 1.0)
+    )
+    negative = torch.tensor([2.0, -4.0, -1.0], dtype=torch.float64)  # mean -1.0 -> z0 = 0
+    torch.testing.assert_close(
+        kto_loss(policy, ref, desirable, negative), kto_loss(policy, ref, desirable, 0.0)
+    )
+
+
 def test_kto_kl_detached_and_gradient_signs() -> None:
     policy = torch.tensor([-5.0, -5.0], dtype=torch.float64, requires_grad=True)
     ref = torch.tensor([-6.0, -6.0], dtype=torch.float64)
@@ -448,14 +576,15 @@ def test_token_logprobs_errors() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
-        (dict(loss_type="kto"), ValueError, "valid: sigmoid, ipo, hinge"),
+        (dict(loss_type="kto"), ValueError, "valid: sigmoid, robust, ipo, hinge"),
         (dict(beta=0.0), ValueError, "beta must be a finite number > 0"),
         (dict(beta=-1.0), ValueError, "beta"),
         (dict(beta=float("nan")), ValueError, "beta"),
         (dict(beta="0.1"), TypeError, "beta must be a number"),
         (dict(label_smoothing=0.5), ValueError, r"\[0, 0.5\)"),
         (dict(label_smoothing=-0.1), ValueError, r"\[0, 0.5\)"),
-        (dict(label_smoothing=0.1, loss_type="ipo"), ValueError, "only defined for loss_type='sigmoid'"),
+        (dict(label_smoothing=0.1, loss_type="ipo", chosen_lengths=torch.ones(6), rejected_lengths=torch.ones(6)), ValueError, "only defined for loss_type='sigmoid' .cDPO. and 'robust'"),
+        (dict(label_smoothing=0.5, loss_type="robust"), ValueError, r"\[0, 0.5\)"),
         (dict(label_smoothing=0.1, loss_type="hinge"), ValueError, "only defined"),
     ],
 )  # fmt: skip
@@ -501,3 +630,15 @@ def test_kto_errors() -> None:
         kto_loss(pc, pr, d, 0.0, beta=0.0)
     with pytest.raises(ValueError, match="ref_logps has batch size 4"):
         kto_loss(pc, pr[:4], d, 0.0)
+
+
+def test_kto_is_a_building_block_not_a_public_training_option() -> None:
+    """No trainer or stage trains with KTO, so it is not offered next to the losses that do."""
+    import self_rewarding_lm_pytorch as srlm
+    from self_rewarding_lm_pytorch import trainers
+
+    assert "kto_loss" not in srlm.__all__ and not hasattr(srlm, "kto_loss")
+    assert "kto_loss" not in losses.__all__
+    assert "kto" not in losses.DPO_LOSS_TYPES
+    assert not [name for name in trainers.__all__ if "kto" in name.lower()]
+    assert callable(losses.kto_loss)  # still importable from the module, and tested above

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 from x_transformers import Decoder, TransformerWrapper
 
@@ -40,9 +41,11 @@ def test_seed_readme_spin_example_smaller(tmp_path, monkeypatch):
     changed = [k for k, v in transformer.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "SPIN did not update any parameter"
     losses = [h["loss"] for h in spin_trainer.history if "loss" in h]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)  # 2 cycles, 1 step each
-    # one step per cycle: the policy equals that cycle's reference, so the loss is log 2
-    assert all(abs(x - math.log(2)) < 1e-6 for x in losses)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)  # 2 epochs, 1 step each
+    # the official schedule: both epochs belong to one iteration (3 epochs per iteration),
+    # so the data is generated once; its first step is at the reference (loss log 2)
+    assert [h["cycle"] for h in spin_trainer.history if "train_pairs" in h] == [0]
+    assert abs(losses[0] - math.log(2)) < 1e-6
     # real response = seq[prompt_len:max_seq_len]; generated = a 15-token sample
     assert all(len(p.prompt_ids) == 1 for p in spin_trainer.pairs)
     assert all(len(p.chosen_ids) == 15 and len(p.rejected_ids) == 15 for p in spin_trainer.pairs)
@@ -79,6 +82,7 @@ def test_spin_generates_once_per_cycle_from_the_cycle_start_model(monkeypatch):
         batch_size=2,
         grad_accum_steps=1,
         epochs=2,
+        schedule="per_epoch",  # the former schedule: new generations every epoch
         start_learning_rate=1e-2,
         end_learning_rate=1e-2,
         temperature=1.0,
@@ -158,3 +162,112 @@ def test_spin_keeps_eos_at_the_end_of_generated_responses():
     assert trainer.cycle_finish_reasons == ["eos", "eos"]
     cycle_log = [h for h in trainer.history if "generated_eos_fraction" in h]
     assert cycle_log and cycle_log[0]["generated_eos_fraction"] == 1.0
+
+
+class RecordingSPIN(SPINTrainer):
+    """Records, for every micro-batch trained on, the epoch, iteration and its pairs."""
+
+    def _compute_loss(self, batch):
+        pairs = [self.pairs[i] for i in batch["index"].tolist()]
+        self.seen.append((self.epoch, self.cycle, [tuple(p.rejected_ids) for p in pairs]))
+        return super()._compute_loss(batch)
+
+
+def _small_spin_data(n: int = 6) -> list:
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 64, (12,), generator=g), int(1 + i % 2)) for i in range(n)]
+
+
+def test_spin_official_schedule_reuses_an_iteration_and_mixes_the_previous_one(monkeypatch):
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=64, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2)
+    )
+    gen_steps: list[int] = []
+
+    def spy(lm, prompts, config, *, generator=None, **kw):
+        gen_steps.append(trainer.step)
+        return generate(lm, prompts, config, generator=generator, **kw)
+
+    monkeypatch.setattr(spin_module, "generate", spy)
+    trainer = RecordingSPIN(
+        model,
+        sft_dataset=_small_spin_data(),
+        max_seq_len=10,
+        iterations=2,
+        epochs_per_iteration=2,
+        batch_size=2,
+        grad_accum_steps=1,
+        start_learning_rate=1e-2,
+        end_learning_rate=1e-2,
+        temperature=1.0,
+        top_p=1.0,
+        pad_id=None,
+        accelerate_kwargs=dict(cpu=True),
+        seed=0,
+        progress=False,
+    )
+    trainer.seen = []
+    trainer.train()
+
+    # one generation per iteration: 6 pairs x 2 epochs = 6 steps, then 12 pairs x 2 epochs
+    assert gen_steps == [0, 6] and trainer.step == 18
+    by_epoch: dict[int, list] = {}
+    for epoch, iteration, rejected in trainer.seen:
+        assert iteration == epoch // 2
+        by_epoch.setdefault(epoch, []).extend(rejected)
+    first, second = trainer.generated_pairs, trainer.pairs[6:]
+    assert [p.rejected_ids for p in trainer.pairs[:6]] == [p.rejected_ids for p in first]
+    # iteration 0 trains twice on the same generated set, each pair once per epoch
+    gen0 = sorted(tuple(p.rejected_ids) for p in second)
+    assert sorted(by_epoch[0]) == sorted(by_epoch[1]) == gen0
+    # iteration 1: its own new generations plus the previous iteration's, twice
+    gen1 = sorted(tuple(p.rejected_ids) for p in first)
+    assert gen1 != gen0
+    assert sorted(by_epoch[2]) == sorted(by_epoch[3]) == sorted(gen0 + gen1)
+    # both sets are scored under the iteration-1 start model: its first loss is log 2
+    log = [h for h in trainer.history if "train_pairs" in h]
+    assert [(h["cycle"], h["train_pairs"]) for h in log] == [(0, 6), (1, 12)]
+    losses = [h["loss"] for h in trainer.history if "loss" in h]
+    assert abs(losses[0] - math.log(2)) < 1e-6 and abs(losses[6] - math.log(2)) < 1e-6
+    assert abs(losses[5] - math.log(2)) > 1e-4  # within an iteration the model moves on
+    assert trainer.ref_logps.shape == (12, 2)
+
+
+def test_spin_schedule_settings_are_checked():
+    kw = dict(sft_dataset=_small_spin_data(2), max_seq_len=10, pad_id=None,
+              accelerate_kwargs=dict(cpu=True), progress=False)  # fmt: skip
+    model = TransformerWrapper(
+        num_tokens=64, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2)
+    )
+    with pytest.raises(ValueError, match="unknown SPIN schedule 'paper'; choose 'official'"):
+        SPINTrainer(model, schedule="paper", **kw)
+    with pytest.raises(ValueError, match="pass epochs .* or iterations .*not both"):
+        SPINTrainer(model, epochs=2, iterations=1, **kw)
+    with pytest.raises(ValueError, match="schedule='per_epoch' trains one epoch per iteration"):
+        SPINTrainer(model, schedule="per_epoch", epochs_per_iteration=3, **kw)
+    with pytest.raises(ValueError, match="epochs_per_iteration must be a positive int"):
+        SPINTrainer(model, epochs_per_iteration=0, **kw)
+    t = SPINTrainer(model, iterations=2, epochs_per_iteration=4, **kw)
+    assert (t.num_epochs, t.epochs_per_iteration, t.mix_previous_iteration) == (8, 4, True)
+    t = SPINTrainer(model, schedule="per_epoch", epochs=3, **kw)
+    assert (t.num_epochs, t.epochs_per_iteration, t.mix_previous_iteration) == (3, 1, False)
+
+
+def test_pipeline_spin_stage_cycles_are_iterations(tmp_path):
+    from self_rewarding_lm_pytorch.pipeline import SelfRewardingTrainer, SPINStage
+    from tests.tiny import SFT_DATA, char_tokenizer, tiny_model
+
+    spin = dict(batch_size=4, grad_accum_steps=1, epochs_per_iteration=1, max_seq_len=24)
+    stage = SPINStage(cycles=2, trainer=spin)
+    report = SelfRewardingTrainer(
+        tiny_model(),
+        tokenizer=char_tokenizer(),
+        datasets={"sft": SFT_DATA[:4]},
+        stages=[stage],
+        checkpoints_folder=str(tmp_path),
+        accelerate_kwargs=dict(cpu=True),
+        progress=False,
+    ).run()
+    # iteration 0: 4 pairs (1 step); iteration 1: 4 new + 4 previous pairs (2 steps)
+    assert report["stages"][0]["metrics"]["step"] == 3

@@ -530,3 +530,215 @@ def test_sft_with_group_by_length_learns():
         accelerate_kwargs=dict(cpu=True),
     ).train()
     assert loss() < 0.5 * before
+
+
+# --------------------------------------------------------------------------- release
+def _live_optimizers() -> list[torch.optim.Optimizer]:
+    """Live torch optimizers, not counting accelerate's wrappers around them."""
+    import gc
+
+    gc.collect()
+    return [
+        o
+        for o in gc.get_objects()
+        if issubclass(type(o), torch.optim.Optimizer) and type(o).__name__ != "AcceleratedOptimizer"
+    ]
+
+
+def test_pipeline_stages_release_their_optimizers(tmp_path):
+    """SFT -> DPO -> DPO on one shared accelerator: each finished stage gives back its
+    optimizer (and AdamW state), model wrapper and data loaders; one optimizer at most is
+    alive at any time."""
+    import weakref
+
+    from self_rewarding_lm_pytorch.pipeline import PreferenceStage, SelfRewardingTrainer, SFTStage
+    from tests.tiny import PROMPTS, SFT_DATA, char_tokenizer, scripted_score, tiny_model
+
+    seen: dict[str, list] = {"judge": [], "train": []}
+    stage_optimizers: list[weakref.ref] = []
+    check_next_judge = [True]
+
+    def judge(prompt: str, response: str) -> float | None:
+        if check_next_judge[0]:  # first judging after SFT / after the first DPO stage
+            check_next_judge[0] = False
+            seen["judge"].append(len(_live_optimizers()))
+        return scripted_score(prompt, response)
+
+    def eval_module(model: nn.Module) -> float:  # at the start and end of a DPO stage
+        if len(seen["train"]) < len(seen["judge"]):  # once per stage, as training starts
+            live = _live_optimizers()
+            seen["train"].append(len(live))
+            stage_optimizers.extend(weakref.ref(o) for o in live)
+        check_next_judge[0] = True
+        return 0.0
+
+    dpo = dict(
+        kind="external_reward_dpo",
+        judge="scripted",
+        num_preference_pairs=4,
+        max_new_tokens=4,
+        trainer=dict(batch_size=2, num_train_steps=2, start_learning_rate=1e-3),
+    )
+    pipe = SelfRewardingTrainer(
+        tiny_model(),
+        tokenizer=char_tokenizer(),
+        datasets={"sft": SFT_DATA[:8], "prompts": PROMPTS},
+        judges={"scripted": judge},
+        stages=[
+            SFTStage(trainer=dict(batch_size=4, num_train_steps=2)),
+            PreferenceStage(**dpo),
+            PreferenceStage(**dpo),
+        ],
+        checkpoints_folder=str(tmp_path),
+        accelerate_kwargs=dict(cpu=True),
+        early_stopper_eval_module=eval_module,
+        progress=False,
+    )
+    model = pipe.model
+    before = [p.detach().clone() for p in model.parameters()]
+    pipe.run()
+    assert seen["judge"] == [0, 0]  # nothing of the SFT stage / first DPO stage is left
+    assert seen["train"] == [1, 1]  # the DPO stage's own optimizer only
+    assert _live_optimizers() == []
+    assert all(ref() is None for ref in stage_optimizers)
+    acc = pipe.accelerator
+    assert (acc._optimizers, acc._models, acc._schedulers, acc._dataloaders) == ([], [], [], [])
+    # the shared model stayed the user's module, trained, with no gradients left behind
+    assert pipe.model is model
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_release_keeps_others_prepared_objects_and_refuses_to_train_again(tmp_path):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    other = acc.prepare(other)
+    model = tiny_lm()
+    trainer = SFTTrainer(
+        model,
+        train_dataset=sft_data(4),
+        batch_size=2,
+        num_train_steps=1,  # stops inside the epoch: its loader is left mid-iteration
+        accelerator=acc,
+        progress=False,
+    )
+    trainer.train()
+    assert len(acc._optimizers) == 2 and acc._dataloaders
+    assert acc.gradient_state.active_dataloader is not None
+    with trainer:  # the context manager releases on exit
+        pass
+    assert acc._optimizers == [other] and acc._dataloaders == [] and acc._models == []
+    assert acc.gradient_state.active_dataloader is None
+    trainer.release()  # twice is harmless
+    with pytest.raises(RuntimeError, match="was released.*create a new trainer"):
+        trainer.train()
+    # the model and the trainer's non-training methods still work
+    out = trainer.save_checkpoint(tmp_path / "ckpt")
+    load_checkpoint(tiny_lm(seed=5), out)
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, VOCAB)
+
+
+def test_dpo_trainer_ipo_uses_each_pair_response_lengths():
+    """The trainer hands IPO the response token counts: the logged loss of the first step
+    is the length-normalised IPO loss of the starting policy vs the given reference."""
+    g = torch.Generator().manual_seed(4)
+    pairs = [  # chosen and rejected responses of different lengths
+        PreferenceExample(rand_ids(g, 3), rand_ids(g, 2 + i % 4), rand_ids(g, 7 - i % 3))
+        for i in range(6)
+    ]
+    policy, ref = tiny_lm(seed=0), tiny_lm(seed=1)
+    start = copy.deepcopy(policy)
+    beta = 0.5
+    trainer = DPOTrainer(
+        policy,
+        train_dataset=pairs,
+        ref_model=ref,
+        loss_type="ipo",
+        beta=beta,
+        batch_size=6,
+        num_train_steps=1,
+        accelerate_kwargs=CPU,
+        progress=False,
+    )
+    trainer.train()
+    batch = collate_preference(pairs)
+    ids, rm = batch["input_ids"], batch["response_mask"]
+    with torch.no_grad():
+        lp = sequence_logprobs(start(ids), ids, rm)
+        lp_ref = sequence_logprobs(ref(ids), ids, rm)
+    n = rm.sum(dim=1)
+    h = (lp[:6] - lp_ref[:6]) / n[:6] - (lp[6:] - lp_ref[6:]) / n[6:]
+    want = ((h - 1 / (2 * beta)) ** 2).mean().item()
+    assert trainer.history[0]["pref_loss"] == pytest.approx(want, rel=1e-5)
+    summed = (lp[:6] - lp_ref[:6]) - (lp[6:] - lp_ref[6:])  # the unnormalised form differs
+    assert ((summed - 1 / (2 * beta)) ** 2).mean().item() != pytest.approx(want, rel=1e-2)
+
+
+def _ddp_release_rank(rank: int, port: int, errors) -> None:
+    """One of two gloo ranks (forked from the test process, so nothing is imported
+    again): SFT then DPO on one shared accelerator, each trainer released."""
+    import os
+    import traceback
+    import weakref
+
+    try:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+            LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        )  # fmt: skip
+        torch.set_num_threads(1)
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)  # the parent's single-process state
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+        acc = Accelerator(cpu=True)
+        assert acc.num_processes == 2
+        model = tiny_lm()
+        for cls, data in ((SFTTrainer, sft_data(4)), (DPOTrainer, pref_data(4))):
+            trainer = cls(model, train_dataset=data, batch_size=2, accelerator=acc,
+                          progress=False, start_learning_rate=1e-3)  # fmt: skip
+            assert type(trainer.model).__name__ == "DistributedDataParallel"
+            wrapper = weakref.ref(trainer.model)
+            with trainer:
+                trainer.train()
+            assert wrapper() is None  # release() dropped the DDP wrapper (and its hooks)
+            assert (acc._models, acc._optimizers, acc._dataloaders) == ([], [], [])
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        both = acc.gather(flat[None])
+        assert torch.equal(both[0], both[1])  # the ranks stayed in sync through both stages
+        torch.distributed.destroy_process_group()
+    except BaseException:
+        errors.put(f"rank {rank}: {traceback.format_exc()}")
+        raise
+
+
+def test_release_under_ddp_drops_the_wrapper_and_the_accelerator_lists():
+    """Two real CPU ranks: accelerate lists the bare module (not the DDP wrapper) as its
+    model, and release() must remove both, so that wrappers do not pile up over stages."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    import accelerate.data_loader  # noqa: F401  (imported once here, not in each rank)
+
+    with contextlib.suppress(ImportError):
+        import datasets  # noqa: F401  (accelerate imports it when preparing a loader)
+    ctx = mp.get_context("fork")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_release_rank, args=(r, port, errors)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    msgs = [errors.get(timeout=1) for _ in range(errors.qsize())] if not errors.empty() else []
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0], "\n".join(msgs)

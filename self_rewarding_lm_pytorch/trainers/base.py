@@ -22,6 +22,7 @@ even when micro-batches hold different numbers of response tokens.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -472,6 +473,11 @@ class BaseTrainer:
         optimizer = torch.optim.AdamW(groups, lr=start_learning_rate, **(adam_kwargs or {}))
         self.model, self.optimizer = self.accelerator.prepare(self.lm, optimizer)
         self._raw_optimizer = optimizer
+        # everything this trainer prepared on the (possibly shared) accelerator, as given
+        # and as returned (accelerate lists the bare module under DDP); release() removes
+        # exactly these from its lists
+        self._prepared: list[Any] = [self.lm, optimizer, self.model, self.optimizer]
+        self._released = False
 
         # ---------------------------------------------------------------- settings
         self.batch_size = batch_size
@@ -550,7 +556,9 @@ class BaseTrainer:
                 collate_fn=collate_fn,
                 generator=generator,
             )
-        return self.accelerator.prepare(loader)
+        prepared = self.accelerator.prepare(loader)
+        self._prepared += [loader, prepared]
+        return prepared
 
     def sft_loader(self, examples: Sequence[Any], *, batch_size: int, shuffle: bool) -> DataLoader:
         """A loader of collated SFT batches (``collate_sft``) over ``examples``."""
@@ -608,6 +616,55 @@ class BaseTrainer:
         finally:
             for m, p in saved:
                 m.p = p
+
+    # ------------------------------------------------------------------ release
+    def release(self) -> None:
+        """Give back the memory this trainer holds once it has finished training.
+
+        Removes the model wrapper (e.g. DDP), optimizer and data loaders it prepared from
+        its accelerator's lists (leaving anything else prepared on a shared accelerator
+        alone), drops the optimizer state (AdamW: two fp32 copies of the trainable
+        parameters), gradients, schedule and subclass data (reference log-probs or model),
+        then runs the garbage collector and empties the device cache. The model itself
+        stays usable and keeps its trained weights; the trainer can still save, load and
+        evaluate, but not train again. Calling it twice is harmless.
+        """
+        if self._released:
+            return
+        self._released = True
+        # the raw optimizer: accelerate's wrapper skips zero_grad mid-accumulation
+        self._raw_optimizer.zero_grad(set_to_none=True)
+        self._raw_optimizer.state.clear()
+        acc = self.accelerator
+        mine = {id(obj) for obj in self._prepared}
+        gradient_state = getattr(acc, "gradient_state", None)
+        refs = getattr(gradient_state, "dataloader_references", None) or []
+        for loader in [r for r in refs if id(r) in mine]:
+            loader.end()  # a loop left before its end stays registered as active otherwise
+        for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
+            held = getattr(acc, name, None)
+            if isinstance(held, list):
+                held[:] = [obj for obj in held if id(obj) not in mine]
+        self._prepared = []
+        self._release_extra()
+        self.model = self.lm  # the bare CausalLM: no DDP wrapper (and its buckets) kept
+        self.optimizer = None  # type: ignore[assignment]
+        self._raw_optimizer = None  # type: ignore[assignment]
+        self._scheduler = None
+        self._scheduler_total = None
+        self._es_best_state = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _release_extra(self) -> None:
+        """Subclass hook of :meth:`release`: drop data held for training only."""
+
+    def __enter__(self) -> BaseTrainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     # ------------------------------------------------------------------ subclass API
     def _num_items(self) -> int:
@@ -816,6 +873,11 @@ class BaseTrainer:
     # ------------------------------------------------------------------ loop
     def train(self, *, overwrite_checkpoints: bool = True) -> dict[str, float]:
         """Run training; returns the final metrics (last step's, plus evaluation ones)."""
+        if self._released:
+            raise RuntimeError(
+                f"this {type(self).__name__} was released (release() gave back its optimizer); "
+                "create a new trainer to train again"
+            )
         t0 = time.perf_counter()
         self._on_train_start()
         total = self.step + self._total_steps()

@@ -164,6 +164,11 @@ class PreferenceTrainer(BaseTrainer):
             )
         return module
 
+    def _release_extra(self) -> None:
+        self.ref_logps = None
+        self.ref_lm = None
+        self._replay_iter = None
+
     # ------------------------------------------------------------------ data
     def _num_items(self) -> int:
         return len(self.pairs)
@@ -191,8 +196,9 @@ class PreferenceTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ loss
     def _preference_loss(
-        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, lc: Tensor, lr: Tensor
     ) -> PreferenceLossOutput:
+        """The per-pair loss from policy / reference log-probs and response lengths."""
         raise NotImplementedError
 
     def _compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -202,7 +208,8 @@ class PreferenceTrainer(BaseTrainer):
         logps = sequence_logprobs(logits, ids, rm)
         pc, pr = logps[:b], logps[b:]
         rc, rr = self._reference_for(batch)
-        out = self._preference_loss(pc, pr, rc, rr)
+        lengths = rm.sum(dim=1)  # response tokens of each row (after truncation)
+        out = self._preference_loss(pc, pr, rc, rr, lengths[:b], lengths[b:])
         per_pair = out.losses
         metrics: dict[str, Tensor] = {
             "pref_loss": out.losses.mean().detach(),
@@ -238,7 +245,9 @@ class DPOTrainer(PreferenceTrainer):
         train_dataset: items accepted by :func:`~self_rewarding_lm_pytorch.data.to_preference_example`
             (``PreferenceExample``, dicts with ``prompt_ids/chosen_ids/rejected_ids``,
             3-tuples, the seed's ``(preferred_seq, unpreferred_seq, prompt_len)``); read once.
-        beta, loss_type, label_smoothing: see :func:`~self_rewarding_lm_pytorch.losses.dpo_loss`.
+        beta, loss_type, label_smoothing: see :func:`~self_rewarding_lm_pytorch.losses.dpo_loss`
+            (``loss_type``: "sigmoid" = DPO, or cDPO with ``label_smoothing``; "robust" =
+            rDPO; "ipo", length-normalised from each pair's response lengths; "hinge").
         nll_weight: weight of the chosen response's length-normalised NLL (iterative RPO).
         replay_dataset: SFT examples (e.g. the EFT judge data) whose NLL, times
             ``replay_weight``, is added to the loss of every micro-batch
@@ -304,8 +313,9 @@ class DPOTrainer(PreferenceTrainer):
                 f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}"
             )
         # validate beta / label_smoothing now rather than at the first step
-        z = torch.zeros(1)
-        dpo_loss(z, z, z, z, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        z, n = torch.zeros(1), torch.ones(1)
+        dpo_loss(z, z, z, z, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                 chosen_lengths=n, rejected_lengths=n)  # fmt: skip
         if ref_model is not None and not isinstance(ref_model, nn.Module):
             raise TypeError(f"ref_model must be an nn.Module, got {type(ref_model).__name__}")
         if ref_adapter not in ("current", "disabled"):
@@ -382,11 +392,15 @@ class DPOTrainer(PreferenceTrainer):
                 self.ref_lm.requires_grad_(False)
                 self.ref_lm.eval()
 
+    def _release_extra(self) -> None:
+        super()._release_extra()
+        self._given_ref = None
+
     def _epoch_loader(self, epoch: int) -> Iterable[dict[str, Tensor]]:
         return self._pair_loader()
 
     def _preference_loss(
-        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, lc: Tensor, lr: Tensor
     ) -> PreferenceLossOutput:
         return dpo_loss(
             pc,
@@ -396,4 +410,6 @@ class DPOTrainer(PreferenceTrainer):
             beta=self.beta,
             loss_type=self.loss_type,
             label_smoothing=self.label_smoothing,
+            chosen_lengths=lc,
+            rejected_lengths=lr,
         )

@@ -1,15 +1,22 @@
 """Self-Play fIne-tuNing (Chen et al. 2024, Algorithm 1).
 
-Each cycle (one epoch of this trainer), with the model frozen at the cycle's start as
-the opponent / reference ``p_t``:
+Each SPIN iteration ``t``, with the model frozen at the iteration's start as the
+opponent / reference ``p_t``:
 
 1. sample the model's own response ``y'`` to every SFT prompt once (temperature and
    top-p as configured; ``max_seq_len`` bounds prompt + response);
-2. score the real response ``y`` (the SFT target, truncated to ``max_seq_len``) and
-   ``y'`` under ``p_t`` once, in eval mode without gradients;
-3. train one pass over the pairs with the SPIN loss (Eq. 4.7,
-   :func:`~self_rewarding_lm_pytorch.losses.spin_loss`): real as chosen, generated as
-   rejected.
+2. build the training pairs: real response ``y`` (the SFT target, truncated to
+   ``max_seq_len``) as chosen, ``y'`` as rejected; with ``schedule="official"`` and
+   ``t >= 1`` the previous iteration's pairs are added (current + previous synthetic
+   data, as the official code's ``dataset_mixer`` does from iteration 1 on);
+3. score all pairs under ``p_t`` once, in eval mode without gradients;
+4. train ``epochs_per_iteration`` passes over these pairs with the SPIN loss (Eq. 4.7,
+   :func:`~self_rewarding_lm_pytorch.losses.spin_loss`).
+
+``schedule="official"`` (default) follows uclaml/SPIN (``configs/config_iter*.yaml``:
+``num_train_epochs: 3`` per iteration, iteration ``t`` mixes ``SPIN_iter{t-1}`` and
+``SPIN_iter{t}``). ``schedule="per_epoch"`` is the former schedule of this library: fresh
+generations every epoch, one pass over them, no mixing.
 
 The seed's keyword arguments (``sft_dataset``, ``max_seq_len``, ``spin_λ``,
 ``checkpoint_every``, ``checkpoint_folder``, ``spin_kwargs``, ...) work as written.
@@ -33,7 +40,49 @@ from ..models import wrap_model
 from .dpo import PreferenceTrainer
 from .sft import evaluate_nll
 
-__all__ = ["SPINTrainer"]
+__all__ = ["SPIN_SCHEDULES", "SPINTrainer"]
+
+
+SPIN_SCHEDULES: tuple[str, ...] = ("official", "per_epoch")
+_OFFICIAL_EPOCHS_PER_ITERATION = 3  # uclaml/SPIN configs/config*.yaml: num_train_epochs
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _schedule_epochs(
+    schedule: str, epochs: int | None, iterations: int | None, epochs_per_iteration: int | None
+) -> tuple[int, int]:
+    """``(total epochs, epochs per iteration)`` from the SPIN schedule settings."""
+    if schedule not in SPIN_SCHEDULES:
+        raise ValueError(
+            f"unknown SPIN schedule {schedule!r}; choose 'official' (generate once per "
+            "iteration, several epochs on it, mixed with the previous iteration's data) or "
+            "'per_epoch' (generate anew every epoch)"
+        )
+    if schedule == "per_epoch":
+        if epochs_per_iteration not in (None, 1):
+            raise ValueError(
+                f"schedule='per_epoch' trains one epoch per iteration, got "
+                f"epochs_per_iteration={epochs_per_iteration!r}; drop it or use "
+                "schedule='official'"
+            )
+        per_iteration = 1
+    elif epochs_per_iteration is None:
+        per_iteration = _OFFICIAL_EPOCHS_PER_ITERATION
+    else:
+        per_iteration = _positive_int("epochs_per_iteration", epochs_per_iteration)
+    if epochs is not None and iterations is not None:
+        raise ValueError(
+            "pass epochs (passes in all) or iterations (SPIN iterations of "
+            "epochs_per_iteration epochs each), not both"
+        )
+    if iterations is not None:
+        return _positive_int("iterations", iterations) * per_iteration, per_iteration
+    return (2 if epochs is None else _positive_int("epochs", epochs)), per_iteration
 
 
 class SPINTrainer(PreferenceTrainer):
@@ -47,7 +96,18 @@ class SPINTrainer(PreferenceTrainer):
         max_seq_len: bound on prompt + response, for real and generated responses.
         valid_sft_dataset: optional; the NLL of its (truncated) responses is logged as
             ``valid_nll`` every ``valid_every`` steps (if given) and at the end.
-        epochs: number of SPIN cycles (one pass over the data each).
+        epochs: passes over the training pairs in all (the seed's meaning; default 2);
+            with ``schedule="official"`` a new iteration starts every
+            ``epochs_per_iteration`` epochs (the last one may be shorter).
+        iterations: instead of ``epochs``: the number of SPIN iterations, i.e.
+            ``epochs = iterations * epochs_per_iteration``.
+        schedule: ``"official"`` (default): generate once per iteration, train
+            ``epochs_per_iteration`` epochs on it, and from the second iteration on train
+            on the current and the previous iteration's generations together.
+            ``"per_epoch"``: generate anew every epoch and train one pass on those pairs
+            only (one epoch per iteration).
+        epochs_per_iteration: epochs per iteration for ``schedule="official"`` (default
+            3, the official configs' ``num_train_epochs``); must be 1 for ``"per_epoch"``.
         learning_rate_num_decay_steps: linear decay from start to end learning rate over
             this many optimizer steps, then constant (the seed's schedule).
         temperature, top_p, top_k: sampling of the opponent's responses
@@ -79,7 +139,10 @@ class SPINTrainer(PreferenceTrainer):
         valid_every: int | None = None,
         batch_size: int = 16,
         grad_accum_steps: int = 2,
-        epochs: int = 2,
+        epochs: int | None = None,
+        iterations: int | None = None,
+        schedule: str = "official",
+        epochs_per_iteration: int | None = None,
         start_learning_rate: float = 1e-6,
         end_learning_rate: float = 1e-7,
         learning_rate_num_decay_steps: int = 1000,
@@ -110,6 +173,7 @@ class SPINTrainer(PreferenceTrainer):
             raise ValueError("SPINTrainer needs sft_dataset: the SFT examples to self-play on")
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
+        epochs, per_iteration = _schedule_epochs(schedule, epochs, iterations, epochs_per_iteration)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
         if not math.isfinite(temperature) or temperature < 0:
@@ -197,10 +261,15 @@ class SPINTrainer(PreferenceTrainer):
         self.eos_id = eos_id
         self.generate_batch_size = generate_batch_size or max(batch_size, 32)
         self.spin_max_seq_len = max_seq_len
-        self.cycle = 0
+        self.schedule = schedule
+        self.epochs_per_iteration = per_iteration
+        self.mix_previous_iteration = schedule == "official"
+        self.cycle = 0  # the current SPIN iteration
         self.cycle_finish_reasons: list[str] = []
-        # pairs / reference of the current cycle; rebuilt at the start of every cycle
+        # pairs / reference of the current iteration; rebuilt at the start of every one
         self.pairs = []
+        self.generated_pairs: list[PreferenceExample] = []  # this iteration's own pairs
+        self._started_iteration: int | None = None
 
     # ------------------------------------------------------------------ self-play data
     def _budget(self, ex: SFTExample) -> int:
@@ -269,22 +338,27 @@ class SPINTrainer(PreferenceTrainer):
                 )
         return responses, reasons  # type: ignore[return-value]
 
-    def _start_cycle(self) -> None:
+    def _start_iteration(self, iteration: int) -> None:
+        self.cycle = iteration
         generated, reasons = self.generate_responses()
-        pairs = []
+        current = []
         for ex, gen in zip(self.sft_examples, generated):
             real = ex.response_ids[: self._budget(ex)]
-            pairs.append(PreferenceExample(list(ex.prompt_ids), real, gen))
-        self.pairs = pairs
+            current.append(PreferenceExample(list(ex.prompt_ids), real, gen))
+        previous = self.generated_pairs if self.mix_previous_iteration else []
+        self.generated_pairs = current
+        self.pairs = current + previous
         self.cycle_finish_reasons = reasons
-        # the model is still the cycle-start model: it is the reference for this cycle
-        self.ref_logps = self.compute_reference_logps(pairs)
-        same = sum(p.chosen_ids == p.rejected_ids for p in pairs) / len(pairs)
+        # the model is still the iteration-start model: the reference of all its pairs
+        self.ref_logps = self.compute_reference_logps(self.pairs)
+        self._started_iteration = iteration
+        same = sum(p.chosen_ids == p.rejected_ids for p in current) / len(current)
         self._log(
             {
                 "step": self.step,
                 "cycle": self.cycle,
-                "generated_len": sum(len(p.rejected_ids) for p in pairs) / len(pairs),
+                "train_pairs": len(self.pairs),
+                "generated_len": sum(len(p.rejected_ids) for p in current) / len(current),
                 "generated_eos_fraction": sum(r == "eos" for r in reasons) / len(reasons),
                 "generated_equals_real_fraction": same,
             }
@@ -294,13 +368,31 @@ class SPINTrainer(PreferenceTrainer):
     def _num_items(self) -> int:
         return len(self.sft_examples)
 
+    def _iteration_of(self, epoch: int) -> int:
+        return epoch // self.epochs_per_iteration
+
+    def _total_steps(self) -> int:
+        if self.num_train_steps is not None:
+            return self.num_train_steps
+        n = len(self.sft_examples)
+        total = 0
+        for epoch in range(self.epoch, self.epoch + self.num_epochs):
+            mixed = self.mix_previous_iteration and self._iteration_of(epoch) >= 1
+            total += self._steps_per_epoch(2 * n if mixed else n)
+        return total
+
     def _epoch_loader(self, epoch: int) -> Iterable[dict[str, Tensor]]:
-        self.cycle = epoch
-        self._start_cycle()
+        iteration = self._iteration_of(epoch)
+        if iteration != self._started_iteration:
+            self._start_iteration(iteration)
         return self._pair_loader()
 
+    def _release_extra(self) -> None:
+        super()._release_extra()
+        self.generated_pairs = []
+
     def _preference_loss(
-        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor
+        self, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, lc: Tensor, lr: Tensor
     ) -> PreferenceLossOutput:
         return spin_loss(pc, pr, rc, rr, lam=self.lam, loss_type=self.loss_type)
 
@@ -310,7 +402,7 @@ class SPINTrainer(PreferenceTrainer):
         return {"valid_nll": evaluate_nll(self, self.valid_examples)}
 
     def train(self, overwrite_checkpoints: bool = True) -> dict[str, float]:
-        """Run ``epochs`` SPIN cycles; returns the final metrics."""
+        """Run the SPIN iterations (``epochs`` passes in all); returns the final metrics."""
         out = super().train(overwrite_checkpoints=overwrite_checkpoints)
         self.accelerator.print("self-play training complete")
         return out
