@@ -75,13 +75,6 @@ class SFTStage:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
         _check_types(self)
-        _require(
-            bool(self.datasets),
-            "datasets",
-            self.datasets,
-            "name at least one dataset",
-            "e.g. datasets: [sft]",
-        )
 
 
 @dataclass
@@ -96,12 +89,9 @@ class SPINStage:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
         _check_types(self)
-        _require(
-            self.cycles >= 1,
-            "cycles",
-            self.cycles,
-            "be at least 1",
-            "remove the stage to run no SPIN cycle",
+        _check(
+            self,
+            [(self.cycles >= 1, "cycles", "be at least 1", "set 1 or more, or remove the stage")],
         )
 
 
@@ -123,41 +113,32 @@ class PromptGenerationStage:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
         _check_types(self)
-        _require(
-            self.num_prompts >= 1,
-            "num_prompts",
-            self.num_prompts,
-            "be at least 1",
-            "remove the stage to generate no prompts",
-        )
-        _require(
-            self.num_shots >= 1,
-            "num_shots",
-            self.num_shots,
-            "be at least 1",
-            "the paper shows 8 example prompts",
-        )
-        _require(
-            0 <= self.num_seed_shots <= self.num_shots,
-            "num_seed_shots",
-            self.num_seed_shots,
-            f"lie in [0, num_shots={self.num_shots}]",
-            "the paper takes 6 of the 8 shots from the seed prompts",
-        )
-        _check_sampling(self.temperature, self.top_p, "temperature", "top_p")
-        _require(
-            self.max_new_tokens >= 1,
-            "max_new_tokens",
-            self.max_new_tokens,
-            "be at least 1",
-            "e.g. 128",
-        )
-        _require(
-            self.max_attempts is None or self.max_attempts >= 1,
-            "max_attempts",
-            self.max_attempts,
-            "be at least 1 (or null: no bound)",
-            "e.g. 4 * num_prompts",
+        shots = self.num_shots
+        _check(
+            self,
+            [
+                (
+                    self.num_prompts >= 1,
+                    "num_prompts",
+                    "be at least 1",
+                    "set 1 or more, or remove the stage",
+                ),
+                (shots >= 1, "num_shots", "be at least 1", "the paper uses 8"),
+                *_sampling_rules(self.temperature, self.top_p, "temperature", "top_p"),
+                (self.max_new_tokens >= 1, "max_new_tokens", "be at least 1", "use e.g. 128"),
+                (
+                    0 <= self.num_seed_shots <= shots,
+                    "num_seed_shots",
+                    f"lie in [0, num_shots={shots}]",
+                    "the paper takes 6 of its 8 shots from the seed prompts",
+                ),
+                (
+                    self.max_attempts is None or self.max_attempts >= 1,
+                    "max_attempts",
+                    "be at least 1 (or null: no bound)",
+                    "use e.g. 4 * num_prompts",
+                ),
+            ],
         )
 
 
@@ -200,91 +181,76 @@ class PreferenceStage:
         from .pairs import PAIR_STRATEGIES
 
         _check_types(self)
-        _require(
-            self.num_preference_pairs >= 1,
-            "num_preference_pairs",
-            self.num_preference_pairs,
-            "be at least 1",
-            "e.g. 1000",
-        )
-        _require(
-            self.num_candidates >= 2,
-            "num_candidates",
-            self.num_candidates,
-            "be at least 2 to form a preference pair",
-            "sample 2 or more candidates per prompt (the paper samples 4)",
-        )
-        _check_sampling(self.temperature, self.top_p, "temperature", "top_p")
-        _require(
-            self.temperature > 0,
-            "temperature",
-            self.temperature,
-            f"be above 0 to sample {self.num_candidates} different candidates (0 is "
-            "greedy: every candidate of a prompt is the same response, so every pair "
-            "would have chosen == rejected)",
-            "sample with temperature > 0 (the paper uses 0.7)",
-        )
-        _require(self.top_k >= 0, "top_k", self.top_k, "be an int >= 0", "0 disables it")
-        _require(0 <= self.min_p < 1, "min_p", self.min_p, "lie in [0, 1)", "0 disables it")
-        _require(
-            self.max_new_tokens >= 1,
-            "max_new_tokens",
-            self.max_new_tokens,
-            "be at least 1",
-            "e.g. 128",
-        )
-        _require(
-            self.judge_samples >= 1,
-            "judge_samples",
-            self.judge_samples,
-            "be at least 1",
-            "the paper averages 3 judgements",
-        )
-        _check_sampling(
-            self.judge_temperature, self.judge_top_p, "judge_temperature", "judge_top_p"
-        )
-        _require(
-            self.judge_max_new_tokens >= 1,
-            "judge_max_new_tokens",
-            self.judge_max_new_tokens,
-            "be at least 1",
-            "e.g. 256",
-        )
-        _require(
-            math.isfinite(self.pair_margin) and self.pair_margin >= 0,
-            "pair_margin",
-            self.pair_margin,
-            "be a finite number >= 0",
-            "0 keeps every pair with a gap",
-        )
-        _require(
-            math.isfinite(self.length_tolerance) and self.length_tolerance >= 0,
-            "length_tolerance",
-            self.length_tolerance,
-            "be a finite number >= 0",
-            "0 turns length control off",
-        )
-        _require(self.chunk_size >= 1, "chunk_size", self.chunk_size, "be at least 1", "e.g. 16")
-        _require(
-            self.max_prompts is None or self.max_prompts >= 1,
-            "max_prompts",
-            self.max_prompts,
-            "be at least 1 (or null: every prompt once)",
-            "e.g. 600",
-        )
-        _require(
-            0 <= self.min_parse_rate <= 1,
-            "min_parse_rate",
-            self.min_parse_rate,
-            "lie in [0, 1]",
-            "e.g. 0.2",
-        )
-        _require(
-            callable(self.pair_strategy) or self.pair_strategy in PAIR_STRATEGIES,
-            "pair_strategy",
-            self.pair_strategy,
-            f"be one of {', '.join(PAIR_STRATEGIES)} or a callable",
-            "e.g. best_worst (the paper's rule)",
+        n, t = self.num_candidates, self.temperature
+        at_least_1 = "be at least 1"
+        _check(
+            self,
+            [
+                (
+                    self.num_preference_pairs >= 1,
+                    "num_preference_pairs",
+                    at_least_1,
+                    "use e.g. 1000",
+                ),
+                (
+                    n >= 2,
+                    "num_candidates",
+                    "be at least 2 to form a preference pair",
+                    "sample 2 or more candidates per prompt (the paper samples 4)",
+                ),
+                *_sampling_rules(t, self.top_p, "temperature", "top_p"),
+                (
+                    t > 0,
+                    "temperature",
+                    f"be above 0 to sample {n} different candidates (0 is greedy: every "
+                    "candidate of a prompt is the same response, so every pair would have "
+                    "chosen == rejected)",
+                    "sample with temperature > 0 (the paper uses 0.7)",
+                ),
+                (self.top_k >= 0, "top_k", "be >= 0", "0 disables it"),
+                (0 <= self.min_p < 1, "min_p", "lie in [0, 1)", "0 disables it"),
+                (self.max_new_tokens >= 1, "max_new_tokens", at_least_1, "use e.g. 128"),
+                (self.judge_samples >= 1, "judge_samples", at_least_1, "the paper averages 3"),
+                *_sampling_rules(
+                    self.judge_temperature, self.judge_top_p, "judge_temperature", "judge_top_p"
+                ),
+                (
+                    self.judge_max_new_tokens >= 1,
+                    "judge_max_new_tokens",
+                    at_least_1,
+                    "use e.g. 256",
+                ),
+                (
+                    _non_negative(self.pair_margin),
+                    "pair_margin",
+                    "be a finite number >= 0",
+                    "0 keeps every gap",
+                ),
+                (
+                    _non_negative(self.length_tolerance),
+                    "length_tolerance",
+                    "be a finite number >= 0",
+                    "0 turns length control off",
+                ),
+                (self.chunk_size >= 1, "chunk_size", at_least_1, "use e.g. 16"),
+                (
+                    self.max_prompts is None or self.max_prompts >= 1,
+                    "max_prompts",
+                    "be at least 1 (or null: every prompt once)",
+                    "use e.g. 600",
+                ),
+                (0 <= self.min_parse_rate <= 1, "min_parse_rate", "lie in [0, 1]", "use e.g. 0.2"),
+                (
+                    callable(self.pair_strategy)
+                    or (
+                        isinstance(self.pair_strategy, str)
+                        and self.pair_strategy in PAIR_STRATEGIES
+                    ),
+                    "pair_strategy",
+                    f"be one of {', '.join(PAIR_STRATEGIES)} or a callable",
+                    "use e.g. best_worst (the paper's rule)",
+                ),
+            ],
         )
 
 
@@ -303,20 +269,22 @@ def _stage_slug(stage: Stage) -> str:
     return stage.kind.replace("_", "-")
 
 
-def _require(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} must {rule}, got {value!r}; {fix}")
+def _check(stage: Any, rules: list[tuple[bool, str, str, str]]) -> None:
+    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value."""
+    for ok, key, rule, fix in rules:
+        if not ok:
+            raise ConfigError(f"{key} must {rule}, got {getattr(stage, key)!r}; {fix}")
 
 
-def _check_sampling(temperature: float, top_p: float, t_key: str, p_key: str) -> None:
-    _require(
-        math.isfinite(temperature) and temperature >= 0,
-        t_key,
-        temperature,
-        "be a finite number >= 0 (0 = greedy)",
-        "e.g. 0.7 (the paper's value)",
-    )
-    _require(0 < top_p <= 1, p_key, top_p, "lie in (0, 1] (1 disables it)", "e.g. 0.9")
+def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) -> list:
+    return [
+        (_non_negative(temperature), t_key, "be a finite number >= 0 (0 = greedy)", "use e.g. 0.7"),
+        (0 < top_p <= 1, p_key, "lie in (0, 1] (1 disables it)", "use e.g. 0.9"),
+    ]
+
+
+def _non_negative(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
 
 
 def _check_types(stage: Any) -> None:
@@ -343,7 +311,7 @@ def check_trainer_kwargs(stage: Stage) -> None:
         return
     import difflib
 
-    from .config import _convert
+    from .config import _convert, _type_name
 
     valid: dict[str, Any] = {}
     for cls in trainer_cls.__mro__:  # trainers pass **kwargs up to their base classes
@@ -365,7 +333,7 @@ def check_trainer_kwargs(stage: Stage) -> None:
                 _convert(value, valid[key], f"trainer.{key}")
             except ConfigError as exc:
                 raise ConfigError(
-                    f"{exc} ({trainer_cls.__name__} argument {key!r}); fix the value's type"
+                    f"{exc}; {trainer_cls.__name__}'s {key} takes {_type_name(valid[key])}"
                 ) from None
 
 
@@ -635,6 +603,10 @@ class SelfRewardingTrainer:
             except ConfigError as exc:
                 raise ConfigError(f"stage {name}: {exc}") from exc
             if isinstance(stage, SFTStage):
+                if not stage.datasets:
+                    raise ConfigError(
+                        f"stage {name}: datasets is empty; name the SFT data, e.g. ['sft']"
+                    )
                 for ds in stage.datasets:
                     self._need_dataset(ds, stage)
             elif isinstance(stage, SPINStage):
