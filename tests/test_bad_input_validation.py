@@ -13,7 +13,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from tiny import PROMPTS, SFT_DATA, char_tokenizer, tiny_model
+from torch import nn
 
 from self_rewarding_lm_pytorch.config import ConfigError
 from self_rewarding_lm_pytorch.pipeline import (
@@ -253,24 +255,23 @@ def _write_config(tmp_path: Path, prompts_file: str, prompts_text: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("name", "text", "status", "expect"),
+    ("name", "text", "expect"),
     [
         (
             "prompts.jsonl",
             '{"prompt": "hi"}\n{"prompt": "' + "z" * 60 + '"}\n',
-            1,
-            "stage 02-self-reward-dpo, dataset 'prompts': prompt 1 is",
+            "stage 02-self-reward-dpo, dataset 'prompts': prompt 1 is 60 tokens long",
         ),
-        ("prompts.jsonl", '{"prompt": "hi"}\n{"prompt": \n', 1, "not valid JSON"),
-        ("prompts.txt", "hi\nthere\n", 1, "prompts.txt"),
-        ("prompts.jsonl", '{"prompt": "hi"}\n{"prompt": "  "}\n', 1, "item 1 is blank"),
+        ("prompts.jsonl", '{"prompt": "hi"}\n{"prompt": \n', "prompts.jsonl:2: not valid JSON"),
+        ("prompts.jsonl", '{"prompt": "hi"}\n{"prompt": "  "}\n', "item 1 is blank"),
     ],
+    ids=["prompt-too-long", "broken-jsonl-line", "blank-prompt"],
 )
-def test_check_runs_the_preflight(tmp_path, capsys, name, text, status, expect):
+def test_check_runs_the_preflight(tmp_path, capsys, name, text, expect):
     from self_rewarding_lm_pytorch.cli import main
 
     config = _write_config(tmp_path, name, text)
-    assert main(["run", str(config), "--check"]) == status
+    assert main(["run", str(config), "--check"]) == 1
     err = capsys.readouterr().err
     assert "srlm run: error: ValueError: " in err and expect in err, err
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
@@ -302,10 +303,35 @@ def test_spin_on_ragged_prompts(tmp_path):
     run = trainer(tmp_path, [stage], datasets={"sft": data})
     spin = run.run()["stages"][0]
     assert spin["stage"] == "01-spin"
-    # each row stopped at its own budget: 96 - 7 and 96 - 9 new tokens at most
+    # generate: each row stops at its own budget, and its result is the one it gets alone;
+    # the x-transformers path and a plain model with learned positions (which would index
+    # past its 40 positions if a finished row stayed in the batch)
     from self_rewarding_lm_pytorch.generation import generate
 
-    out = generate(tiny_model(), [[97] * 7, [98] * 9], max_new_tokens_per_prompt=[89, 87])
-    assert [len(s) for s in out.sequences] == [89, 87]
-    with pytest.raises(ValueError, match=r"prompt 1 is 9 tokens long; with max_new_tokens=88"):
-        generate(tiny_model(), [[97] * 7, [98] * 9], max_new_tokens_per_prompt=[89, 88])
+    prompts = [[5] * 3, [6] * 9, [7] * 3, [8] * 3, [9] * 3]
+    limits = [40 - len(p) for p in prompts]  # the 9-token row stops first, alone
+    for model in (tiny_model(max_seq_len=40), LearnedPositionsLM(context=40)):
+        out = generate(model, prompts, max_new_tokens_per_prompt=limits, temperature=0)
+        alone = [
+            generate(model, [p], max_new_tokens=m, temperature=0).sequences[0]
+            for p, m in zip(prompts, limits)
+        ]
+        assert out.sequences == alone and [len(s) for s in alone] == limits
+    with pytest.raises(ValueError, match=r"prompt 1 is 9 tokens long; with max_new_tokens=32"):
+        generate(tiny_model(max_seq_len=40), prompts, max_new_tokens_per_prompt=[37, 32, 4, 9, 1])
+
+
+class LearnedPositionsLM(nn.Module):
+    """A plain causal LM (running mean of token + learned position embeddings)."""
+
+    def __init__(self, context: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.pos = nn.Embedding(128, 16), nn.Embedding(context, 16)
+        self.head = nn.Linear(16, 128)
+        self.max_seq_len = context
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(ids.shape[1])
+        h = torch.cumsum(self.emb(ids) + self.pos(pos)[None], 1) / (pos[None, :, None] + 1)
+        return self.head(h)
