@@ -201,8 +201,9 @@ def response_budget(
     ``prompt_len + budget <= context`` (no limit when ``context`` is None). With
     ``cap=False`` the budget is ``max_new_tokens`` and a row that does not fit raises; with
     ``cap=True`` the budget is lowered to what fits, and only a prompt that leaves no room
-    for a single token raises. Errors start with ``where`` (e.g. ``"prompt 9 of dataset
-    'prompts'"``: name the row by its index in the dataset) and end with ``fix``.
+    for a single token raises. Errors start with ``where`` (name the row by its index in
+    its dataset, e.g. ``"stage 02-self-reward-dpo, dataset 'prompts': prompt 9"``) and end
+    with ``fix``.
     """
     if context is None:
         return max_new_tokens
