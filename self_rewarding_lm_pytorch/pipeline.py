@@ -699,7 +699,10 @@ class SelfRewardingTrainer:
                         if stage.prompts != "generated"
                         else "an example prompt"
                     )
-                    judge = self._judge_for(stage)  # checks the judge's own settings
+                    try:  # the judge's own settings, then its template on a real prompt
+                        judge = self._judge_for(stage)
+                    except (ValueError, TypeError) as exc:
+                        raise type(exc)(f"stage {name}: the self judge: {exc}") from exc
                     try:
                         judge.config.render(sample, "an example response")
                     except Exception as exc:  # noqa: BLE001 - any template error, named

@@ -280,6 +280,25 @@ def test_check_runs_the_preflight(tmp_path, capsys, name, text, expect):
 # ====================================================================== the judge
 
 
+def test_self_judge_settings_checked_before_training(tmp_path):
+    from self_rewarding_lm_pytorch.judge import RewardConfig
+
+    # expected-score judging needs the score values to weigh: refused before SFT trains
+    config = RewardConfig(
+        prompt_template="rate {{ prompt }} / {{ response }}",
+        reward_regex_template="Score: {{ reward }}",
+    )
+    stage = PreferenceStage(num_preference_pairs=4, judge_mode="expected", max_new_tokens=4)
+    run = trainer(tmp_path, [SFT, stage], reward_prompt_config=config)
+    with pytest.raises(
+        ValueError,
+        match=r"stage 02-self-reward-dpo: the self judge: mode='expected' needs reward_config.score_values",
+    ) as e:
+        run.run()
+    assert "use mode='mean'" in str(e.value)
+    assert nothing_written(tmp_path)
+
+
 def test_constant_judge_stops_early(tmp_path):
     run = trainer(
         tmp_path, [preference(num_preference_pairs=4)], judges={"scripted": lambda p, r: 3.0}
