@@ -473,6 +473,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.out is not None:
         cfg.out = str(Path(args.out).resolve())
     if args.check:
+        # the same pre-flight as a run: tokenizer, model, every data file, every prompt
+        # against the context, judge templates; nothing is trained or written
+        build_trainer(cfg).preflight()
         kinds = ", ".join(s.kind for s in cfg.stage_objects)
         print(f"{args.config}: OK ({len(cfg.stage_objects)} stages: {kinds}; out: {cfg.out})")
         return 0

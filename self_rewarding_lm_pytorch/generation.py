@@ -70,6 +70,7 @@ __all__ = [
     "generate",
     "generate_text",
     "reference_generate",
+    "response_budget",
     "sample_next",
 ]
 
@@ -184,8 +185,64 @@ def _check_config(cfg: GenerationConfig) -> None:
         raise ValueError(f"stop_strings must be non-empty strings, got {list(cfg.stop_strings)!r}")
 
 
+def response_budget(
+    prompt_len: int,
+    max_new_tokens: int,
+    context: int | None,
+    *,
+    cap: bool = False,
+    where: str = "the prompt",
+    context_name: str = "the model's context (max_seq_len)",
+    fix: str = "shorten the prompt or lower max_new_tokens",
+) -> int:
+    """The number of new tokens a row may generate: the one context rule of the library.
+
+    A row of ``prompt_len`` tokens and its response must fit ``context`` positions:
+    ``prompt_len + budget <= context`` (no limit when ``context`` is None). With
+    ``cap=False`` the budget is ``max_new_tokens`` and a row that does not fit raises; with
+    ``cap=True`` the budget is lowered to what fits, and only a prompt that leaves no room
+    for a single token raises. Errors start with ``where`` (name the row by its index in
+    its dataset, e.g. ``"stage 02-self-reward-dpo, dataset 'prompts': prompt 9"``) and end
+    with ``fix``.
+    """
+    if context is None:
+        return max_new_tokens
+    room = context - prompt_len
+    if cap:
+        if room < 1:
+            raise ValueError(
+                f"{where} is {prompt_len} tokens long, which leaves no room for a response "
+                f"within {context_name} of {context} tokens; {fix}"
+            )
+        return min(max_new_tokens, room)
+    if max_new_tokens > room:
+        raise ValueError(
+            f"{where} is {prompt_len} tokens long; with max_new_tokens={max_new_tokens} it "
+            f"needs {prompt_len + max_new_tokens} positions, more than {context_name} of "
+            f"{context}; {fix}"
+        )
+    return max_new_tokens
+
+
+def _per_prompt_limits(
+    prompts: Any, cfg: GenerationConfig, per_prompt: Sequence[int] | None
+) -> list[int]:
+    n = len(prompts) if hasattr(prompts, "__len__") else 0
+    if per_prompt is None:
+        return [cfg.max_new_tokens] * n
+    limits = list(per_prompt)
+    if len(limits) != n or any(
+        not isinstance(m, int) or isinstance(m, bool) or m < 0 for m in limits
+    ):
+        raise ValueError(
+            f"max_new_tokens_per_prompt must hold one int >= 0 per prompt ({n} prompts), "
+            f"got {per_prompt!r}"
+        )
+    return limits
+
+
 def _check_prompts(
-    prompts: Sequence[Sequence[int]], lm: CausalLM, cfg: GenerationConfig
+    prompts: Sequence[Sequence[int]], lm: CausalLM, max_new: Sequence[int]
 ) -> list[list[int]]:
     if isinstance(prompts, Tensor):
         if prompts.ndim != 2:
@@ -225,12 +282,7 @@ def _check_prompts(
                 f"prompt {i} has token ids outside [0, {vocab}) (min {min(ids)}, max {max(ids)}); "
                 "a tokenizer/model vocabulary mismatch or a negative pad id"
             )
-        if ctx is not None and len(ids) + cfg.max_new_tokens > ctx:
-            raise ValueError(
-                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={cfg.max_new_tokens} "
-                f"that needs {len(ids) + cfg.max_new_tokens} positions but the model's context "
-                f"(max_seq_len) is {ctx}; shorten the prompt or lower max_new_tokens"
-            )
+        response_budget(len(ids), max_new[i], ctx, where=f"prompt {i}")
         out.append(ids)
     return out
 
@@ -897,18 +949,26 @@ def _default_budget(lm: CausalLM) -> int:
     return max(4096, DEFAULT_CACHE_BYTES // per_token)
 
 
-def _plan(prompts: list[list[int]], n_ret: int, max_new: int, budget: int) -> list[list[int]]:
-    """Group output rows into micro-batches: rows * (longest prompt + max_new) <= budget."""
+def _plan(
+    prompts: list[list[int]], n_ret: int, max_new: int | Sequence[int], budget: int
+) -> list[list[int]]:
+    """Group output rows into micro-batches: rows * (longest prompt + most new tokens of
+    the micro-batch) <= budget; ``max_new[i]`` is prompt ``i``'s own limit on new tokens."""
+    if isinstance(max_new, int):
+        max_new = [max_new] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
     batches: list[list[int]] = []
     current: list[int] = []
+    most_new = 0
     for i in order:
-        need = len(prompts[i]) + max_new  # the longest so far: prompts are sorted by length
         for j in range(n_ret):
+            # prompts are sorted by length: prompt i is the longest so far
+            need = len(prompts[i]) + max(most_new, max_new[i])
             if current and (len(current) + 1) * need > budget:
                 batches.append(current)
-                current = []
+                current, most_new = [], 0
             current.append(i * n_ret + j)
+            most_new = max(most_new, max_new[i])
     if current:
         batches.append(current)
     return batches
@@ -958,9 +1018,10 @@ def _run_batch(
     stop: _StopChecker | None,
     need_logprobs: bool,
     share_prefix: bool,
+    row_max_new: list[int],
 ) -> tuple[list[list[int]], list[str], list[list[float]] | None]:
     device = backend.lm.device
-    max_new = cfg.max_new_tokens
+    max_new = max(row_max_new)  # a row stops at its own limit (row_max_new[k] for rows[k])
     # distinct prompts: identical contents share one prefill
     distinct: dict[tuple[int, ...], int] = {}
     row_to_u = []
@@ -981,10 +1042,12 @@ def _run_batch(
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     out_tok = torch.zeros(B, max_new, dtype=torch.long, device=device)
     out_lp = torch.zeros(B, max_new, dtype=torch.float32, device=device) if need_logprobs else None
-    n_tok = torch.full((B,), max_new, dtype=torch.long, device=device)
+    limit = torch.tensor(row_max_new, dtype=torch.long, device=device)
+    ragged = min(row_max_new) < max_new
+    n_tok = limit.clone()
     reason = torch.full((B,), _LENGTH, dtype=torch.long, device=device)
     active = torch.arange(B, device=device)  # micro-batch rows still in the model's batch
-    alive = torch.ones(B, dtype=torch.bool, device=device)  # over `active`
+    alive = limit > 0  # over `active`
     host_tokens: list[list[int]] = [[] for _ in range(B)] if stop else []
 
     for step in range(max_new):
@@ -1006,13 +1069,18 @@ def _run_batch(
                         n_tok[r] = step + 1
                         reason[r] = _STOP
                         alive[a] = False
+        if ragged:  # rows that reached their own limit stop ("length")
+            alive = alive & (limit[active] > step + 1)
         if step == max_new - 1:
             break
         n_alive = int(alive.sum())
         if n_alive == 0:
             break
         n_dead = len(active) - n_alive
-        if n_dead and n_dead >= backend.compact_fraction * len(active):
+        # a row stopped at its own (lower) limit leaves the batch at once: left in it, its
+        # positions would run past the context it was budgeted for
+        early = ragged and bool((~alive & (limit[active] < max_new)).any())
+        if n_dead and (early or n_dead >= backend.compact_fraction * len(active)):
             keep = alive.nonzero().squeeze(-1)
             state = backend.select(state, keep)
             active, tok, alive = active[keep], tok[keep], alive[keep]
@@ -1041,6 +1109,7 @@ def generate(
     use_cache: bool = True,
     progress: bool = False,
     share_prefix: bool = True,
+    max_new_tokens_per_prompt: Sequence[int] | None = None,
     **overrides: Any,
 ) -> GenerationOutput:
     """Sample continuations of token-id ``prompts`` (ragged lengths allowed).
@@ -1058,13 +1127,19 @@ def generate(
         use_cache: ``False`` forces the batched full-recompute path.
         progress: show a progress bar over rows.
         share_prefix: prefill identical prompts and a common prompt head once.
+        max_new_tokens_per_prompt: each prompt's own limit on new tokens (one int >= 0 per
+            prompt), in place of ``max_new_tokens``; ragged prompts can then each use the
+            room their context leaves (see :func:`response_budget`).
+
+    Every prompt plus its limit on new tokens must fit the model's context.
 
     Returns:
         :class:`GenerationOutput` with ``len(prompts) * num_return_sequences`` rows.
     """
     cfg = _resolve_config(config, overrides)
     lm = wrap_model(model)
-    prompt_ids = _check_prompts(prompts, lm, cfg)
+    max_new = _per_prompt_limits(prompts, cfg, max_new_tokens_per_prompt)
+    prompt_ids = _check_prompts(prompts, lm, max_new)
     if cfg.stop_strings and decode is None:
         raise ValueError(
             "stop_strings need a decode function to read the generated text; pass "
@@ -1079,7 +1154,7 @@ def generate(
     sequences: list[list[int]] = [[] for _ in range(n_rows)]
     reasons = ["length"] * n_rows
     logprobs: list[list[float]] | None = [[] for _ in range(n_rows)] if return_logprobs else None
-    if n_rows == 0 or cfg.max_new_tokens == 0:
+    if n_rows == 0 or max(max_new) == 0:
         return GenerationOutput(sequences, reasons, logprobs)
 
     budget = token_budget if token_budget is not None else _default_budget(lm)
@@ -1094,7 +1169,7 @@ def generate(
     # (rotary tables, ALiBi biases) must still be usable, and updatable in place, in training
     with _eval_mode(lm), torch.no_grad():
         backend = _make_backend(lm, use_cache)
-        for rows in _plan(prompt_ids, n_ret, cfg.max_new_tokens, budget):
+        for rows in _plan(prompt_ids, n_ret, max_new, budget):
             seqs, rsn, lps = _run_batch(
                 backend,
                 prompt_ids,
@@ -1105,6 +1180,7 @@ def generate(
                 stop,
                 return_logprobs,
                 share_prefix,
+                [max_new[r // n_ret] for r in rows],
             )
             for k, r in enumerate(rows):
                 sequences[r] = seqs[k]
@@ -1139,7 +1215,7 @@ def generate_text(
     generates (EOS defaults to ``tokenizer.eos_id``), decodes, and cuts each text at the
     first stop string.  ``**kw`` are :class:`GenerationConfig` fields or keyword arguments
     of :func:`generate` (``token_budget``, ``use_cache``, ``progress``, ``share_prefix``,
-    ``return_logprobs`` is not accepted here).
+    ``max_new_tokens_per_prompt``; ``return_logprobs`` is not accepted here).
     """
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
@@ -1148,7 +1224,13 @@ def generate_text(
     tok = wrap_tokenizer(tokenizer)
     cfg_kw = {k: v for k, v in kw.items() if k in _CONFIG_FIELDS}
     gen_kw = {k: v for k, v in kw.items() if k not in _CONFIG_FIELDS}
-    allowed = {"token_budget", "use_cache", "progress", "share_prefix"}
+    allowed = {
+        "token_budget",
+        "use_cache",
+        "progress",
+        "share_prefix",
+        "max_new_tokens_per_prompt",
+    }
     bad = sorted(set(gen_kw) - allowed)
     if bad:
         raise TypeError(

@@ -680,11 +680,16 @@ class LLMJudge:
             cut = False
             if limit is not None and len(ids) > limit:
                 if self.on_too_long == "error":
-                    raise ValueError(
-                        f"candidate {i}: the judge prompt is {len(ids)} tokens and with "
-                        f"max_new_tokens={self.max_new_tokens} needs {len(ids) + self.max_new_tokens}, "
-                        f"more than the model's context of {max_len}; shorten the response, lower "
-                        "max_new_tokens, or pass on_too_long='truncate_response'"
+                    from .generation import response_budget
+
+                    response_budget(  # raises: the one context rule, and its message
+                        len(ids),
+                        self.max_new_tokens,
+                        max_len,
+                        where=f"candidate {i}: the judge prompt",
+                        context_name="the model's context",
+                        fix="shorten the response, lower max_new_tokens, or pass "
+                        "on_too_long='truncate_response'",
                     )
                 if self.on_too_long == "truncate_left":
                     ids = ids[-limit:]

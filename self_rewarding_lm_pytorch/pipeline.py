@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import shutil
+import typing
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, to_dict
 from .data import PreferenceExample, SFTExample, materialize, to_sft_example
-from .generation import GenerationConfig, generate_text
+from .generation import GenerationConfig, generate_text, response_budget
 from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from .models import CausalLM, Tokenizer, encode_response, wrap_model, wrap_tokenizer
 from .pairs import select_pairs
@@ -71,6 +72,10 @@ class SFTStage:
     datasets: list[str] = field(default_factory=lambda: ["sft"])
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTTrainer keyword arguments
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+
 
 @dataclass
 class SPINStage:
@@ -87,6 +92,14 @@ class SPINStage:
     cycles: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)  # SPINTrainer keyword arguments
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+        _check(
+            self,
+            [(self.cycles >= 1, "cycles", "be at least 1", "set 1 or more, or remove the stage")],
+        )
+
 
 @dataclass
 class PromptGenerationStage:
@@ -102,6 +115,37 @@ class PromptGenerationStage:
     top_p: float = 0.9
     max_new_tokens: int = 128
     max_attempts: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+        shots = self.num_shots
+        _check(
+            self,
+            [
+                (
+                    self.num_prompts >= 1,
+                    "num_prompts",
+                    "be at least 1",
+                    "set 1 or more, or remove the stage",
+                ),
+                (shots >= 1, "num_shots", "be at least 1", "the paper uses 8"),
+                *_sampling_rules(self.temperature, self.top_p, "temperature", "top_p"),
+                (self.max_new_tokens >= 1, "max_new_tokens", "be at least 1", "use e.g. 128"),
+                (
+                    0 <= self.num_seed_shots <= shots,
+                    "num_seed_shots",
+                    f"lie in [0, num_shots={shots}]",
+                    "the paper takes 6 of its 8 shots from the seed prompts",
+                ),
+                (
+                    self.max_attempts is None or self.max_attempts >= 1,
+                    "max_attempts",
+                    "be at least 1 (or null: no bound)",
+                    "use e.g. 4 * num_prompts",
+                ),
+            ],
+        )
 
 
 @dataclass
@@ -138,6 +182,83 @@ class PreferenceStage:
     replay: str | None = None  # SFT dataset replayed as auxiliary loss in every DPO step
     trainer: dict[str, Any] = field(default_factory=dict)  # DPOTrainer keyword arguments
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        from .pairs import PAIR_STRATEGIES
+
+        _check_types(self)
+        n, t = self.num_candidates, self.temperature
+        at_least_1 = "be at least 1"
+        _check(
+            self,
+            [
+                (
+                    self.num_preference_pairs >= 1,
+                    "num_preference_pairs",
+                    at_least_1,
+                    "use e.g. 1000",
+                ),
+                (
+                    n >= 2,
+                    "num_candidates",
+                    "be at least 2 to form a preference pair",
+                    "sample 2 or more candidates per prompt (the paper samples 4)",
+                ),
+                *_sampling_rules(t, self.top_p, "temperature", "top_p"),
+                (
+                    t > 0,
+                    "temperature",
+                    f"be above 0 to sample {n} different candidates (0 is greedy: every "
+                    "candidate of a prompt is the same response, so every pair would have "
+                    "chosen == rejected)",
+                    "sample with temperature > 0 (the paper uses 0.7)",
+                ),
+                (self.top_k >= 0, "top_k", "be >= 0", "0 disables it"),
+                (0 <= self.min_p < 1, "min_p", "lie in [0, 1)", "0 disables it"),
+                (self.max_new_tokens >= 1, "max_new_tokens", at_least_1, "use e.g. 128"),
+                (self.judge_samples >= 1, "judge_samples", at_least_1, "the paper averages 3"),
+                *_sampling_rules(
+                    self.judge_temperature, self.judge_top_p, "judge_temperature", "judge_top_p"
+                ),
+                (
+                    self.judge_max_new_tokens >= 1,
+                    "judge_max_new_tokens",
+                    at_least_1,
+                    "use e.g. 256",
+                ),
+                (
+                    _non_negative(self.pair_margin),
+                    "pair_margin",
+                    "be a finite number >= 0",
+                    "0 keeps every gap",
+                ),
+                (
+                    _non_negative(self.length_tolerance),
+                    "length_tolerance",
+                    "be a finite number >= 0",
+                    "0 turns length control off",
+                ),
+                (self.chunk_size >= 1, "chunk_size", at_least_1, "use e.g. 16"),
+                (
+                    self.max_prompts is None or self.max_prompts >= 1,
+                    "max_prompts",
+                    "be at least 1 (or null: every prompt once)",
+                    "use e.g. 600",
+                ),
+                (0 <= self.min_parse_rate <= 1, "min_parse_rate", "lie in [0, 1]", "use e.g. 0.2"),
+                (
+                    callable(self.pair_strategy)
+                    or (
+                        isinstance(self.pair_strategy, str)
+                        and self.pair_strategy in PAIR_STRATEGIES
+                    ),
+                    "pair_strategy",
+                    f"be one of {', '.join(PAIR_STRATEGIES)} or a callable",
+                    "use e.g. best_worst (the paper's rule)",
+                ),
+            ],
+        )
+
 
 Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
 STAGE_TYPES: dict[str, type] = {
@@ -154,33 +275,93 @@ def _stage_slug(stage: Stage) -> str:
     return stage.kind.replace("_", "-")
 
 
+def _check(stage: Any, rules: list[tuple[bool, str, str, str]]) -> None:
+    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value."""
+    for ok, key, rule, fix in rules:
+        if not ok:
+            raise ConfigError(f"{key} must {rule}, got {getattr(stage, key)!r}; {fix}")
+
+
+def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) -> list:
+    return [
+        (_non_negative(temperature), t_key, "be a finite number >= 0 (0 = greedy)", "use e.g. 0.7"),
+        (0 < top_p <= 1, p_key, "lie in (0, 1] (1 disables it)", "use e.g. 0.9"),
+    ]
+
+
+def _non_negative(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def _check_types(stage: Any) -> None:
+    """Each field of a stage config against its annotation (the rules of the YAML loader)."""
+    from .config import _convert
+
+    hints = typing.get_type_hints(type(stage))
+    for f in dataclasses.fields(stage):
+        if f.name == "pair_strategy":  # a name or a callable: checked by validate()
+            continue
+        _convert(getattr(stage, f.name), hints[f.name], f.name)
+
+
 def check_trainer_kwargs(stage: Stage) -> None:
-    """Reject unknown trainer keyword arguments before any work starts."""
+    """Check a stage's values (its ``validate()``) and its trainer keyword arguments (names
+    and types, against the trainer constructors' signatures) before any work starts.
+
+    Raises :class:`ConfigError` naming the key, the problem and the fix.
+    """
+    stage.validate()
     trainer_cls = STAGE_TRAINERS.get(type(stage))
     kwargs = getattr(stage, "trainer", {})
     if trainer_cls is None or not kwargs:
         return
     import difflib
 
-    valid: set[str] = set()
+    from .config import _convert, _type_name
+
+    valid: dict[str, Any] = {}
     for cls in trainer_cls.__mro__:  # trainers pass **kwargs up to their base classes
         init = cls.__dict__.get("__init__")
         if init is not None:
-            valid |= {
-                n
-                for n, p in inspect.signature(init).parameters.items()
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ("self", "model")
-            }
-    for key in kwargs:
+            hints = _annotations(init)
+            for n, p in inspect.signature(init).parameters.items():
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ("self", "model"):
+                    valid.setdefault(n, hints.get(n, Any))
+    for key, value in kwargs.items():
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
                 f"{stage.kind}.trainer: unknown {trainer_cls.__name__} argument {key!r}{hint}"
             )
+        if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
+            try:  # plain (YAML) values; other Python objects are left to the trainer
+                _convert(value, valid[key], f"trainer.{key}")
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{exc}; {trainer_cls.__name__}'s {key} takes {_type_name(valid[key])}"
+                ) from None
+
+
+def _annotations(fn: Callable) -> dict[str, Any]:
+    """A function's resolved parameter annotations; those that do not resolve are skipped."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001 - a forward reference that does not resolve
+        out = {}
+        for name, ann in getattr(fn, "__annotations__", {}).items():
+            try:
+                out[name] = eval(ann, fn.__globals__) if isinstance(ann, str) else ann  # noqa: S307
+            except Exception:  # noqa: BLE001
+                pass
+        return out
 
 
 # ====================================================================== errors
+
+#: A judge whose scores tie on every one of this many judged prompts (and no pair yet)
+#: stops the stage: it gives no preference signal.
+MIN_TIED_PROMPTS = 16
 
 
 class JudgeParseError(RuntimeError):
@@ -225,6 +406,12 @@ def _as_prompt_list(dataset: Any, name: str) -> list[str]:
             raise TypeError(
                 f"prompt dataset {name!r} item {i} is {type(item).__name__}; prompts must be "
                 "strings (or dicts with a 'prompt' key)"
+            )
+        if not item.strip():
+            raise ValueError(
+                f"prompt dataset {name!r} item {i} is {'empty' if not item else 'blank'} "
+                f"({item!r}); every prompt needs text to respond to: remove the item or fill "
+                "it in"
             )
         prompts.append(item)
     if not prompts:
@@ -341,6 +528,9 @@ class SelfRewardingTrainer:
         self.datasets.update(datasets or {})
         self.judges = dict(judges or {})
         self.models = dict(models or {})
+        # datasets read once (the seed's mock datasets make new items on every access)
+        self._sft_cache: dict[str, list[SFTExample]] = {}
+        self._prompt_cache: dict[str, list[str]] = {}
 
         if stages is None:
             stages = self._seed_stages(
@@ -387,7 +577,7 @@ class SelfRewardingTrainer:
         if num_spin_cycles:
             stages.append(SPINStage(cycles=num_spin_cycles, trainer=dict(spin_kwargs)))
         pairs = (
-            [num_preference_pairs] * (iterations or 2)
+            [num_preference_pairs] * (2 if iterations is None else iterations)
             if isinstance(num_preference_pairs, int)
             else list(num_preference_pairs)
         )
@@ -413,11 +603,18 @@ class SelfRewardingTrainer:
             raise ValueError(
                 "no stages to run: give stages=[...] or a train_sft_dataset / prompt_dataset"
             )
-        for stage in self.stages:
-            check_trainer_kwargs(stage)
+        for stage, name in zip(self.stages, self._plan()):
+            try:
+                check_trainer_kwargs(stage)
+            except ConfigError as exc:
+                raise ConfigError(f"stage {name}: {exc}") from exc
             if isinstance(stage, SFTStage):
-                for name in stage.datasets:
-                    self._need_dataset(name, stage)
+                if not stage.datasets:
+                    raise ConfigError(
+                        f"stage {name}: datasets is empty; name the SFT data, e.g. ['sft']"
+                    )
+                for ds in stage.datasets:
+                    self._need_dataset(ds, stage)
             elif isinstance(stage, SPINStage):
                 self._need_dataset(stage.dataset, stage)
             elif isinstance(stage, PromptGenerationStage):
@@ -442,10 +639,20 @@ class SelfRewardingTrainer:
                         "a self_reward_dpo stage judges with the model itself (judge='self'); "
                         "use kind='external_reward_dpo' for an external judge"
                     )
-                if stage.num_candidates < 2:
-                    raise ValueError("num_candidates must be at least 2 to form a preference pair")
-                if stage.num_preference_pairs < 1:
-                    raise ValueError("num_preference_pairs must be at least 1")
+                if (
+                    stage.judge == "self"
+                    and stage.judge_samples > 1
+                    and not stage.judge_temperature
+                ):
+                    warnings.warn(
+                        f"stage {name}: judge_samples={stage.judge_samples} with "
+                        "judge_temperature=0 judges each candidate greedily, so all "
+                        f"{stage.judge_samples} judgements are the same and their mean is one "
+                        "judgement; set judge_samples=1 (as fast, same scores) or "
+                        "judge_temperature > 0 (the paper uses 0.7)",
+                        UserWarning,
+                        stacklevel=3,
+                    )
 
     def _need_dataset(self, name: str, stage: Stage) -> None:
         if name not in self.datasets:
@@ -455,6 +662,96 @@ class SelfRewardingTrainer:
             )
         if len(self.datasets[name]) == 0:
             raise ValueError(f"dataset {name!r} (used by stage {stage.kind}) is empty")
+
+    def preflight(self) -> None:
+        """Check what the stages need from the data, tokenizer and model before any runs.
+
+        Every dataset is read and tokenized (SFT items, prompts: blank ones are refused,
+        empty SFT responses warned about), every prompt of a preference stage must fit the
+        model's context with the stage's ``max_new_tokens`` (and leave room for a response
+        within ``preference_max_seq_len``), SPIN prompts must leave room for a response, and
+        the self-judge's template must render. ``run()`` calls this first; ``srlm run
+        --check`` runs it without training.
+        """
+        for stage, name in zip(self.stages, self._plan()):
+            if isinstance(stage, SFTStage):
+                for ds in stage.datasets:
+                    self._sft_examples([ds], stage=name)
+            elif isinstance(stage, SPINStage):
+                limit = min(
+                    stage.trainer.get("max_seq_len", self.preference_max_seq_len),
+                    self.lm.max_seq_len or self.preference_max_seq_len,
+                )
+                for i, ex in enumerate(self._sft_examples([stage.dataset], stage=name)):
+                    response_budget(
+                        ex.prompt_len,
+                        1,
+                        limit,
+                        cap=True,
+                        where=f"stage {name}: dataset {stage.dataset!r} item {i}: its prompt",
+                        context_name="max_seq_len (and the model's context)",
+                        fix="shorten the prompt or raise the SPIN trainer's max_seq_len",
+                    )
+            elif isinstance(stage, PromptGenerationStage):
+                self._prompts(stage.seed_dataset)
+            elif isinstance(stage, PreferenceStage):
+                if stage.prompts != "generated":
+                    self._prompt_budgets(name, stage, self._prompts(stage.prompts), stage.prompts)
+                if stage.replay is not None:
+                    self._sft_examples([stage.replay], stage=name)
+                if stage.judge == "self":
+                    sample = (
+                        self._prompts(stage.prompts)[0]
+                        if stage.prompts != "generated"
+                        else "an example prompt"
+                    )
+                    try:  # the judge's own settings, then its template on a real prompt
+                        judge = self._judge_for(stage)
+                    except (ValueError, TypeError) as exc:
+                        raise type(exc)(f"stage {name}: the self judge: {exc}") from exc
+                    try:
+                        judge.config.render(sample, "an example response")
+                    except Exception as exc:  # noqa: BLE001 - any template error, named
+                        raise ValueError(
+                            f"stage {name}: the judge template does not render ({exc}); fix "
+                            "reward_config.prompt_template (variables: {{ prompt }}, "
+                            "{{ response }})"
+                        ) from exc
+
+    def _prompts(self, name: str) -> list[str]:
+        if name not in self._prompt_cache:
+            self._prompt_cache[name] = _as_prompt_list(self.datasets[name], name)
+        return self._prompt_cache[name]
+
+    def _prompt_budgets(
+        self, name: str, stage: PreferenceStage, prompts: list[str], dataset: str
+    ) -> list[int]:
+        """Each prompt's limit on new tokens: ``max_new_tokens`` must fit the model's context
+        with the prompt; ``preference_max_seq_len`` (the DPO length bound) caps it."""
+        ctx, pref = self.lm.max_seq_len, self.preference_max_seq_len
+        budgets = []
+        for i, p in enumerate(prompts):
+            n = len(self.tokenizer.encode(self.tokenizer.format_prompt(p)))
+            where = f"stage {name}, dataset {dataset!r}: prompt {i}"
+            budget = response_budget(
+                n,
+                stage.max_new_tokens,
+                ctx,
+                where=where,
+                fix="shorten or remove the prompt, or lower the stage's max_new_tokens",
+            )
+            budgets.append(
+                response_budget(
+                    n,
+                    budget,
+                    pref,
+                    cap=True,
+                    where=where,
+                    context_name="preference_max_seq_len",
+                    fix="shorten or remove the prompt, or raise preference_max_seq_len",
+                )
+            )
+        return budgets
 
     @property
     def accelerator(self):
@@ -503,6 +800,7 @@ class SelfRewardingTrainer:
 
     def run(self, *, overwrite: bool = False) -> dict:
         """Run every stage not yet finished; returns the run report (also written to disk)."""
+        self.preflight()  # data, tokenizer and model checked before any file is touched
         if overwrite and self.run_dir.exists() and self.accelerator.is_main_process:
             shutil.rmtree(self.run_dir)
         self.accelerator.wait_for_everyone()
@@ -571,13 +869,42 @@ class SelfRewardingTrainer:
         return str(path.relative_to(self.run_dir))
 
     # ------------------------------------------------------------------ SFT / SPIN
-    def _sft_examples(self, names: Sequence[str]) -> list[SFTExample]:
+    def _sft_examples(self, names: Sequence[str], *, stage: str | None = None) -> list[SFTExample]:
         examples: list[SFTExample] = []
         for name in names:
-            examples += materialize(
-                self.datasets[name], lambda item: tokenize_sft_item(item, self.tokenizer), name=name
-            )
+            if name not in self._sft_cache:
+                items = materialize(
+                    self.datasets[name],
+                    lambda item: (item, tokenize_sft_item(item, self.tokenizer)),
+                    name=name,
+                )
+                self._warn_empty_responses(name, stage, items)
+                self._sft_cache[name] = [ex for _, ex in items]
+            examples += self._sft_cache[name]
         return examples
+
+    def _warn_empty_responses(self, name: str, stage: str | None, items: list) -> None:
+        """Warn about SFT items whose response is empty: they teach only to stop (EOS)."""
+        eos = self.tokenizer.eos_id
+        empty = [
+            i
+            for i, (item, ex) in enumerate(items)
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("response"), str)
+                and not item["response"].strip()
+            )
+            or all(t == eos for t in ex.response_ids)
+        ]
+        if empty:
+            where = f"stage {stage}: " if stage else ""
+            warnings.warn(
+                f"{where}dataset {name!r} has {len(empty)} item(s) with an empty response "
+                f"(items {empty[:10]}{' ...' if len(empty) > 10 else ''}); they teach the model "
+                "only to stop (EOS) after their prompt: fill in or remove them",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _run_sft(self, stage: SFTStage, stage_dir: Path) -> dict:
         kwargs = {"seed": self.seed, "progress": self.progress, **stage.trainer}
@@ -618,7 +945,7 @@ class SelfRewardingTrainer:
         model = (
             self.model if stage.generator_model == "self" else self.models[stage.generator_model]
         )
-        seed_prompts = _as_prompt_list(self.datasets[stage.seed_dataset], stage.seed_dataset)
+        seed_prompts = self._prompts(stage.seed_dataset)
         generator = torch.Generator(device=wrap_model(model).device)
         generator.manual_seed(_seed_for(self.seed, index, "prompts"))
         result = generate_prompts(
@@ -693,7 +1020,7 @@ class SelfRewardingTrainer:
         prompts = (
             self._latest_generated_prompts(index)
             if stage.prompts == "generated"
-            else _as_prompt_list(self.datasets[stage.prompts], stage.prompts)
+            else self._prompts(stage.prompts)
         )
         pairs = self._build_pairs(index, stage, stage_dir, prompts)
         examples = [
@@ -750,9 +1077,11 @@ class SelfRewardingTrainer:
         target = stage.num_preference_pairs
         max_prompts = min(stage.max_prompts or len(prompts), len(prompts))
         judge = self._judge_for(stage)
-        max_new_tokens = self._max_new_tokens_check(prompts[:max_prompts], stage)
+        budgets = self._prompt_budgets(
+            self._plan()[index], stage, prompts[:max_prompts], stage.prompts
+        )
         gen_config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=stage.max_new_tokens,
             temperature=stage.temperature,
             top_p=stage.top_p,
             top_k=stage.top_k,
@@ -807,7 +1136,15 @@ class SelfRewardingTrainer:
                     []
                     if mine is None
                     else self._judge_chunk(
-                        index, stage, mine, chunk_ids[mine], prompts, judge, gen_config, done_ids
+                        index,
+                        stage,
+                        mine,
+                        chunk_ids[mine],
+                        prompts,
+                        judge,
+                        gen_config,
+                        done_ids,
+                        budgets,
                     )
                 )
                 if world > 1:
@@ -823,6 +1160,7 @@ class SelfRewardingTrainer:
                 add(fresh)
                 bar.update(min(len(pairs), target) - min(before, target))
                 self._check_parse_rate(stage, records)
+                self._check_ties(index, stage, stage_dir, records, pairs, max_prompts)
         finally:
             bar.close()
         stats = candidate_stats(records, pairs)
@@ -850,13 +1188,23 @@ class SelfRewardingTrainer:
         judge: Any,
         gen_config: GenerationConfig,
         done_ids: set[str],
+        budgets: list[int],
     ) -> list[dict]:
-        """Candidates for one chunk of prompts, judged; one record per prompt."""
-        chunk_prompts = [prompts[int(i.rsplit("-", 1)[1])] for i in ids]
+        """Candidates for one chunk of prompts, judged; one record per prompt.
+
+        ``budgets[i]`` is prompt ``i``'s limit on new tokens (see :meth:`_prompt_budgets`).
+        """
+        positions = [int(i.rsplit("-", 1)[1]) for i in ids]
+        chunk_prompts = [prompts[i] for i in positions]
         generator = torch.Generator(device=self.lm.device)
         generator.manual_seed(_seed_for(self.seed, index, chunk_index))
         responses = generate_text(
-            self.model, self.tokenizer, chunk_prompts, gen_config, generator=generator
+            self.model,
+            self.tokenizer,
+            chunk_prompts,
+            gen_config,
+            generator=generator,
+            max_new_tokens_per_prompt=[budgets[i] for i in positions],
         )
         flat_prompts = [p for p, rs in zip(chunk_prompts, responses) for _ in rs]
         flat_responses = [r for rs in responses for r in rs]
@@ -926,22 +1274,34 @@ class SelfRewardingTrainer:
                 _parse_failure_message(stage, rate, [s for s, _ in failed], [w for _, w in failed])
             )
 
-    def _max_new_tokens_check(self, prompts: list[str], stage: PreferenceStage) -> int:
-        """Check every prompt leaves room for a response; return the stage's
-        ``max_new_tokens`` capped by the context (the stage config is not modified)."""
-        ctx = self.lm.max_seq_len
-        limit = min(ctx, self.preference_max_seq_len) if ctx else self.preference_max_seq_len
-        for i, p in enumerate(prompts):
-            n = len(self.tokenizer.encode(self.tokenizer.format_prompt(p)))
-            if n + 1 > limit:
-                raise ValueError(
-                    f"prompt {i} is {n} tokens long, which leaves no room for a response within "
-                    f"{limit} tokens (preference_max_seq_len / the model's context); shorten it "
-                    "or raise preference_max_seq_len"
-                )
-        if ctx is None:
-            return stage.max_new_tokens
-        return min(stage.max_new_tokens, max(1, limit - 1))
+    def _check_ties(
+        self,
+        index: int,
+        stage: PreferenceStage,
+        stage_dir: Path,
+        records: list[dict],
+        pairs: list[dict],
+        max_prompts: int,
+    ) -> None:
+        """Stop early when the judge gives no signal: every judged prompt's scores tie."""
+        if pairs or len(records) >= max_prompts:
+            return  # a pair was built, or every prompt is judged (the usual end applies)
+        scored = [[s for s in r["scores"] if s is not None] for r in records]
+        scored = [s for s in scored if len(s) >= 2]
+        if len(scored) < MIN_TIED_PROMPTS or any(len(set(s)) > 1 for s in scored):
+            return
+        values = sorted({s[0] for s in scored})
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (" ..." if len(values) > 5 else "")
+        raise NotEnoughPairsError(
+            f"stage {self._plan()[index]}: the judge gives no signal: on each of the first "
+            f"{len(scored)} judged prompts it gave every candidate the same score (scores "
+            f"seen: {shown}), so no preference pair can be formed, and judging the other "
+            f"{max_prompts - len(records)} prompts would not change that. Check the judge: "
+            "an external judge must score different responses differently; with judge='self', "
+            "fine-tune the model on EFT (judge) examples first, or use a reward_config whose "
+            "scale the model uses. The records judged so far are kept in "
+            f"{stage_dir}."
+        )
 
     # ------------------------------------------------------------------ report
     def _config_yaml(self) -> str:

@@ -147,10 +147,9 @@ def test_prompt_longer_than_context(tmp_path):
     )
     with pytest.raises(ValueError, match=r"prompt 3 is 200 tokens long") as info:
         run.run()
-    assert "shorten it or raise preference_max_seq_len" in str(info.value)
-    # the SFT stage finished before the bad prompt was met: it stays committed and loadable
-    assert committed(tmp_path) == ["01-sft"]
-    load_checkpoint(tiny_model(), tmp_path / "01-sft" / "checkpoint")
+    assert "context (max_seq_len) of 96; shorten or remove the prompt" in str(info.value)
+    # refused by the pre-flight, before the SFT stage trained: nothing was written
+    assert not (tmp_path / "state.json").exists() and not (tmp_path / "01-sft").exists()
 
 
 def test_judge_prompt_longer_than_context():

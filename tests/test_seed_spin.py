@@ -70,6 +70,7 @@ def test_spin_generates_once_per_cycle_from_the_cycle_start_model(monkeypatch):
                 "prompts": [list(p) for p in prompts],
                 "config": config,
                 "rng": generator.get_state() if generator is not None else None,
+                "kw": kw,
             }
         )
         return generate(lm, prompts, config, generator=generator, **kw)
@@ -108,7 +109,9 @@ def test_spin_generates_once_per_cycle_from_the_cycle_start_model(monkeypatch):
     start.load_state_dict(s1)
     start.eval()
     rng = torch.Generator().set_state(calls[1]["rng"])
-    again = generate(start, calls[1]["prompts"], calls[1]["config"], generator=rng)
+    again = generate(
+        start, calls[1]["prompts"], calls[1]["config"], generator=rng, **calls[1]["kw"]
+    )
     for pair, seq, prompt in zip(trainer.pairs, again.sequences, calls[1]["prompts"]):
         assert pair.prompt_ids == prompt
         assert pair.rejected_ids == seq[: 10 - len(prompt)]

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import PreferenceExample, SFTExample, materialize, to_sft_example
-from ..generation import GenerationConfig, generate
+from ..generation import GenerationConfig, generate, response_budget
 from ..losses import SPIN_LOSS_TYPES, PreferenceLossOutput, spin_loss
 from ..models import wrap_model
 from .dpo import PreferenceTrainer
@@ -297,7 +297,19 @@ class SPINTrainer(PreferenceTrainer):
             for start in range(0, len(mine), self.generate_batch_size):
                 chunk = mine[start : start + self.generate_batch_size]
                 exs = [self.sft_examples[i] for i in chunk]
-                budgets = [self._budget(ex) for ex in exs]
+                # each row its own budget: max_seq_len and the model's context both bound
+                # prompt + response (one rule, response_budget)
+                budgets = [
+                    response_budget(
+                        ex.prompt_len,
+                        self._budget(ex),
+                        self.lm.max_seq_len,
+                        cap=True,
+                        where=f"sft_dataset[{i}]: its prompt",
+                        fix="shorten the prompt",
+                    )
+                    for i, ex in zip(chunk, exs)
+                ]
                 config = GenerationConfig(
                     max_new_tokens=max(budgets),
                     temperature=self.temperature,
@@ -307,7 +319,13 @@ class SPINTrainer(PreferenceTrainer):
                 )
                 # the bare module, so a DDP wrapper does not hide its KV cache
                 bare = wrap_model(self.unwrapped_model(), max_seq_len=self.lm.max_seq_len)
-                out = generate(bare, [ex.prompt_ids for ex in exs], config, generator=generator)
+                out = generate(
+                    bare,
+                    [ex.prompt_ids for ex in exs],
+                    config,
+                    generator=generator,
+                    max_new_tokens_per_prompt=budgets,
+                )
                 for i, seq, reason, budget in zip(
                     chunk, out.sequences, out.finish_reasons, budgets
                 ):
