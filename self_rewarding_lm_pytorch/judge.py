@@ -663,6 +663,29 @@ class LLMJudge:
                     "token: use mode='mean' or single-token score_values"
                 )
 
+    def check_prompts(self, prompts: Sequence[str], *, where: str = "") -> None:
+        """Refuse, before any candidate is sampled, a prompt whose judge prompt cannot fit the
+        context whatever the response: the template rendered with the prompt and an empty
+        response, plus ``max_new_tokens`` (``on_too_long='truncate_left'`` always fits)."""
+        if self.lm.max_seq_len is None or self.on_too_long == "truncate_left":
+            return
+        from .generation import response_budget
+
+        tok = self.tokenizer
+        for i, p in enumerate(prompts):
+            n = len(tok.encode(tok.format_prompt(self.config.render(p, ""))))
+            response_budget(
+                n,
+                self.max_new_tokens,
+                self.lm.max_seq_len,
+                where=f"{where}prompt {i}: the judge prompt (template and prompt, before any "
+                "response)",
+                context_name="the judge model's context",
+                fix="shorten the judge template or the prompt, lower the judge's "
+                "max_new_tokens, judge with a model of longer context, or truncate from the "
+                "left (judge_on_too_long='truncate_left')",
+            )
+
     def _encode_judge_prompts(
         self, prompts: Sequence[str], responses: Sequence[str]
     ) -> tuple[list[list[int]], list[bool]]:

@@ -717,6 +717,13 @@ class SelfRewardingTrainer:
                             "reward_config.prompt_template (variables: {{ prompt }}, "
                             "{{ response }})"
                         ) from exc
+                else:
+                    judge = self._judge_for(stage)
+                if stage.prompts != "generated" and hasattr(judge, "check_prompts"):
+                    judge.check_prompts(  # an LLM judge's prompt must fit its context
+                        self._prompts(stage.prompts),
+                        where=f"stage {name}, dataset {stage.prompts!r}: ",
+                    )
 
     def _prompts(self, name: str) -> list[str]:
         if name not in self._prompt_cache:

@@ -354,3 +354,28 @@ class LearnedPositionsLM(nn.Module):
         pos = torch.arange(ids.shape[1])
         h = torch.cumsum(self.emb(ids) + self.pos(pos)[None], 1) / (pos[None, :, None] + 1)
         return self.head(h)
+
+
+@pytest.mark.parametrize("judge_kind", ["self", "external"])
+def test_judge_prompt_that_cannot_fit_whatever_the_response(tmp_path, judge_kind):
+    from self_rewarding_lm_pytorch.judge import LLMJudge, RewardConfig
+
+    # template + prompt alone (60 + 15 tokens) and 32 new judge tokens exceed the 96 context
+    config = RewardConfig(
+        prompt_template="x" * 60 + " {{ prompt }} / {{ response }}",
+        reward_regex_template="Score: {{ reward }}",
+    )
+    if judge_kind == "self":
+        stage = PreferenceStage(num_preference_pairs=4, max_new_tokens=4, judge_max_new_tokens=32)
+        run = trainer(tmp_path, [SFT, stage], reward_prompt_config=config)
+        where = "stage 02-self-reward-dpo, dataset 'prompts': prompt 0: the judge prompt"
+    else:
+        judge = LLMJudge(tiny_model(seed=1), char_tokenizer(), config, max_new_tokens=32)
+        run = trainer(tmp_path, [SFT, preference(judge="llm")], judges={"llm": judge})
+        where = "stage 02-external-reward-dpo, dataset 'prompts': prompt 0: the judge prompt"
+    with pytest.raises(ValueError) as info:
+        run.run()
+    msg = str(info.value)
+    assert msg.startswith(where), msg
+    assert "more than the judge model's context of 96" in msg and "truncate_left" in msg
+    assert nothing_written(tmp_path)  # refused before SFT trained

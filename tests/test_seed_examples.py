@@ -1,5 +1,5 @@
-"""The seed README's examples: verbatim self-rewarding run ends in bounded time with a
-clear error; the custom RewardConfig example parses its rating."""
+"""The seed README's examples: verbatim self-rewarding run is refused before training with
+a clear error; the custom RewardConfig example parses its rating."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def test_seed_self_reward_example_verbatim_stops_with_clear_error(tmp_path):
     err = done.stderr.decode()
     assert done.returncode != 0
     last = [line for line in err.splitlines() if line.startswith("ValueError")][-1]
-    assert "judge prompt is" in last and "context of 1024" in last and "on_too_long" in last, last
-    # SFT finished and was committed before the stop, so a rerun would not repeat it
-    assert (tmp_path / "checkpoints" / "01-sft" / "checkpoint" / "model.safetensors").exists()
-    assert '"01-sft"' in (tmp_path / "checkpoints" / "state.json").read_text()
+    assert "the judge prompt" in last and "context of 1024" in last, last
+    assert "stage 02-self-reward-dpo" in last and "on_too_long" in last, last
+    # the judge prompt cannot fit whatever the response: refused before SFT trains
+    assert not (tmp_path / "checkpoints" / "01-sft" / "checkpoint").exists()
 
 
 def test_seed_custom_reward_config_example():
