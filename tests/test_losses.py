@@ -379,12 +379,13 @@ def test_dpo_robust_is_rdpo(eps: float) -> None:
 
 
 # --------------------------------------------------------------------------- TRL
-# Independent re-implementation of TRL's formulas (huggingface/trl, commit f2cd577 of the
-# main branch, VERSION 1.10.0.dev0): trl/trainer/dpo_trainer.py, DPOTrainer loss block
-# (loss_type "sigmoid", "hinge", "ipo", "robust"), trl/trainer/kto_trainer.py
-# KTOTrainer._compute_loss (loss_type "kto"); the cDPO form is TRL's "sigmoid" with
-# label_smoothing as it was before its DPO refactor (trl/trainer/dpo_trainer.py at
-# e3b7897c8^, DPOTrainer.dpo_loss).
+# Independent re-implementation of TRL 1.16.0's formulas (the PyPI release, checked against
+# its source): trl/trainer/dpo_trainer.py, DPOTrainer's loss block (loss_type "sigmoid",
+# "hinge", "ipo" with its per-token normalisation clamp(min=1), "robust"), and
+# trl/trainer/kto_trainer.py KTOTrainer._compute_loss (loss_type "kto": batch-mean KL, then
+# clamp at 0). TRL 1.16's "sigmoid" no longer applies label_smoothing; our cDPO is the form
+# TRL's "sigmoid" had with label_smoothing before its DPO refactor (DPOTrainer.dpo_loss,
+# trl/trainer/dpo_trainer.py at e3b7897c8^). The same formulas are in TRL main at f2cd577.
 def _trl_dpo(pc, pr, rc, rr, beta, loss_type, label_smoothing=0.0, lc=None, lr=None):
     chosen_scores = pc - rc
     rejected_scores = pr - rr
