@@ -34,7 +34,9 @@ def _digest(obj: Any) -> str:
 
 
 def _name(obj: Any) -> str:
-    target = obj if inspect.isclass(obj) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    target = (
+        obj if inspect.isclass(obj) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
+    )
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
 
 
@@ -118,7 +120,9 @@ def identity(obj: Any, depth: int = 0) -> Any:
     if isinstance(obj, (list, tuple)):
         return [identity(v, depth) for v in obj]
     if isinstance(obj, dict):
-        return {str(k): identity(v, depth) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+        return {
+            str(k): identity(v, depth) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))
+        }
     if isinstance(obj, re.Pattern):
         return obj.pattern
     if isinstance(obj, nn.Module):
@@ -138,7 +142,10 @@ def identity(obj: Any, depth: int = 0) -> Any:
         return {"type": _name(obj), **fields}
     if depth < 2 and hasattr(obj, "__dict__"):
         public = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
-        return {"type": _name(obj), **{k: identity(v, depth + 1) for k, v in sorted(public.items())}}
+        return {
+            "type": _name(obj),
+            **{k: identity(v, depth + 1) for k, v in sorted(public.items())},
+        }
     return _name(obj)
 
 
@@ -148,7 +155,7 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     for key in sorted(mapping, key=str):
         value = mapping[key]
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and "type" not in value:
+        if isinstance(value, dict) and value:
             out.update(flatten(value, name + "."))
         else:
             out[name] = json.loads(json.dumps(value, sort_keys=True))
