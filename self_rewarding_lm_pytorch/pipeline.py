@@ -963,7 +963,8 @@ class SelfRewardingTrainer:
                 f"Judge parse rate {stats['parse_rate']:.1%}, tie rate {stats['tie_rate']:.1%}. "
                 "Give more prompts (or a prompt_generation stage), raise max_prompts, lower "
                 "num_preference_pairs, or sample more candidates per prompt. The records built "
-                f"so far are kept in {stage_dir}."
+                f"so far are kept in {stage_dir}; these changes alter the stage, so apply them "
+                "with --overwrite (overwrite=True) or another --out."
             )
         return pairs[:target]
 
