@@ -605,6 +605,7 @@ class SelfRewardingTrainer:
         if self._run_open:
             return
         acc = self.accelerator
+        self._lock = RunLock(self.run_dir)
         error: Exception | None = None
         if acc.is_main_process:
             try:
