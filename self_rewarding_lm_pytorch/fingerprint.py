@@ -9,6 +9,7 @@ ids, no absolute paths, no dict-order dependence, floats as Python writes them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -34,21 +35,27 @@ def _digest(obj: Any) -> str:
 
 
 def _name(obj: Any) -> str:
-    target = (
-        obj if inspect.isclass(obj) or callable(obj) and hasattr(obj, "__qualname__") else type(obj)
-    )
+    target = obj if inspect.isclass(obj) or inspect.isroutine(obj) else type(obj)
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
 
 
 def _tensor_sample(t: Any, n: int = 64) -> dict:
+    """Shape, dtype and ``n`` evenly spaced values (integer positions, so the same on
+    every device); a tensor whose values cannot be read (e.g. on the meta device) gives
+    its shape and dtype only."""
     import torch
 
-    flat = t.detach().reshape(-1)
-    if flat.numel() > n:
-        idx = torch.linspace(0, flat.numel() - 1, n, device=flat.device).long()
-        flat = flat.index_select(0, idx)
-    values = [_plain_float(v) for v in flat.to("cpu", torch.float64).tolist()]
-    return {"shape": list(t.shape), "dtype": str(t.dtype), "sample": values}
+    out: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype)}
+    try:
+        flat = t.detach().reshape(-1)
+        size = flat.numel()
+        if size > n:
+            positions = [i * (size - 1) // (n - 1) for i in range(n)]
+            flat = flat.index_select(0, torch.tensor(positions, device=flat.device))
+        out["sample"] = [_plain_float(v) for v in flat.to("cpu", torch.float64).tolist()]
+    except (RuntimeError, NotImplementedError, TypeError):
+        pass
+    return out
 
 
 def _plain_float(v: float) -> Any:
@@ -133,6 +140,13 @@ def identity(obj: Any, depth: int = 0) -> Any:
         return tokenizer_identity(obj)
     if inspect.isclass(obj) or inspect.isroutine(obj):
         return _name(obj)
+    if isinstance(obj, functools.partial):
+        return {
+            "type": _name(obj),
+            "func": identity(obj.func, depth + 1),
+            "args": identity(list(obj.args), depth + 1),
+            "keywords": identity(dict(obj.keywords), depth + 1),
+        }
     if dataclasses.is_dataclass(obj):
         fields = {
             f.name: identity(getattr(obj, f.name), depth + 1)

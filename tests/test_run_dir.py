@@ -114,6 +114,37 @@ def test_only_temp_files_of_dead_writers_are_removed(tmp_path):
         alive.wait()
 
 
+# ====================================================================== fingerprints
+
+
+def test_fingerprint_parts_see_changes_and_nothing_else():
+    import functools
+
+    import torch
+    from tiny import tiny_model
+
+    from self_rewarding_lm_pytorch.fingerprint import (
+        changed_keys,
+        dataset_digest,
+        flatten,
+        identity,
+        model_identity,
+    )
+
+    a, b = tiny_model(seed=0), tiny_model(seed=0)
+    assert model_identity(a) == model_identity(b)  # same weights: same identity
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-3  # one sampled value moved
+    assert model_identity(a) != model_identity(b)
+    data = [{"prompt": "a"}, {"prompt": "b"}]
+    assert dataset_digest(data) == dataset_digest([dict(d) for d in data])
+    assert dataset_digest(data) != dataset_digest(data[::-1])
+    assert identity(functools.partial(max, 1)) != identity(functools.partial(max, 2))
+    old = flatten(identity({"trainer": {"beta": 0.1, "batch_size": 4}, "seed": 0}))
+    new = flatten(identity({"seed": 0, "trainer": {"batch_size": 4, "beta": 0.2}}))
+    assert changed_keys(old, new) == ["trainer.beta: 0.1 -> 0.2"]  # key order is no change
+
+
 # ====================================================================== config.yaml
 
 
