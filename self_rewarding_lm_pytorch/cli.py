@@ -391,11 +391,15 @@ def run_from_config(cfg: RunConfig, *, overwrite: bool = False) -> dict[str, Any
     """Run (or resume) a validated config; returns the run summary (also printed by
     ``srlm run``): the pipeline report plus ``final_model``, the folder that
     ``AutoModelForCausalLM.from_pretrained`` (or :func:`hf.load_model` for adapters) loads."""
+    import os
+
     import yaml
 
-    from .store import atomic_write_text
+    from .store import RunLock, atomic_write_text
 
     out = Path(cfg.out)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a busy run folder: refused before loading
+        RunLock(out).check_free()
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
     # the lock, --overwrite (of a run folder only) and the settings check, on every rank
@@ -817,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML run config (see examples/*.yaml and docs/cli.md)")
     p.add_argument("--out", default=None, help="run folder (overrides out: in the config)")
-    p.add_argument("--overwrite", action="store_true", help="empty the run folder first (srlm runs only)")
+    p.add_argument("--overwrite", action="store_true", help="clear a run folder made by srlm")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.set_defaults(func=cmd_run)
 

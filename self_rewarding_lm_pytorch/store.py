@@ -303,6 +303,14 @@ class RunLock:
         os.fsync(fd)
         self._fd = fd
 
+    def check_free(self) -> None:
+        """Raise :class:`RunDirError` at once if another process holds the lock (a quick
+        look before expensive set-up; :meth:`acquire` is what takes it)."""
+        if self._fd is not None or not self.path.is_file():
+            return
+        self.acquire()
+        self.release()
+
     def holder(self) -> str:
         """Who holds (or last held) the lock, as recorded in the lock file."""
         try:

@@ -83,9 +83,15 @@ time.sleep(120)
 """
 
 
-def test_second_run_on_a_busy_folder(tmp_path):
+def test_second_run_on_a_busy_folder(tmp_path, monkeypatch, capsys):
     """A real second process holds the run's lock: this run is refused at once (no
-    waiting), naming the holder, and writes nothing; once the holder is gone the run goes."""
+    waiting), naming the holder, and writes nothing; once the holder is gone the run goes.
+    ``srlm run`` is refused before it loads the model."""
+    from fault_job import write_job
+
+    from self_rewarding_lm_pytorch import cli
+
+    config = write_job(tmp_path / "job")
     run = tmp_path / "run"
     run.mkdir()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -103,6 +109,15 @@ def test_second_run_on_a_busy_folder(tmp_path):
         assert "one process (one launch) writes a run directory at a time" in msg
         assert "choose another --out" in msg
         assert sorted(p.name for p in run.iterdir()) == [".srlm-lock"]  # nothing written
+
+        def no_build(cfg, **kwargs):
+            raise AssertionError("the model was loaded for a run that cannot start")
+
+        monkeypatch.setattr(cli, "build_trainer", no_build)
+        assert cli.main(["-q", "run", str(config), "--out", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert f"RunDirError: {run} is in use by another run (pid {holder.pid} on " in err
+        monkeypatch.undo()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
