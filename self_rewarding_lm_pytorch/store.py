@@ -112,6 +112,8 @@ def _remove_stale_temps(folder: Path, name: str) -> None:
             pid, host = int(parts[0]), parts[2]
             if host != _HOST or pid == os.getpid() or _pid_alive(pid):
                 continue
+        elif len(parts) != 1:  # not a temp of this file (e.g. of NAME.bak)
+            continue
         try:
             os.unlink(entry.path)
         except FileNotFoundError:

@@ -30,7 +30,12 @@ DPO = "01-external-reward-dpo"
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file's bytes, but the lock's (each run that takes the lock records itself)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".srlm-lock"
+    }
 
 
 def foreign_folder(path: Path) -> dict[str, bytes]:
