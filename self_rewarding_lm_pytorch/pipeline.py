@@ -1080,9 +1080,18 @@ class SelfRewardingTrainer:
 
     # ------------------------------------------------------------------ report
     def _config_yaml(self) -> str:
+        """The resolved configuration (defaults included), written once when a run starts."""
         import yaml
 
-        cfg = {"seed": self.seed, "stages": [to_dict(s) for s in self.stages]}
+        reward = {k: v for k, v in to_dict(self.reward_config).items() if not k.startswith("_")}
+        cfg = {
+            "seed": self.seed,
+            "preference_max_seq_len": self.preference_max_seq_len,
+            "datasets": {name: len(data) for name, data in sorted(self.datasets.items())},
+            "judges": sorted(self.judges),
+            "reward_config": reward,
+            "stages": [to_dict(s) for s in self.stages],
+        }
         return yaml.safe_dump(cfg, sort_keys=False)
 
     def _write_report(self, state: dict) -> dict:

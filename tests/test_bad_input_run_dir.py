@@ -98,7 +98,8 @@ def test_second_run_on_a_busy_folder(tmp_path, monkeypatch, capsys):
 
     config = write_job(tmp_path / "job")
     run = tmp_path / "run"
-    run.mkdir()
+    make_trainer(str(run), num_pairs=2).run()
+    finished = files_of(run)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD, str(run)], stdout=subprocess.PIPE, text=True, env=env
@@ -113,7 +114,10 @@ def test_second_run_on_a_busy_folder(tmp_path, monkeypatch, capsys):
         assert f"is in use by another run (pid {holder.pid} on " in msg
         assert "one process (one launch) writes a run directory at a time" in msg
         assert "choose another --out" in msg
-        assert sorted(p.name for p in run.iterdir()) == [".srlm-lock"]  # nothing written
+        # --overwrite of a busy run folder is refused too: nothing is deleted or written
+        with pytest.raises(RunDirError, match=r"is in use by another run"):
+            make_trainer(str(run), num_pairs=2).run(overwrite=True)
+        assert files_of(run) == finished
 
         def no_build(cfg, **kwargs):
             raise AssertionError("the model was loaded for a run that cannot start")
@@ -126,8 +130,8 @@ def test_second_run_on_a_busy_folder(tmp_path, monkeypatch, capsys):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    make_trainer(str(run), num_pairs=2).run()  # the lock died with its process
-    assert len(read_jsonl(run / DPO / "pairs.jsonl")) == 2
+    make_trainer(str(run), num_pairs=3).run(overwrite=True)  # the lock died with its process
+    assert len(read_jsonl(run / DPO / "pairs.jsonl")) == 3
 
 
 def test_changed_settings_of_a_finished_stage(tmp_path):

@@ -155,7 +155,9 @@ def test_config_yaml_holds_defaults_and_is_written_once(tmp_path):
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     stage = config["stages"][0]
     assert stage["judge_top_p"] == 0.9 and stage["pair_strategy"] == "best_worst"  # defaults
-    assert config["seed"] == 0
+    assert config["seed"] == 0 and config["preference_max_seq_len"] == 1024
+    assert config["reward_config"]["match"] == "last"  # the default judge's settings
+    assert config["datasets"] == {"prompts": 60, "sft": 16}
     first = (tmp_path / "config.yaml").stat()
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["fingerprints"][DPO]["settings"]["num_preference_pairs"] == 2
