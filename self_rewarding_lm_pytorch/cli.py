@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -415,25 +414,27 @@ def run_from_config(cfg: RunConfig, *, overwrite: bool = False) -> dict[str, Any
     """Run (or resume) a validated config; returns the run summary (also printed by
     ``srlm run``): the pipeline report plus ``final_model``, the folder that
     ``AutoModelForCausalLM.from_pretrained`` (or :func:`hf.load_model` for adapters) loads."""
+    import os
+
     import yaml
 
-    from .store import atomic_write_text
+    from .store import RunLock, atomic_write_text
 
     out = Path(cfg.out)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # a busy run folder: refused before loading
+        RunLock(out).check_free()
     trainer = build_trainer(cfg)
     acc = trainer.accelerator
-    if overwrite and out.exists() and acc.is_main_process:
-        shutil.rmtree(out)
-    acc.wait_for_everyone()
+    # the lock, --overwrite (of a run folder only) and the settings check, on every rank
+    trainer.open_run_dir(overwrite=overwrite)
     resolved = to_dict(cfg)
     resolved.pop("stage_objects", None)  # derived from `stages`; not a config key
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process and not (out / "run_config.yaml").exists():  # once per run
         atomic_write_text(out / "run_config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     if cfg.accelerate.trackers:
         acc.init_trackers(cfg.accelerate.project_name, config=_flat_config(resolved))
     try:
-        report = trainer.run(overwrite=False)
+        report = trainer.run()
     finally:
         if cfg.accelerate.trackers:
             for tracker in acc.trackers:
@@ -1170,7 +1171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML run config (see examples/*.yaml and docs/cli.md)")
     p.add_argument("--out", default=None, help="run folder (overrides out: in the config)")
-    p.add_argument("--overwrite", action="store_true", help="delete the run folder first")
+    p.add_argument("--overwrite", action="store_true", help="clear a run folder made by srlm")
     p.add_argument("--check", action="store_true", help="validate the config and exit")
     p.set_defaults(func=cmd_run)
 

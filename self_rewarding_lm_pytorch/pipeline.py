@@ -23,7 +23,6 @@ import inspect
 import json
 import logging
 import math
-import shutil
 import typing
 import warnings
 from collections import Counter
@@ -43,7 +42,16 @@ from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from .models import CausalLM, Tokenizer, encode_response, wrap_model, wrap_tokenizer
 from .pairs import select_pairs
 from .prompts import generate_prompts
-from .store import JsonlStore, StoreError, atomic_write_json, atomic_write_text, read_jsonl
+from .store import (
+    JsonlStore,
+    RunDirError,
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    clear_run_dir,
+    ensure_run_dir,
+    read_jsonl,
+)
 from .trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from .trainers.base import load_checkpoint, save_checkpoint
 
@@ -261,6 +269,20 @@ class PreferenceStage:
 
 
 Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
+# settings that cannot change a stage's records or model: not part of its fingerprint
+_FREE_STAGE_KEYS = ("min_parse_rate",)
+_FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
+# a preference stage's judge settings: when only these change in an unfinished stage,
+# its candidates are judged again instead of refused
+_JUDGE_KEYS = (
+    "judge",
+    "judge_samples",
+    "judge_mode",
+    "judge_temperature",
+    "judge_top_p",
+    "judge_max_new_tokens",
+    "judge_on_too_long",
+)
 STAGE_TYPES: dict[str, type] = {
     "sft": SFTStage,
     "spin": SPINStage,
@@ -384,7 +406,10 @@ def _parse_failure_message(
         f"cannot be built.{why} Three of its outputs:\n{shown}\n"
         "Fixes: fine-tune the model on EFT (judge) examples first (an SFT stage with an "
         "'eft' dataset), give a RewardConfig whose template/regex matches what the model "
-        "writes, or use an external judge (judge='<name>' with judges={...})."
+        "writes, or use an external judge (judge='<name>' with judges={...}). After a "
+        "change of the judge alone (reward_config, judge settings), rerunning in the same "
+        "run folder sets these judgements aside and judges the candidates again; other "
+        "changes need --overwrite (overwrite=True) or another --out."
     )
 
 
@@ -531,6 +556,7 @@ class SelfRewardingTrainer:
         # datasets read once (the seed's mock datasets make new items on every access)
         self._sft_cache: dict[str, list[SFTExample]] = {}
         self._prompt_cache: dict[str, list[str]] = {}
+        self._preflight_done = False
 
         if stages is None:
             stages = self._seed_stages(
@@ -556,6 +582,10 @@ class SelfRewardingTrainer:
                 stacklevel=2,
             )
         self._accelerator = None
+        self._lock = RunLock(self.run_dir)
+        self._run_open = False
+        self._state: dict = {"finished": []}
+        self._model_identity: str | None = None
 
     # ------------------------------------------------------------------ set-up
     def _seed_stages(
@@ -671,8 +701,10 @@ class SelfRewardingTrainer:
         model's context with the stage's ``max_new_tokens`` (and leave room for a response
         within ``preference_max_seq_len``), SPIN prompts must leave room for a response, and
         the self-judge's template must render. ``run()`` calls this first; ``srlm run
-        --check`` runs it without training.
+        --check`` runs it without training. The checks run once per trainer.
         """
+        if self._preflight_done:
+            return
         for stage, name in zip(self.stages, self._plan()):
             if isinstance(stage, SFTStage):
                 for ds in stage.datasets:
@@ -724,6 +756,7 @@ class SelfRewardingTrainer:
                         self._prompts(stage.prompts),
                         where=f"stage {name}, dataset {stage.prompts!r}: ",
                     )
+        self._preflight_done = True
 
     def _prompts(self, name: str) -> list[str]:
         if name not in self._prompt_cache:
@@ -801,37 +834,153 @@ class SelfRewardingTrainer:
     def _plan(self) -> list[str]:
         return [f"{i + 1:02d}-{_stage_slug(s)}" for i, s in enumerate(self.stages)]
 
+    # ------------------------------------------------------------------ fingerprints
+    def _fingerprint(self, index: int, stage: Stage) -> dict[str, dict[str, Any]]:
+        """What shapes the stage's output, as flat ``{key: value}`` maps: ``settings``
+        (resolved stage settings with defaults, trainer arguments, seed, model, tokenizer
+        and data identities) and, for preference stages, ``judge`` (the judge's settings,
+        template and regex, or the external judge's identity)."""
+        from .fingerprint import dataset_digest, flatten, identity, model_identity
+
+        if self._model_identity is None:  # the model as given, before any checkpoint
+            self._model_identity = model_identity(self.model)
+        raw = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
+        trainer = {k: v for k, v in raw.pop("trainer", {}).items() if k not in _FREE_TRAINER_KEYS}
+        for key in _FREE_STAGE_KEYS:
+            raw.pop(key, None)
+        judge = {k: raw.pop(k) for k in _JUDGE_KEYS if k in raw}
+        if isinstance(stage, SFTStage):
+            data = list(stage.datasets)
+        elif isinstance(stage, SPINStage):
+            data = [stage.dataset]
+        elif isinstance(stage, PromptGenerationStage):
+            data = [stage.seed_dataset]
+            if stage.generator_model != "self":
+                raw["generator_identity"] = self.models[stage.generator_model]
+        else:
+            data = [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
+            if stage.judge == "self":
+                judge["reward_config"] = self.reward_config
+            else:
+                judge["judge_identity"] = self.judges[stage.judge]
+            judge["oracle"] = self.oracle
+            raw["early_stopper_eval_module"] = self.early_stopper_eval_module
+        if isinstance(stage, (SPINStage, PreferenceStage)):
+            raw["preference_max_seq_len"] = self.preference_max_seq_len
+        settings = {
+            **raw,
+            "trainer": trainer,
+            "seed": self.seed,
+            "model": self._model_identity,
+            "tokenizer": self.tokenizer,
+            "data": {n: dataset_digest(self.datasets[n]) for n in data if n in self.datasets},
+        }
+        out = {"settings": flatten(identity(settings))}
+        if judge:
+            out["judge"] = flatten(identity(judge))
+        return out
+
+    def _check_fingerprints(self, state: dict) -> None:
+        """Refuse changed settings of a stage that finished or has records; a stage whose
+        only change is its judge, and that has not finished, has its judgements set aside
+        and is judged again. Stages not yet started may change freely."""
+        from .fingerprint import changed_keys
+
+        stored = state.setdefault("fingerprints", {})
+        finished = {r["stage"] for r in state["finished"]}
+        for index, stage in enumerate(self.stages):
+            name = state["plan"][index]
+            new = self._fingerprint(index, stage)
+            old = stored.get(name)
+            stage_dir = self._stage_dir(index, stage)
+            done = name in finished
+            if old is not None and (done or _has_records(stage_dir)):
+                groups = sorted(set(old) | set(new))
+                diffs = {g: changed_keys(old.get(g, {}), new.get(g, {})) for g in groups}
+                settings = [d for g in groups if g != "judge" for d in diffs[g]]
+                judge = diffs.get("judge", [])
+                if settings or (judge and done):
+                    raise RunDirError(_changed_settings_message(name, done, settings + judge))
+                if judge:
+                    _set_aside_judgements(stage_dir, name, judge)
+            stored[name] = new
+
+    # ------------------------------------------------------------------ run directory
+    def open_run_dir(self, *, overwrite: bool = False) -> None:
+        """Take the run directory for this launch (done by :meth:`run`; call it first to
+        write files of your own into the folder).
+
+        One launch writes a run directory at a time: the main process takes a lock, and
+        a second process is refused at once, naming the holder. ``overwrite`` empties a
+        directory this library made (anything else is refused, nothing deleted). Stages
+        that finished or have records must keep their settings (see ``state.json``);
+        ``config.yaml`` is written once, when the run starts. Every rank gets the outcome,
+        so a refusal stops all of them."""
+        if self._run_open:
+            return
+        self.preflight()  # data, tokenizer and model checked before any file is touched
+        acc = self.accelerator
+        self._lock = RunLock(self.run_dir)
+        error: Exception | None = None
+        if acc.is_main_process:
+            try:
+                self._take_run_dir(overwrite)
+            except Exception as exc:  # shared with the other ranks below, then raised
+                self._lock.release()
+                error = exc
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            outcome = [None if error is None else str(error)]
+            broadcast_object_list(outcome, from_process=0)
+            if error is None and outcome[0] is not None:
+                raise RunDirError(outcome[0])
+        if error is not None:
+            raise error
+        self._state = self._load_state()  # every rank reads what the main process wrote
+        self._run_open = True
+
+    def close_run_dir(self) -> None:
+        """Give the run directory up (the lock); :meth:`run` does this when it ends."""
+        self._lock.release()
+        self._run_open = False
+
+    def _take_run_dir(self, overwrite: bool) -> None:
+        run_dir = self.run_dir
+        if overwrite:  # refuse a folder that is not a run directory before writing to it
+            clear_run_dir(run_dir, dry_run=True)
+        ensure_run_dir(run_dir)
+        self._lock.acquire()
+        if overwrite:
+            clear_run_dir(run_dir)
+        state = self._load_state()
+        plan = self._plan()
+        if state.get("plan") not in (None, plan):
+            raise RuntimeError(
+                f"{run_dir} holds a run with stages {state['plan']}, but this run has "
+                f"{plan}; use another checkpoints_folder / --out, or overwrite_checkpoints=True"
+            )
+        state["plan"] = plan
+        self._check_fingerprints(state)
+        atomic_write_json(self.state_path, state)  # first: it marks the folder as a run
+        if not (run_dir / "config.yaml").exists():
+            atomic_write_text(run_dir / "config.yaml", self._config_yaml())
+
     # ------------------------------------------------------------------ run
     def __call__(self, overwrite_checkpoints: bool = False) -> dict:
         return self.run(overwrite=overwrite_checkpoints)
 
     def run(self, *, overwrite: bool = False) -> dict:
         """Run every stage not yet finished; returns the run report (also written to disk)."""
-        self.preflight()  # data, tokenizer and model checked before any file is touched
-        if overwrite and self.run_dir.exists() and self.accelerator.is_main_process:
-            shutil.rmtree(self.run_dir)
-        self.accelerator.wait_for_everyone()
+        self.open_run_dir(overwrite=overwrite)
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(
-                exc.errno,
-                f"cannot create the run folder {self.run_dir}: {exc.strerror or exc}; choose "
-                "another output directory (checkpoints_folder / --out), or fix the path (a "
-                "file may be in the way)",
-            ) from exc
-        state = self._load_state()
-        plan = self._plan()
-        if state.get("plan") not in (None, plan):
-            raise RuntimeError(
-                f"{self.run_dir} holds a run with stages {state['plan']}, but this run has "
-                f"{plan}; use another checkpoints_folder / --out, or overwrite_checkpoints=True"
-            )
-        state["plan"] = plan
-        if self.accelerator.is_main_process:
-            atomic_write_text(self.run_dir / "config.yaml", self._config_yaml())
-        self._save_state(state)
+            return self._run_stages(self._state)
+        finally:
+            self.close_run_dir()
 
+    def _run_stages(self, state: dict) -> dict:
+        plan = self._plan()
+        main = self.accelerator.is_main_process
         finished = {r["stage"]: r for r in state["finished"]}
         last_ckpt = None
         for name in plan:
@@ -845,8 +994,10 @@ class SelfRewardingTrainer:
             if name in finished:
                 continue
             stage_dir = self._stage_dir(index, stage)
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            _set_aside_interrupted_metrics(stage_dir)
+            if main:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                _set_aside_interrupted_metrics(stage_dir)
+            self.accelerator.wait_for_everyone()
             log.info("stage %s", name)
             result = self._run_stage(index, stage, stage_dir)
             record = {"stage": name, **result}
@@ -978,7 +1129,9 @@ class SelfRewardingTrainer:
         stats = _plain(dataclasses.asdict(result)) if dataclasses.is_dataclass(result) else {}
         stats.pop("prompts", None)
         stats["num_prompts"] = len(result.prompts)
-        atomic_write_json(stage_dir / "stats.json", stats)
+        if self.accelerator.is_main_process:
+            atomic_write_json(stage_dir / "stats.json", stats)
+        self.accelerator.wait_for_everyone()  # prompts.jsonl is complete before any rank reads it
         return {
             "prompts": str((stage_dir / "prompts.jsonl").relative_to(self.run_dir)),
             "stats": stats,
@@ -1181,7 +1334,8 @@ class SelfRewardingTrainer:
                 f"Judge parse rate {stats['parse_rate']:.1%}, tie rate {stats['tie_rate']:.1%}. "
                 "Give more prompts (or a prompt_generation stage), raise max_prompts, lower "
                 "num_preference_pairs, or sample more candidates per prompt. The records built "
-                f"so far are kept in {stage_dir}."
+                f"so far are kept in {stage_dir}; these changes alter the stage, so apply them "
+                "with --overwrite (overwrite=True) or another --out."
             )
         return pairs[:target]
 
@@ -1312,9 +1466,18 @@ class SelfRewardingTrainer:
 
     # ------------------------------------------------------------------ report
     def _config_yaml(self) -> str:
+        """The resolved configuration (defaults included), written once when a run starts."""
         import yaml
 
-        cfg = {"seed": self.seed, "stages": [to_dict(s) for s in self.stages]}
+        reward = {k: v for k, v in to_dict(self.reward_config).items() if not k.startswith("_")}
+        cfg = {
+            "seed": self.seed,
+            "preference_max_seq_len": self.preference_max_seq_len,
+            "datasets": {name: len(data) for name, data in sorted(self.datasets.items())},
+            "judges": sorted(self.judges),
+            "reward_config": reward,
+            "stages": [to_dict(s) for s in self.stages],
+        }
         return yaml.safe_dump(cfg, sort_keys=False)
 
     def _write_report(self, state: dict) -> dict:
@@ -1374,6 +1537,42 @@ def candidate_stats(candidates: list[dict], pairs: list[dict]) -> dict:
         )
         stats["pairs_oracle_correct"] = correct / len(pairs) if pairs else 0.0
     return stats
+
+
+def _has_records(stage_dir: Path) -> bool:
+    """Whether an unfinished stage already wrote records (candidates, pairs, prompts)."""
+    names = ("candidates.jsonl", "pairs.jsonl", "prompts.jsonl")
+    return any((stage_dir / n).is_file() and (stage_dir / n).stat().st_size > 0 for n in names)
+
+
+def _changed_settings_message(name: str, finished: bool, changes: list[str]) -> str:
+    how = "finished" if finished else "was interrupted after writing records"
+    return (
+        f"stage {name} {how} with other settings than this run gives it: "
+        f"{'; '.join(changes)}. Resuming would mix results of both settings, so nothing was "
+        "run. Either restore those settings to resume the run, or start it afresh: "
+        "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
+    )
+
+
+def _set_aside_judgements(stage_dir: Path, name: str, changes: list[str]) -> None:
+    """Only the judge of an unfinished preference stage changed: move its judged records
+    to ``stale-judge-<k>/`` so the stage samples the same candidates and judges them anew."""
+    k = 1
+    while (stage_dir / f"stale-judge-{k}").exists():
+        k += 1
+    aside = stage_dir / f"stale-judge-{k}"
+    aside.mkdir()
+    for file in ("candidates.jsonl", "pairs.jsonl", "stats.json"):
+        if (stage_dir / file).exists():
+            (stage_dir / file).rename(aside / file)
+    log.warning(
+        "stage %s: the judge changed (%s); its judged candidates are set aside in %s and "
+        "judged again with the new judge",
+        name,
+        "; ".join(changes),
+        aside,
+    )
 
 
 def _set_aside_interrupted_metrics(stage_dir: Path) -> None:

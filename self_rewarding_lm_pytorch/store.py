@@ -6,6 +6,9 @@
   made. Records carry a unique ``id``; reopening the file skips a torn last line left by
   a crash and reports which ids are already present, so a resumed run neither loses nor
   duplicates a record.
+* :class:`RunLock`: one writer per run directory (``flock`` on ``.srlm-lock``; the lock
+  dies with its process). :func:`clear_run_dir` empties a run directory for
+  ``--overwrite`` and refuses any folder this library did not make.
 """
 
 from __future__ import annotations
@@ -13,16 +16,45 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["JsonlStore", "atomic_write_json", "atomic_write_text", "read_jsonl", "StoreError"]
+__all__ = [
+    "JsonlStore",
+    "LOCK_NAME",
+    "RunDirError",
+    "RunLock",
+    "StoreError",
+    "atomic_write_json",
+    "atomic_write_text",
+    "clear_run_dir",
+    "ensure_run_dir",
+    "is_run_dir",
+    "read_jsonl",
+]
+
+LOCK_NAME = ".srlm-lock"
+# what this library writes at the top of a run directory; --overwrite deletes only these
+_RUN_ENTRY = re.compile(
+    r"state\.json|config\.yaml|run_config\.yaml|report\.(json|md)|[^/]+\.png|logs|final"
+    r"|\d{2,}-[a-z0-9-]+|\..+\.tmp"
+)
+_HOST = socket.gethostname()
 
 
 class StoreError(OSError):
     """A run-directory file could not be written; the message names the path and the fix."""
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be used as asked (another run holds it, it is not a run
+    directory, or its settings differ); the message names what is there and the fix."""
 
 
 def _explain(exc: OSError, path: Path) -> StoreError:
@@ -52,14 +84,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path, name: str) -> None:
+    """Remove temp files of ``name`` left by dead writers; live writers' temps stay.
+
+    Temp names are ``.NAME.PID.TOKEN.HOST.tmp``: a temp is stale when it was made on this
+    host by a process that no longer runs (a temp from another host is left alone)."""
+    prefix = f".{name}."
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(prefix) and entry.name.endswith(".tmp")):
+            continue
+        parts = entry.name[len(prefix) : -len(".tmp")].split(".", 2)
+        if len(parts) == 3 and parts[0].isdigit():
+            pid, host = int(parts[0]), parts[2]
+            if host != _HOST or pid == os.getpid() or _pid_alive(pid):
+                continue
+        elif len(parts) != 1:  # not a temp of this file (e.g. of NAME.bak)
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            pass  # another process removed it first
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write ``text`` to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    The file gets the mode ``open()`` would give it (0666 less the umask). Concurrent
+    writers of one path each use their own temp file; the last rename wins."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _remove_stale_temps(path.parent, path.name)  # left by a killed writer
+        token = secrets.token_hex(4)
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{token}.{_HOST}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -98,6 +170,162 @@ def read_jsonl(path: str | Path) -> list[dict]:
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
     return records
+
+
+# ====================================================================== the run directory
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a run state (``state.json`` with a
+    ``finished`` list), i.e. a run directory this library made."""
+    state = Path(path) / "state.json"
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("finished"), list)
+
+
+def _listing(path: Path, limit: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} entries)" if len(names) > limit else "")
+
+
+def ensure_run_dir(path: str | Path) -> Path:
+    """Create the run folder ``path`` (and its parents) if needed; a clear error when a
+    file is in the way or the folder cannot be made."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(
+            f"the output path {path} is a file, not a folder; choose another --out "
+            "(checkpoints_folder) for the run directory, or move the file away"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            exc.errno,
+            f"cannot create the run folder {path}: {exc.strerror or exc}; choose "
+            "another output directory (checkpoints_folder / --out), or fix the path (a "
+            "file may be in the way)",
+        ) from exc
+    return path
+
+
+def clear_run_dir(path: str | Path, *, dry_run: bool = False) -> None:
+    """Empty the run directory ``path`` for ``--overwrite``; ``path`` itself stays.
+
+    Only a run directory this library made (see :func:`is_run_dir`) holding nothing but
+    what the library writes, or an empty folder, is cleared; anything else is refused
+    with :class:`RunDirError`, naming what is there, and nothing is deleted
+    (``dry_run=True`` only checks). The lock file stays (its holder may be the caller);
+    ``state.json`` goes last, so a clear interrupted half-way can be repeated."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        kind = "a symbolic link" if path.is_symlink() else "a file"
+        raise RunDirError(
+            f"--overwrite: {path} is {kind}, not a run directory, so it is not deleted; "
+            "choose another --out (checkpoints_folder) for the run"
+        )
+    entries = [p for p in path.iterdir() if p.name != LOCK_NAME]
+    if not entries:
+        return
+    if not is_run_dir(path):
+        raise RunDirError(
+            f"--overwrite: {path} is not a run directory made by this library (no "
+            f"state.json with a run state), so nothing in it is deleted; it holds "
+            f"{_listing(path)}. Choose another --out (checkpoints_folder) for the run, "
+            "or empty the folder yourself"
+        )
+    foreign = [p for p in entries if not _RUN_ENTRY.fullmatch(p.name)]
+    if foreign:
+        names = ", ".join(sorted(p.name for p in foreign)[:5])
+        raise RunDirError(
+            f"--overwrite: the run directory {path} also holds files this library did not "
+            f"write ({names}), so nothing in it is deleted; move them elsewhere, or choose "
+            "another --out (checkpoints_folder) for the run"
+        )
+    if dry_run:
+        return
+    state = path / "state.json"
+    for p in entries:
+        if p == state:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    state.unlink()
+    _fsync_dir(path)
+
+
+class RunLock:
+    """One writer per run directory: a non-blocking ``flock`` on ``DIR/.srlm-lock``.
+
+    The lock belongs to the open file, so it ends with its process (a crash or kill
+    never leaves a stale lock). The file records the holder's pid, host and start time,
+    which a refused process names in its message."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock at once or raise :class:`RunDirError` naming the holder."""
+        import fcntl
+
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise _explain(exc, self.path) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise _explain(exc, self.path) from exc
+            raise RunDirError(
+                f"{self.path.parent} is in use by another run ({self.holder()}); one process "
+                "(one launch) writes a run directory at a time. Wait for that run to end, "
+                "or choose another --out (checkpoints_folder)"
+            ) from None
+        info = {"pid": os.getpid(), "host": _HOST, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        data = (json.dumps(info) + "\n").encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def check_free(self) -> None:
+        """Raise :class:`RunDirError` at once if another process holds the lock (a quick
+        look before expensive set-up; :meth:`acquire` is what takes it)."""
+        if self._fd is not None or not self.path.is_file():
+            return
+        self.acquire()
+        self.release()
+
+    def holder(self) -> str:
+        """Who holds (or last held) the lock, as recorded in the lock file."""
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+            return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        """Give the lock up (the lock file stays)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file releases the flock
+            self._fd = None
 
 
 class JsonlStore:

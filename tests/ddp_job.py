@@ -1,26 +1,86 @@
 """Run under ``torch.distributed.run --nproc_per_node 2`` (or alone) by test_distributed.py.
 
-Writes, into OUT: the pipeline run (pairs sharded across ranks) and the parameters after
-one DPO step on a fixed global batch of 4 pairs.
+Writes, into OUT: the pipeline run (pairs sharded across ranks), ``rank-<r>.json`` (the
+world size and the prompts this rank judged), the parameters after one DPO step on a
+fixed global batch of 4 pairs, and a prompt-generation run whose prompts feed a DPO
+stage (``pg/``). With ``--expect-busy`` the run folder's lock is held by another
+process: each rank records the refusal in ``refused-rank-<r>.txt`` and exits 0.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import torch
 from safetensors.torch import save_file
-from tiny import char_tokenizer, make_trainer, tiny_model
+from tiny import char_tokenizer, make_trainer, scripted_score, tiny_model
 
-from self_rewarding_lm_pytorch.pipeline import preference_example
+from self_rewarding_lm_pytorch.pipeline import (
+    PreferenceStage,
+    PromptGenerationStage,
+    SelfRewardingTrainer,
+    preference_example,
+)
+from self_rewarding_lm_pytorch.store import RunDirError
 from self_rewarding_lm_pytorch.trainers import DPOTrainer
+
+
+def length_judge(prompt: str, response: str) -> float:
+    return float(len(response.split()))
+
+
+def prompt_generation_run(out: str) -> None:
+    from test_prompts import WORDS, TaskBigramLM, WordTokenizer
+
+    model = TaskBigramLM()
+    model.table.requires_grad_(True)
+    seeds = [" ".join(WORDS[i : i + 6]) for i in range(0, 30, 3)]
+    SelfRewardingTrainer(
+        model,
+        tokenizer=WordTokenizer(),
+        prompt_dataset=seeds,
+        judges={"length": length_judge},
+        stages=[
+            PromptGenerationStage(num_prompts=5, max_new_tokens=8),
+            PreferenceStage(
+                kind="external_reward_dpo",
+                judge="length",
+                prompts="generated",
+                num_preference_pairs=3,
+                max_new_tokens=8,
+                chunk_size=2,
+                trainer=dict(batch_size=2),
+            ),
+        ],
+        checkpoints_folder=f"{out}/pg",
+        accelerate_kwargs=dict(cpu=True),
+        progress=False,
+    ).run()
+
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out = sys.argv[1]
     trainer = make_trainer(f"{out}/run", num_pairs=10, max_new_tokens=5, chunk_size=2)
-    trainer.run()
     acc = trainer.accelerator
+    judged: list[str] = []
+
+    def recording_judge(prompt: str, response: str) -> float | None:
+        judged.append(prompt)
+        return scripted_score(prompt, response)
+
+    trainer.judges["scripted"] = recording_judge
+    if "--expect-busy" in sys.argv:
+        try:
+            trainer.run()
+        except RunDirError as exc:
+            with open(f"{out}/refused-rank-{acc.process_index}.txt", "w") as f:
+                f.write(str(exc))
+        sys.exit(0)
+    trainer.run()
+    with open(f"{out}/rank-{acc.process_index}.json", "w") as f:
+        json.dump({"world": acc.num_processes, "judged": sorted(set(judged))}, f)
 
     tok = char_tokenizer()
     pairs = [preference_example(f"q{i}", "good" * (i + 1), "bad" + "x" * i, tok) for i in range(4)]
@@ -46,3 +106,4 @@ if __name__ == "__main__":
         state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
         save_file(state, f"{out}/after_step.safetensors")
     acc.wait_for_everyone()
+    prompt_generation_run(out)
