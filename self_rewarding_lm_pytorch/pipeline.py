@@ -366,17 +366,19 @@ def check_trainer_kwargs(stage: Stage) -> None:
 
 
 def _annotations(fn: Callable) -> dict[str, Any]:
-    """A function's resolved parameter annotations; those that do not resolve are skipped."""
-    try:
-        return typing.get_type_hints(fn)
-    except Exception:  # noqa: BLE001 - a forward reference that does not resolve
-        out = {}
-        for name, ann in getattr(fn, "__annotations__", {}).items():
-            try:
-                out[name] = eval(ann, fn.__globals__) if isinstance(ann, str) else ann  # noqa: S307
-            except Exception:  # noqa: BLE001
-                pass
-        return out
+    """A function's resolved parameter annotations; a name imported only for type checking
+    resolves to ``Any`` (so it is not checked)."""
+    localns: dict[str, Any] = {}
+    for _ in range(len(getattr(fn, "__annotations__", {})) + 1):  # one retry per name
+        try:
+            return typing.get_type_hints(fn, localns=localns)
+        except NameError as exc:
+            if exc.name is None or exc.name in localns:
+                break
+            localns[exc.name] = Any
+        except TypeError:  # e.g. such a name used as a generic: nothing to check
+            break
+    return {}
 
 
 # ====================================================================== errors

@@ -42,7 +42,7 @@ def prompt_generation_run(out: str) -> None:
         prompt_dataset=seeds,
         judges={"length": length_judge},
         stages=[
-            PromptGenerationStage(num_prompts=5, max_new_tokens=8),
+            PromptGenerationStage(num_prompts=5, max_new_tokens=8, max_attempts=200),
             PreferenceStage(
                 kind="external_reward_dpo",
                 judge="length",
