@@ -20,7 +20,6 @@ multi-turn chats.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import json
 from collections.abc import Sequence
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .run_config import DataSource
+from .store import decode_utf8
 
 __all__ = [
     "decode_utf8",
@@ -67,24 +67,6 @@ def detect_format(path: str | Path) -> str:
             "format explicitly (format: in a config, --format on the command line)"
         )
     return fmt
-
-
-def decode_utf8(raw: bytes, path: str | Path) -> str:
-    """``raw`` as UTF-8 text (a leading byte-order mark is dropped); invalid bytes raise a
-    ``ValueError`` naming the file, the line, the byte offset and the fix."""
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        pos = skip + exc.start
-        line_start = raw.rfind(b"\n", 0, pos) + 1
-        line = raw.count(b"\n", 0, pos) + 1
-        bad = " ".join(f"0x{b:02x}" for b in raw[pos : skip + exc.end])
-        raise ValueError(
-            f"{path}:{line}: not valid UTF-8 (byte {bad} at byte offset {pos}, column "
-            f"{pos - line_start + 1} of the line); re-save the file as UTF-8 (e.g. "
-            f"iconv -f latin1 -t utf-8), or fix that line"
-        ) from None
 
 
 def read_text(path: str | Path) -> str:

@@ -1230,8 +1230,8 @@ class SelfRewardingTrainer:
         """
         acc = self.accelerator
         main = acc.is_main_process
-        candidates = JsonlStore(stage_dir / "candidates.jsonl")
-        pair_store = JsonlStore(stage_dir / "pairs.jsonl")
+        candidates = JsonlStore(stage_dir / "candidates.jsonl", repair=main)  # one writer
+        pair_store = JsonlStore(stage_dir / "pairs.jsonl", repair=main)
         records = candidates.records  # every rank reads the same files at the start
         pairs = pair_store.records
         acc.wait_for_everyone()

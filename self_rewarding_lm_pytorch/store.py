@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -152,14 +153,31 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def decode_utf8(raw: bytes, path: str | Path) -> str:
+    """``raw`` as UTF-8 text (a leading byte-order mark is dropped); invalid bytes raise a
+    ``ValueError`` naming the file, the line, the byte offset and the fix."""
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        pos = skip + exc.start
+        line_start = raw.rfind(b"\n", 0, pos) + 1
+        line = raw.count(b"\n", 0, pos) + 1
+        bad = " ".join(f"0x{b:02x}" for b in raw[pos : skip + exc.end])
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 (byte {bad} at byte offset {pos}, column "
+            f"{pos - line_start + 1} of the line); re-save the file as UTF-8 (e.g. "
+            f"iconv -f latin1 -t utf-8), or fix that line"
+        ) from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read every complete JSON line of ``path``; a torn final line (crash mid-write) is skipped."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+    lines = decode_utf8(path.read_bytes(), path).split("\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -336,20 +354,23 @@ class JsonlStore:
     >>> "p0" in store                     # True, also after a restart
     """
 
-    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: str | Path, *, fsync: bool = True, repair: bool = True) -> None:
+        """``repair=False`` only reads (a torn last line is skipped, not cut off): for the
+        ranks of a launch that do not write the file."""
         self.path = Path(path)
         self.fsync = fsync
+        self.writable = repair
         self._records: list[dict] = []
         self._ids: set[str] = set()
         if self.path.exists():
-            self._repair_and_load()
+            self._repair_and_load(repair)
 
-    def _repair_and_load(self) -> None:
+    def _repair_and_load(self, repair: bool) -> None:
         # a crash mid-append leaves a last line without its newline: cut it off, so the
         # next append starts on a clean line
         with open(self.path, "rb") as f:
             raw = f.read()
-        if raw and not raw.endswith(b"\n"):
+        if repair and raw and not raw.endswith(b"\n"):
             cut = raw.rfind(b"\n") + 1
             with open(self.path, "r+b") as f:
                 f.truncate(cut)
@@ -387,6 +408,8 @@ class JsonlStore:
 
     def extend(self, records: Iterable[dict]) -> int:
         """Append the records whose ids are new, in one flushed write; returns how many."""
+        if not self.writable:
+            raise RuntimeError(f"{self.path} was opened read-only (repair=False)")
         fresh = []
         for r in records:
             rid = r.get("id")

@@ -137,3 +137,26 @@ def test_config_validation_names_key_type_and_closest_match():
         from_dict(Outer, {"steps": "3"})
     with pytest.raises(ConfigError, match=r"names\[1\]: expected a string"):
         from_dict(Outer, {"names": ["a", 2]})
+
+
+def test_a_read_only_store_leaves_a_torn_line_to_the_writer(tmp_path):
+    from self_rewarding_lm_pytorch.store import JsonlStore
+
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "b"}\n{"id": "c", "x"')  # torn by a crash
+    reader = JsonlStore(path, repair=False)  # another rank of the launch
+    assert [r["id"] for r in reader] == ["a", "b"]
+    assert path.read_bytes().endswith(b'"x"')  # untouched: only the writer repairs
+    with pytest.raises(RuntimeError, match="read-only"):
+        reader.append({"id": "d"})
+    writer = JsonlStore(path)
+    assert writer.append({"id": "d"}) and [r["id"] for r in JsonlStore(path)] == ["a", "b", "d"]
+
+
+def test_records_file_with_invalid_utf8_names_file_and_line(tmp_path):
+    from self_rewarding_lm_pytorch.store import read_jsonl
+
+    path = tmp_path / "candidates.jsonl"
+    path.write_bytes(b'{"id": "a"}\n{"id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"candidates\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        read_jsonl(path)
