@@ -397,18 +397,27 @@ class NotEnoughPairsError(RuntimeError):
 
 
 def _parse_failure_message(
-    stage: Stage, parse_rate: float, samples: list[str], reasons: list[str | None]
+    name: str, stage: PreferenceStage, parse_rate: float, samples: list[str], reasons: list
 ) -> str:
     shown = "\n".join(f"  [{i + 1}] {s[:300]!r}" for i, s in enumerate(samples[:3]))
     common = Counter(r for r in reasons if r).most_common(1)
     why = f" The most common failure: {common[0][0]} ({common[0][1]} outputs)." if common else ""
+    if stage.judge == "self":
+        fixes = (
+            "fine-tune the model on EFT (judge) examples first (an SFT stage with an 'eft' "
+            "dataset), give a RewardConfig whose template/regex matches what the model writes, "
+            "or use an external judge (judge='<name>' with judges={...})"
+        )
+    else:
+        fixes = (
+            f"check the external judge {stage.judge!r}: it must return a score for these "
+            "responses (None only where it cannot score one); an LLM judge needs a "
+            "RewardConfig whose template/regex matches what its model writes"
+        )
     return (
-        f"the judge produced a parsable score for only {parse_rate:.1%} of its outputs "
-        f"(stage {stage.kind}, minimum {stage.min_parse_rate:.0%}), so preference pairs "
-        f"cannot be built.{why} Three of its outputs:\n{shown}\n"
-        "Fixes: fine-tune the model on EFT (judge) examples first (an SFT stage with an "
-        "'eft' dataset), give a RewardConfig whose template/regex matches what the model "
-        "writes, or use an external judge (judge='<name>' with judges={...}). After a "
+        f"stage {name}: the judge produced a parsable score for only {parse_rate:.1%} of its "
+        f"outputs (minimum min_parse_rate={stage.min_parse_rate:.0%}), so preference pairs "
+        f"cannot be built.{why} Three of its outputs:\n{shown}\nFixes: {fixes}. After a "
         "change of the judge alone (reward_config, judge settings), rerunning in the same "
         "run folder sets these judgements aside and judges the candidates again; other "
         "changes need --overwrite (overwrite=True) or another --out."
@@ -1321,7 +1330,7 @@ class SelfRewardingTrainer:
                 before = len(pairs)
                 add(fresh)
                 bar.update(min(len(pairs), target) - min(before, target))
-                self._check_parse_rate(stage, records)
+                self._check_parse_rate(self._plan()[index], stage, records)
                 self._check_ties(index, stage, stage_dir, records, pairs, max_prompts)
         finally:
             bar.close()
@@ -1417,7 +1426,7 @@ class SelfRewardingTrainer:
             for c, r in chosen_rejected[:room]
         ]
 
-    def _check_parse_rate(self, stage: PreferenceStage, records: list[dict]) -> None:
+    def _check_parse_rate(self, name: str, stage: PreferenceStage, records: list[dict]) -> None:
         # every judge reports one sample_scores / failures entry per output; samples holds
         # the output texts of judges that write text (external judges have none)
         outputs: list[tuple[str, float | None, str | None]] = []
@@ -1434,7 +1443,9 @@ class SelfRewardingTrainer:
         if rate < stage.min_parse_rate:
             failed = [(text, why) for text, score, why in outputs if score is None]
             raise JudgeParseError(
-                _parse_failure_message(stage, rate, [s for s, _ in failed], [w for _, w in failed])
+                _parse_failure_message(
+                    name, stage, rate, [s for s, _ in failed], [w for _, w in failed]
+                )
             )
 
     def _check_ties(

@@ -70,8 +70,10 @@ def test_external_judge_that_never_scores(tmp_path, kind):
     with pytest.raises(JudgeParseError) as info:
         _preference_run(tmp_path, judge).run()
     msg = str(info.value)
-    assert "parsable score for only 0.0%" in msg and "external_reward_dpo" in msg
-    assert "external judge" in msg and "The most common failure:" in msg
+    assert msg.startswith("stage 01-external-reward-dpo: the judge produced a parsable score")
+    assert "parsable score for only 0.0%" in msg and "The most common failure:" in msg
+    # the fixes are those of an external judge (it already is one)
+    assert "check the external judge 'external'" in msg and "use an external judge" not in msg
     kept = read_jsonl(tmp_path / DPO / "candidates.jsonl")  # the judged candidates are kept
     assert kept and all(s is None for r in kept for s in r["scores"])
 
