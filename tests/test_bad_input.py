@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PROMPTS, SFT_DATA, char_tokenizer, make_trainer, scripted_score, tiny_model
+from tiny import (
+    PROMPTS,
+    SFT_DATA,
+    char_tokenizer,
+    make_trainer,
+    quick_preference,
+    scripted_score,
+    tiny_model,
+)
 from torch import nn
 
 from self_rewarding_lm_pytorch import store
@@ -28,7 +36,6 @@ from self_rewarding_lm_pytorch.models import CallableTokenizer
 from self_rewarding_lm_pytorch.pipeline import (
     JudgeParseError,
     NotEnoughPairsError,
-    PreferenceStage,
     SelfRewardingTrainer,
     SFTStage,
 )
@@ -49,18 +56,7 @@ def committed(run_dir: Path) -> list[str]:
     return [r["stage"] for r in json.loads((run_dir / "state.json").read_text())["finished"]]
 
 
-def preference(**kw) -> PreferenceStage:
-    defaults = dict(
-        kind="external_reward_dpo",
-        judge="scripted",
-        num_preference_pairs=4,
-        max_new_tokens=4,
-        chunk_size=4,
-        temperature=1.0,
-        top_p=1.0,
-        trainer=dict(batch_size=4, num_train_steps=1),
-    )
-    return PreferenceStage(**{**defaults, **kw})
+preference = quick_preference
 
 
 def trainer(run_dir: Path, stages, *, model=None, datasets=None, judges=None, **kw):

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PROMPTS, SFT_DATA, char_tokenizer, tiny_model
+from tiny import PROMPTS, SFT_DATA, char_tokenizer, quick_preference, tiny_model
 from torch import nn
 
 from self_rewarding_lm_pytorch.judge import JudgeResult, RewardModelJudge
 from self_rewarding_lm_pytorch.pipeline import (
     JudgeParseError,
-    PreferenceStage,
     SelfRewardingTrainer,
 )
 from self_rewarding_lm_pytorch.store import read_jsonl
@@ -24,16 +23,7 @@ DPO = "01-external-reward-dpo"
 
 
 def _preference_run(run_dir, judge) -> SelfRewardingTrainer:
-    stage = PreferenceStage(
-        kind="external_reward_dpo",
-        judge="external",
-        num_preference_pairs=4,
-        max_new_tokens=4,
-        chunk_size=4,
-        temperature=1.0,
-        top_p=1.0,
-        trainer=dict(batch_size=4, num_train_steps=1),
-    )
+    stage = quick_preference(judge="external")
     return SelfRewardingTrainer(
         tiny_model(),
         tokenizer=char_tokenizer(),

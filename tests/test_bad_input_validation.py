@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PROMPTS, SFT_DATA, char_tokenizer, tiny_model
+from tiny import PROMPTS, SFT_DATA, char_tokenizer, quick_preference, tiny_model
 from torch import nn
 
 from self_rewarding_lm_pytorch.config import ConfigError
@@ -31,18 +31,7 @@ CPU = dict(accelerate_kwargs=dict(cpu=True), progress=False)
 SFT = SFTStage(trainer=dict(batch_size=4, num_train_steps=1))
 
 
-def preference(**kw) -> PreferenceStage:
-    defaults = dict(
-        kind="external_reward_dpo",
-        judge="scripted",
-        num_preference_pairs=4,
-        max_new_tokens=4,
-        chunk_size=4,
-        temperature=1.0,
-        top_p=1.0,
-        trainer=dict(batch_size=4, num_train_steps=1),
-    )
-    return PreferenceStage(**{**defaults, **kw})
+preference = quick_preference
 
 
 def trainer(run_dir: Path, stages, *, datasets=None, judges=None, **kw) -> SelfRewardingTrainer:

@@ -40,6 +40,21 @@ SFT_DATA = [{"prompt": f"say {w}", "response": w} for w in ["abc", "hello", "xyz
 PROMPTS = [f"prompt number {i}" for i in range(60)]
 
 
+def quick_preference(**kw) -> PreferenceStage:
+    """A small external-judge DPO stage (4 pairs, 4 new tokens, one training step)."""
+    defaults = dict(
+        kind="external_reward_dpo",
+        judge="scripted",
+        num_preference_pairs=4,
+        max_new_tokens=4,
+        chunk_size=4,
+        temperature=1.0,
+        top_p=1.0,
+        trainer=dict(batch_size=4, num_train_steps=1),
+    )
+    return PreferenceStage(**{**defaults, **kw})
+
+
 def make_trainer(
     run_dir: str,
     *,

@@ -248,7 +248,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         render_table(report),
         "",
-        "## Against the bar (issue 6)",
+        "## Against the bar",
         "",
         *_checks_lines(report["summary"]),
         "",
