@@ -848,8 +848,8 @@ class SelfRewardingTrainer:
     # ------------------------------------------------------------------ fingerprints
     def _fingerprint(self, index: int, stage: Stage) -> dict[str, dict[str, Any]]:
         """What shapes the stage's output, as flat ``{key: value}`` maps: ``settings``
-        (resolved stage settings with defaults, trainer arguments, seed, model, tokenizer
-        and data identities) and, for preference stages, ``judge`` (the judge's settings,
+        (resolved stage settings with defaults, trainer arguments, seed, mixed precision,
+        model, tokenizer and data identities) and, for preference stages, ``judge`` (the judge's settings,
         template and regex, or the external judge's identity)."""
         from .fingerprint import dataset_digest, flatten, identity, model_identity
 
@@ -882,6 +882,7 @@ class SelfRewardingTrainer:
             **raw,
             "trainer": trainer,
             "seed": self.seed,
+            "mixed_precision": str(self.accelerator.mixed_precision),  # as resolved
             "model": self._model_identity,
             "tokenizer": self.tokenizer,
             "data": {n: dataset_digest(self.datasets[n]) for n in data if n in self.datasets},

@@ -156,6 +156,20 @@ def test_changed_settings_of_a_finished_stage(tmp_path):
     other_data.datasets["prompts"] = other_data.datasets["prompts"][::-1]
     with pytest.raises(RunDirError, match=r"data.prompts: \"60 items, sha256:\w+\" -> "):
         other_data.run()
+    # so is the numeric precision training ran in (accelerate keeps one state per process:
+    # reset it around the bf16 launch)
+    from accelerate.state import AcceleratorState
+
+    bf16 = make_trainer(str(tmp_path), num_pairs=6)
+    bf16.accelerate_kwargs["mixed_precision"] = "bf16"
+    before = files_of(tmp_path)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with pytest.raises(RunDirError, match=r'mixed_precision: "no" -> "bf16"'):
+            bf16.run()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert files_of(tmp_path) == before
 
 
 def _interrupted_run(run_dir: Path, **stage_kw) -> SelfRewardingTrainer:
