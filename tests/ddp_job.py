@@ -26,6 +26,14 @@ from self_rewarding_lm_pytorch.store import RunDirError
 from self_rewarding_lm_pytorch.trainers import DPOTrainer
 
 
+def _shut_down(acc) -> None:
+    """Both ranks meet, then leave the process group: a rank that exits while the other
+    still talks to it can abort in gloo's threads at interpreter exit."""
+    acc.wait_for_everyone()
+    if torch.distributed.is_initialized():  # the job also runs as one plain process
+        torch.distributed.destroy_process_group()
+
+
 def length_judge(prompt: str, response: str) -> float:
     return float(len(response.split()))
 
@@ -77,6 +85,7 @@ if __name__ == "__main__":
         except RunDirError as exc:
             with open(f"{out}/refused-rank-{acc.process_index}.txt", "w") as f:
                 f.write(str(exc))
+        _shut_down(acc)
         sys.exit(0)
     trainer.run()
     with open(f"{out}/rank-{acc.process_index}.json", "w") as f:
@@ -107,3 +116,4 @@ if __name__ == "__main__":
         save_file(state, f"{out}/after_step.safetensors")
     acc.wait_for_everyone()
     prompt_generation_run(out)
+    _shut_down(acc)
