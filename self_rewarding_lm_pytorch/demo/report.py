@@ -218,9 +218,10 @@ def _checks_lines(summary: dict[str, Any]) -> list[str]:
     c = summary["checks"]
     lines += [
         "",
-        f"- oracle pairs clear the bar (M3 >= M1 + {BAR_FULLY_CORRECT:g} points): "
-        f"{_fmt(c['oracle_clears_bar'])}",
-        f"- self-reward clears the bar: {_fmt(c['self_clears_bar'])}",
+        f"- oracle pairs gain at least {BAR_FULLY_CORRECT:g} points (M3 >= M1 + "
+        f"{BAR_FULLY_CORRECT:g} % fully correct): {_fmt(c['oracle_clears_bar'])}",
+        f"- self-reward gains at least {BAR_FULLY_CORRECT:g} points: "
+        f"{_fmt(c['self_clears_bar'])}",
         f"- self-reward judge kept (M3 pairwise accuracy >= M1 - {BAR_JUDGE_DROP:g} points): "
         f"{_fmt(c['self_judge_kept'])}",
         f"- controls ordered at M3 (oracle >= self >= random): {_fmt(c['controls_ordered'])}",
@@ -248,7 +249,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         render_table(report),
         "",
-        "## Against the bar",
+        "## M1 -> M3 against the demo's goals",
         "",
         *_checks_lines(report["summary"]),
         "",
@@ -444,8 +445,9 @@ def render_aggregate(agg: dict[str, Any]) -> str:
     c = agg["checks"]
     lines += [
         "",
-        f"- oracle clears the bar (mean M3 - M1 >= {BAR_FULLY_CORRECT:g}): {_fmt(c['oracle_clears_bar'])}",
-        f"- self-reward clears the bar: {_fmt(c['self_clears_bar'])}",
+        f"- oracle gains at least {BAR_FULLY_CORRECT:g} points (mean M3 - M1 >= "
+        f"{BAR_FULLY_CORRECT:g}): {_fmt(c['oracle_clears_bar'])}",
+        f"- self-reward gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(c['self_clears_bar'])}",
         f"- self-reward judge kept (mean change >= -{BAR_JUDGE_DROP:g}): {_fmt(c['self_judge_kept'])}",
         f"- controls ordered (mean M3: oracle >= self >= random): {_fmt(c['controls_ordered'])}",
     ]
