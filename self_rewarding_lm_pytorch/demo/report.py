@@ -220,8 +220,7 @@ def _checks_lines(summary: dict[str, Any]) -> list[str]:
         "",
         f"- oracle pairs gain at least {BAR_FULLY_CORRECT:g} points (M3 >= M1 + "
         f"{BAR_FULLY_CORRECT:g} % fully correct): {_fmt(c['oracle_clears_bar'])}",
-        f"- self-reward gains at least {BAR_FULLY_CORRECT:g} points: "
-        f"{_fmt(c['self_clears_bar'])}",
+        f"- self-reward gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(c['self_clears_bar'])}",
         f"- self-reward judge kept (M3 pairwise accuracy >= M1 - {BAR_JUDGE_DROP:g} points): "
         f"{_fmt(c['self_judge_kept'])}",
         f"- controls ordered at M3 (oracle >= self >= random): {_fmt(c['controls_ordered'])}",
