@@ -567,6 +567,7 @@ class SelfRewardingTrainer:
         # datasets read once (the seed's mock datasets make new items on every access)
         self._sft_cache: dict[str, list[SFTExample]] = {}
         self._prompt_cache: dict[str, list[str]] = {}
+        self._budget_cache: dict[str, tuple[list[str], list[int]]] = {}
         self._preflight_done = False
 
         if stages is None:
@@ -778,7 +779,11 @@ class SelfRewardingTrainer:
         self, name: str, stage: PreferenceStage, prompts: list[str], dataset: str
     ) -> list[int]:
         """Each prompt's limit on new tokens: ``max_new_tokens`` must fit the model's context
-        with the prompt; ``preference_max_seq_len`` (the DPO length bound) caps it."""
+        with the prompt; ``preference_max_seq_len`` (the DPO length bound) caps it. Kept
+        per stage, so the pre-flight's pass is not repeated when the stage runs."""
+        cached = self._budget_cache.get(name)
+        if cached is not None and cached[0][: len(prompts)] == prompts:  # a prefix of those
+            return cached[1][: len(prompts)]
         ctx, pref = self.lm.max_seq_len, self.preference_max_seq_len
         budgets = []
         for i, p in enumerate(prompts):
@@ -802,6 +807,7 @@ class SelfRewardingTrainer:
                     fix="shorten or remove the prompt, or raise preference_max_seq_len",
                 )
             )
+        self._budget_cache[name] = (list(prompts), budgets)
         return budgets
 
     @property
