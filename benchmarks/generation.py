@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from self_rewarding_lm_pytorch import generation as G
+from self_rewarding_lm_pytorch.generation import engine as G
 from self_rewarding_lm_pytorch.generation import generate, reference_generate
 
 SAMPLING = dict(temperature=0.7, top_p=0.9)

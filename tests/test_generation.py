@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from self_rewarding_lm_pytorch import generation as G
 from self_rewarding_lm_pytorch.generation import (
     GenerationConfig,
     filter_logits,
@@ -21,6 +20,7 @@ from self_rewarding_lm_pytorch.generation import (
     reference_generate,
     sample_next,
 )
+from self_rewarding_lm_pytorch.generation import engine as G
 from self_rewarding_lm_pytorch.models import CallableTokenizer, wrap_model
 
 VOCAB = 64

@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import CausalLM, _extract_logits, wrap_model, wrap_tokenizer
+from ..models import CausalLM, _extract_logits, wrap_model, wrap_tokenizer
 
 __all__ = [
     "COMPACT_FRACTION",

@@ -1,0 +1,131 @@
+"""The generation backend protocol, and the torch engine behind it.
+
+A backend turns token-id prompts into sampled continuations with the
+:class:`~.engine.GenerationOutput` contract (rows grouped by prompt, EOS excluded, finish
+reasons), gives next-token log-probabilities for the expected-score judge, serves new
+weights after a training stage, and releases what it holds on :meth:`close`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..models import CausalLM, wrap_model
+from .engine import GenerationConfig, GenerationOutput, generate
+
+__all__ = ["GenerationBackend", "TorchBackend", "as_backend"]
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """What every sampler offers.
+
+    ``generator`` is a ``torch.Generator`` (its state advances, as the torch engine's does),
+    an int seed, or None; a backend that seeds requests itself draws its seeds from it, so
+    a run stays reproducible from one seed either way.
+    """
+
+    max_seq_len: int | None  # context length: prompt + max_new_tokens must fit, per row
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        *,
+        generator: torch.Generator | int | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        return_logprobs: bool = False,
+        max_new_tokens_per_prompt: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> GenerationOutput: ...
+
+    def next_token_logprobs(
+        self, sequences: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        """``out[i][j] = log p(token_ids[i][j] | sequences[i])`` (temperature 1, full vocab)."""
+        ...
+
+    def load_weights(self, checkpoint: str | Path) -> None:
+        """Serve the weights saved in ``checkpoint`` (a stage's checkpoint folder)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TorchBackend:
+    """The library's own KV-cache engine (:func:`~.engine.generate`) on a live model.
+
+    The backend samples from the module it was given; when that module is the one being
+    trained, new weights are seen as soon as they are written, so :meth:`load_weights`
+    only loads a checkpoint into it when asked to serve a different one.
+    """
+
+    def __init__(self, model: nn.Module | CausalLM, **engine_kwargs: Any) -> None:
+        self.lm = wrap_model(model)
+        self.engine_kwargs = engine_kwargs  # token_budget, use_cache, share_prefix
+        self.max_seq_len = self.lm.max_seq_len
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        *,
+        generator: torch.Generator | int | None = None,
+        decode: Callable[[Sequence[int]], str] | None = None,
+        return_logprobs: bool = False,
+        max_new_tokens_per_prompt: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> GenerationOutput:
+        if isinstance(generator, int) and not isinstance(generator, bool):
+            generator = torch.Generator(device=self.lm.device).manual_seed(generator)
+        return generate(
+            self.lm,
+            prompts,
+            config,
+            generator=generator,
+            decode=decode,
+            return_logprobs=return_logprobs,
+            max_new_tokens_per_prompt=max_new_tokens_per_prompt,
+            progress=progress,
+            **self.engine_kwargs,
+        )
+
+    @torch.no_grad()
+    def next_token_logprobs(
+        self, sequences: Sequence[Sequence[int]], token_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
+        if len(sequences) != len(token_ids):
+            raise ValueError(f"{len(sequences)} sequences but {len(token_ids)} lists of token ids")
+        out: list[list[float]] = []
+        was_training = self.lm.training
+        self.lm.eval()
+        try:
+            for seq, ids in zip(sequences, token_ids):
+                x = torch.tensor([list(seq)], dtype=torch.long, device=self.lm.device)
+                last = self.lm(x)[0, -1].float()
+                out.append(torch.log_softmax(last, dim=-1)[list(ids)].tolist())
+        finally:
+            self.lm.train(was_training)
+        return out
+
+    def load_weights(self, checkpoint: str | Path) -> None:
+        from ..trainers.base import load_checkpoint
+
+        load_checkpoint(self.lm.module, checkpoint)
+
+    def close(self) -> None:
+        """Nothing to release: the module belongs to the caller."""
+
+
+def as_backend(model_or_backend: Any, **engine_kwargs: Any) -> GenerationBackend:
+    """A backend as given, or a :class:`TorchBackend` over a model."""
+    if isinstance(model_or_backend, GenerationBackend) and not isinstance(
+        model_or_backend, nn.Module
+    ):
+        return model_or_backend
+    return TorchBackend(model_or_backend, **engine_kwargs)
