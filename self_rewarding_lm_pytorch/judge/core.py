@@ -34,8 +34,8 @@ from jinja2.exceptions import UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from torch import Tensor, nn
 
-from .generation import GenerationConfig, generate
-from .models import (
+from ..generation import GenerationConfig, generate
+from ..models import (
     CausalLM,
     Tokenizer,
     encode_response,
@@ -669,7 +669,7 @@ class LLMJudge:
         response, plus ``max_new_tokens`` (``on_too_long='truncate_left'`` always fits)."""
         if self.lm.max_seq_len is None or self.on_too_long == "truncate_left":
             return
-        from .generation import response_budget
+        from ..generation import response_budget
 
         tok = self.tokenizer
         for i, p in enumerate(prompts):
@@ -703,7 +703,7 @@ class LLMJudge:
             cut = False
             if limit is not None and len(ids) > limit:
                 if self.on_too_long == "error":
-                    from .generation import response_budget
+                    from ..generation import response_budget
 
                     response_budget(  # raises: the one context rule, and its message
                         len(ids),
