@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from self_rewarding_lm_pytorch.generation import engine as G
 from self_rewarding_lm_pytorch.generation import generate, reference_generate
+from self_rewarding_lm_pytorch.generation import kv_cache as G
 
 SAMPLING = dict(temperature=0.7, top_p=0.9)
 

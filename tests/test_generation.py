@@ -21,6 +21,7 @@ from self_rewarding_lm_pytorch.generation import (
     sample_next,
 )
 from self_rewarding_lm_pytorch.generation import engine as G
+from self_rewarding_lm_pytorch.generation import kv_cache as KV
 from self_rewarding_lm_pytorch.models import CallableTokenizer, wrap_model
 
 VOCAB = 64
@@ -156,7 +157,7 @@ def test_dropping_finished_rows_does_not_change_output(model, monkeypatch, fract
     eos = sorted({first_new_token(s, 1 + i)[0] for i, s in enumerate(free.sequences[:3])})
     ref = reference_generate(model, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos)
     assert ref.finish_reasons.count("eos") >= 2  # rows stop early, at different steps
-    monkeypatch.setattr(G, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(KV, "COMPACT_FRACTION", fraction)
     out = generate(model, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos)
     assert out.sequences == ref.sequences
     assert out.finish_reasons == ref.finish_reasons
@@ -256,7 +257,7 @@ def test_hf_preallocated_cache_matches_dynamic_cache(monkeypatch):
     eos = first_new_token(free.sequences[1])[0]
     outs = []
     for pre in (True, False):
-        monkeypatch.setattr(G, "PREALLOCATE_HF_CACHE", pre)
+        monkeypatch.setattr(KV, "PREALLOCATE_HF_CACHE", pre)
         outs.append(
             generate(model, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos).sequences
         )
@@ -269,10 +270,10 @@ def test_xt_preallocated_cache_matches_its_own_cache(monkeypatch, fraction):
     prompts = rand_prompts(RAGGED, seed=4)
     free = reference_generate(model, prompts, max_new_tokens=10, temperature=0)
     eos = first_new_token(free.sequences[1])[0]
-    monkeypatch.setattr(G, "COMPACT_FRACTION", fraction)
+    monkeypatch.setattr(KV, "COMPACT_FRACTION", fraction)
     outs = []
     for pre in (True, False):
-        monkeypatch.setattr(G, "PREALLOCATE_XT_CACHE", pre)
+        monkeypatch.setattr(KV, "PREALLOCATE_XT_CACHE", pre)
         out = generate(model, prompts, max_new_tokens=10, temperature=0, eos_token_id=eos)
         outs.append(out.sequences)
     assert outs[0] == outs[1]
@@ -281,7 +282,7 @@ def test_xt_preallocated_cache_matches_its_own_cache(monkeypatch, fraction):
 def test_kv_slot_turns_the_cache_append_into_an_in_place_write():
     buf = torch.zeros(2, 3, 10, 4)
     buf[:, :, :5] = torch.randn(2, 3, 5, 4)
-    slot = G._KVSlot.wrap(buf, 5)
+    slot = KV._KVSlot.wrap(buf, 5)
     new = torch.randn(2, 3, 1, 4)
     out = torch.cat((slot, new), dim=-2)
     assert type(out) is torch.Tensor and out.data_ptr() == buf.data_ptr()
@@ -291,7 +292,7 @@ def test_kv_slot_turns_the_cache_append_into_an_in_place_write():
     assert type(y) is torch.Tensor and torch.equal(y, buf[:, :, :5] * 2)
     other = torch.cat((slot, torch.randn(2, 3, 5, 4)), dim=-1)  # not an append: real cat
     assert other.data_ptr() != buf.data_ptr() and torch.equal(other[..., :4], buf[:, :, :5])
-    full = G._KVSlot.wrap(buf, 10)
+    full = KV._KVSlot.wrap(buf, 10)
     grown = torch.cat((full, new), dim=-2)  # no room left: real cat
     assert grown.shape == (2, 3, 11, 4) and grown.data_ptr() != buf.data_ptr()
 
@@ -307,7 +308,7 @@ def test_peft_lora_model_uses_the_cache_and_its_adapters(task_type):
             r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type=task_type
         ),
     )
-    assert isinstance(G._make_backend(wrap_model(model), True), G._HFBackend)
+    assert isinstance(KV._make_backend(wrap_model(model), True), KV._HFBackend)
     head = rand_prompts((12,), seed=7)[0]
     for prompts in (rand_prompts(RAGGED), rand_prompts((1, 30, 2), seed=8, head=head)):
         ref = reference_generate(model, prompts, max_new_tokens=8, temperature=0)

@@ -2,22 +2,17 @@
 
 Everything that samples (candidates, the LLM judge, prompt generation, SPIN, the CLI)
 talks to a :class:`GenerationBackend`; :class:`TorchBackend` wraps the engine of
-:mod:`.engine`, which also stays callable directly through :func:`generate`.
+:mod:`.engine`, which also stays callable directly through :func:`generate`.  Modules:
+:mod:`.config` (settings, output, the context rule), :mod:`.sampling` (filters, one
+sampling step, the reference decoder), :mod:`.kv_cache` (the cache paths), :mod:`.engine`
+(planning and the batch loop), :mod:`.backend` (the protocol and :class:`TorchBackend`).
 """
 
 from .backend import GenerationBackend, TorchBackend, as_backend
-from .engine import (
-    COMPACT_FRACTION,
-    MIN_SHARED_PREFIX,
-    GenerationConfig,
-    GenerationOutput,
-    filter_logits,
-    generate,
-    generate_text,
-    reference_generate,
-    response_budget,
-    sample_next,
-)
+from .config import GenerationConfig, GenerationOutput, response_budget
+from .engine import generate, generate_text
+from .kv_cache import COMPACT_FRACTION, MIN_SHARED_PREFIX
+from .sampling import filter_logits, reference_generate, sample_next
 
 __all__ = [
     "COMPACT_FRACTION",

@@ -1,7 +1,7 @@
 """The generation backend protocol, and the torch engine behind it.
 
 A backend turns token-id prompts into sampled continuations with the
-:class:`~.engine.GenerationOutput` contract (rows grouped by prompt, EOS excluded, finish
+:class:`~.config.GenerationOutput` contract (rows grouped by prompt, EOS excluded, finish
 reasons), gives next-token log-probabilities for the expected-score judge, serves new
 weights after a training stage, and releases what it holds on :meth:`close`.
 """
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from ..models import CausalLM, wrap_model
-from .engine import GenerationConfig, GenerationOutput, generate
+from ..utils import eval_mode, make_generator
+from .config import GenerationConfig, GenerationOutput
+from .engine import generate
 
 __all__ = ["GenerationBackend", "TorchBackend", "as_backend"]
 
@@ -81,13 +83,11 @@ class TorchBackend:
         max_new_tokens_per_prompt: Sequence[int] | None = None,
         progress: bool = False,
     ) -> GenerationOutput:
-        if isinstance(generator, int) and not isinstance(generator, bool):
-            generator = torch.Generator(device=self.lm.device).manual_seed(generator)
         return generate(
             self.lm,
             prompts,
             config,
-            generator=generator,
+            generator=make_generator(generator, self.lm.device),
             decode=decode,
             return_logprobs=return_logprobs,
             max_new_tokens_per_prompt=max_new_tokens_per_prompt,
@@ -102,15 +102,11 @@ class TorchBackend:
         if len(sequences) != len(token_ids):
             raise ValueError(f"{len(sequences)} sequences but {len(token_ids)} lists of token ids")
         out: list[list[float]] = []
-        was_training = self.lm.training
-        self.lm.eval()
-        try:
+        with eval_mode(self.lm):
             for seq, ids in zip(sequences, token_ids):
                 x = torch.tensor([list(seq)], dtype=torch.long, device=self.lm.device)
                 last = self.lm(x)[0, -1].float()
                 out.append(torch.log_softmax(last, dim=-1)[list(ids)].tolist())
-        finally:
-            self.lm.train(was_training)
         return out
 
     def load_weights(self, checkpoint: str | Path) -> None:
