@@ -1,17 +1,21 @@
-"""Judges: the reward config and its templates, the LLM judge, external judges."""
+"""Judges: the reward config and its templates, the LLM judge, external judges.
 
+Modules: :mod:`.templates` (sandboxed Jinja2, :class:`RewardConfig`, score parsing, the
+default prompt), :mod:`.base` (:class:`JudgeResult`, the :class:`Judge` protocol,
+:class:`CallableJudge`), :mod:`.config` (:class:`JudgeConfig`), :mod:`.llm`
+(:class:`LLMJudge`), :mod:`.reward_model` (:class:`RewardModelJudge`).
+"""
+
+from .base import CallableJudge, Judge, JudgeResult
 from .config import JudgeConfig
-from .core import (
+from .llm import LLMJudge
+from .reward_model import RewardModelJudge
+from .templates import (
     DEFAULT_JUDGE_PROMPT,
     DEFAULT_REWARD_CONFIG,
     DEFAULT_REWARD_REGEX_TEMPLATE,
     NUMBER_PATTERN,
-    CallableJudge,
-    Judge,
-    JudgeResult,
-    LLMJudge,
     RewardConfig,
-    RewardModelJudge,
     ScoreRange,
     TemplateSecurityError,
     render_template,

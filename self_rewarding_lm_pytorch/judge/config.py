@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..config import ConfigError
+from ..generation import GenerationBackend, GenerationConfig, generate
 
 __all__ = ["JUDGE_MODES", "ON_TOO_LONG", "JudgeConfig"]
 
 JUDGE_MODES = ("mean", "expected")
 ON_TOO_LONG = ("error", "truncate_response", "truncate_left")
+
+
+def _keyword_options(fn: Any) -> set[str]:
+    return {
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+
+
+#: what the judge passes to ``generate`` itself (not settable through generation_kwargs)
+_JUDGE_OWN = {"generator", "decode", "return_logprobs"}
+#: keyword options of every backend's ``generate`` (read, not assumed)
+BACKEND_OPTIONS = _keyword_options(GenerationBackend.generate) - _JUDGE_OWN
+#: options of the torch engine beyond those: they configure the :class:`TorchBackend`
+ENGINE_OPTIONS = _keyword_options(generate) - _JUDGE_OWN - BACKEND_OPTIONS
+CONFIG_FIELDS = {f.name for f in dataclasses.fields(GenerationConfig)}
 
 
 @dataclass
@@ -42,6 +62,13 @@ class JudgeConfig:
         metadata={
             "help": "when judge prompt + max_new_tokens exceeds the context: 'error', "
             "'truncate_response' (cut the response's tail) or 'truncate_left'"
+        },
+    )
+    generation_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "extra GenerationConfig fields (top_k, stop_strings, ...) or generate() "
+            "options (progress, token_budget, ...) of the judgements"
         },
     )
 
@@ -79,3 +106,12 @@ class JudgeConfig:
             f"be one of {', '.join(ON_TOO_LONG)}",
             "use error",
         )
+        extra = self.generation_kwargs
+        need(extra is None or isinstance(extra, dict), "generation_kwargs", "be a dict", "or null")
+        valid = CONFIG_FIELDS | BACKEND_OPTIONS | ENGINE_OPTIONS
+        unknown = sorted(set(extra or {}) - valid)
+        if unknown:
+            raise ConfigError(
+                f"{where}: generation_kwargs {unknown} are neither GenerationConfig fields nor "
+                f"generate() options; use only {sorted(valid)}"
+            )
