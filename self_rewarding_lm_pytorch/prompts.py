@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .generation import GenerationConfig, generate
-from .models import wrap_model, wrap_tokenizer
+from .generation import GenerationBackend, GenerationConfig, as_backend
+from .models import CausalLM, wrap_tokenizer
+from .utils import make_generator
 
 __all__ = [
     "BEGIN",
@@ -393,7 +394,7 @@ def _randperm(n: int, generator: torch.Generator | None) -> list[int]:
 
 
 def generate_prompts(
-    model: nn.Module,
+    model_or_backend: nn.Module | CausalLM | GenerationBackend,
     tokenizer: Any,
     seed_prompts: list[str],
     num_prompts: int,
@@ -411,7 +412,8 @@ def generate_prompts(
     instruction: str = DEFAULT_INSTRUCTION,
     generated_prompts: Sequence[str] = (),
 ) -> PromptGenerationResult:
-    """Generate ``num_prompts`` new, filtered prompts by few-shot prompting ``model``.
+    """Generate ``num_prompts`` new, filtered prompts by few-shot prompting a model (sampled
+    with the torch engine) or a :class:`~.generation.GenerationBackend`.
 
     Each attempt shows ``num_shots`` examples: ``num_seed_shots`` random seed prompts
     plus ``num_shots - num_seed_shots`` random previously generated ones (seed prompts
@@ -451,19 +453,16 @@ def generate_prompts(
             "generate_prompts needs at least one non-empty seed prompt (without the "
             f"{BEGIN}/{END} markers) to show as an example"
         )
-    lm = wrap_model(model)
+    backend = as_backend(model_or_backend)
     tok = wrap_tokenizer(tokenizer)
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        generator = torch.Generator(device=lm.device).manual_seed(generator)
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator, an int seed or None, got {generator!r}"
-        )
-    limit = None if lm.max_seq_len is None else lm.max_seq_len - max_new_tokens
+    lm = getattr(backend, "lm", None)
+    generator = make_generator(generator, lm.device if lm is not None else "cpu")
+    context = backend.max_seq_len
+    limit = None if context is None else context - max_new_tokens
     if limit is not None and limit < 1:
         raise ValueError(
             f"max_new_tokens={max_new_tokens} leaves no room for the few-shot prompt in the "
-            f"model's context of {lm.max_seq_len}; lower max_new_tokens"
+            f"model's context of {context}; lower max_new_tokens"
         )
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -497,20 +496,17 @@ def generate_prompts(
             if len(shots) == 1:
                 raise ValueError(
                     f"even a one-shot prompt is {len(ids)} tokens, more than the {limit} that fit "
-                    f"the model's context of {lm.max_seq_len} with max_new_tokens={max_new_tokens}; "
+                    f"the model's context of {context} with max_new_tokens={max_new_tokens}; "
                     "use shorter seed prompts or lower max_new_tokens"
                 )
             shots = shots[:-1]
             result.shots_dropped += 1
 
-    was_training = [m.training for m in lm.modules()]
-    lm.eval()
     try:
         while len(result.prompts) < num_prompts and result.attempts < max_attempts:
             n = min(batch_size, max_attempts - result.attempts)
             batch = [encode_shots() for _ in range(n)]
-            with torch.no_grad():
-                out = generate(lm, batch, config, generator=generator, decode=tok.decode)
+            out = backend.generate(batch, config, generator=generator, decode=tok.decode)
             result.attempts += n
             for seq, reason in zip(out.sequences, out.finish_reasons):
                 text = tok.decode(seq)
@@ -527,8 +523,6 @@ def generate_prompts(
                     if bar is not None:
                         bar.update(1)
     finally:
-        for m, s in zip(lm.modules(), was_training):
-            m.training = s
         if bar is not None:
             bar.close()
     result.filtered = dict(filt.reasons)
