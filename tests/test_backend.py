@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny import tiny_model
 
@@ -71,3 +72,36 @@ def test_as_backend_wraps_a_model_and_keeps_a_backend() -> None:
     backend = TorchBackend(model)
     assert as_backend(backend) is backend
     assert isinstance(as_backend(model), TorchBackend)
+
+
+def test_next_token_logprobs_restores_every_submodule_mode() -> None:
+    model = tiny_model()
+    model.train()
+    frozen = next(m for m in model.modules() if m is not model)
+    frozen.eval()  # e.g. a frozen embedding kept in eval mode while the rest trains
+    modes = [m.training for m in model.modules()]
+    TorchBackend(model).next_token_logprobs(PROMPTS[:1], [[1, 2]])
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_prompt_generation_through_a_backend_equals_through_the_model() -> None:
+    from tiny import char_tokenizer
+
+    from self_rewarding_lm_pytorch.prompts import generate_prompts
+
+    seeds = ["name three birds", "say hello twice", "count to four slowly"]
+    kw = dict(num_shots=2, num_seed_shots=2, max_new_tokens=12, max_attempts=6, batch_size=3)
+    model = tiny_model(max_seq_len=256)
+    fresh = torch.Generator().manual_seed(11).get_state()
+    g_model, g_backend = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    backend = TorchBackend(model)
+    with pytest.warns(UserWarning, match="made 0 of 2 prompts"):  # an untrained model
+        by_model = generate_prompts(model, char_tokenizer(), seeds, 2, generator=g_model, **kw)
+        by_backend = generate_prompts(
+            backend, char_tokenizer(), seeds, 2, generator=g_backend, **kw
+        )
+    assert by_backend.to_dict() == by_model.to_dict()
+    assert by_model.attempts == 6
+    # the caller's generator is used as is: both advanced by the same draws
+    assert torch.equal(g_model.get_state(), g_backend.get_state())
+    assert not torch.equal(g_model.get_state(), fresh)

@@ -19,10 +19,12 @@ import torch
 from jinja2.sandbox import SecurityError
 from torch import nn
 
+from self_rewarding_lm_pytorch.generation import TorchBackend
 from self_rewarding_lm_pytorch.judge import (
     DEFAULT_REWARD_CONFIG,
     CallableJudge,
     Judge,
+    JudgeConfig,
     JudgeResult,
     LLMJudge,
     RewardConfig,
@@ -648,3 +650,99 @@ def test_reward_model_judge_classes_head():
         RewardModelJudge(model, tok, head="classes", class_values=[0, 1]).score(["p"], ["r"])
     with pytest.raises(ValueError, match="head='scalar'"):  # (B, 3) logits, T = 6
         RewardModelJudge(model, tok).score(["p"], ["rrrr"])
+
+
+# ------------------------------------------------------------------ backends and settings
+
+
+class DelegatingBackend:
+    """A generation backend that is not a TorchBackend: it answers through one and records
+    which protocol methods the judge called."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.inner = TorchBackend(model)
+        self.max_seq_len = self.inner.max_seq_len
+        self.calls: list[str] = []
+
+    def generate(self, prompts, config, **kw):
+        self.calls.append("generate")
+        return self.inner.generate(prompts, config, **kw)
+
+    def next_token_logprobs(self, sequences, token_ids):
+        self.calls.append("next_token_logprobs")
+        return self.inner.next_token_logprobs(sequences, token_ids)
+
+    def load_weights(self, checkpoint) -> None:
+        self.inner.load_weights(checkpoint)
+
+    def close(self) -> None:
+        pass
+
+
+JUDGED = (["q", "q", "q", "q"], ["aa", "aaab", "", "aaaaa"])
+
+
+@pytest.mark.parametrize("mode", ["mean", "expected"])
+def test_judge_given_a_backend_equals_the_judge_given_the_model(mode):
+    model = ScriptedJudgeLM()
+    kw = dict(mode=mode, num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    by_model = LLMJudge(model, char_tokenizer(), TINY_CONFIG, **kw).score(*JUDGED, generator=5)
+    torch_backend = TorchBackend(model)
+    by_torch = LLMJudge(torch_backend, char_tokenizer(), TINY_CONFIG, **kw)
+    assert by_torch.backend is torch_backend
+    other = DelegatingBackend(model)
+    by_other = LLMJudge(other, char_tokenizer(), TINY_CONFIG, **kw)
+    want = [r.to_dict() for r in by_model]
+    assert [r.to_dict() for r in by_torch.score(*JUDGED, generator=5)] == want
+    assert [r.to_dict() for r in by_other.score(*JUDGED, generator=5)] == want
+    assert set(other.calls) == (
+        {"generate"} if mode == "mean" else {"generate", "next_token_logprobs"}
+    )
+    if mode == "mean":  # sampled: another seed gives other judgements
+        again = LLMJudge(model, char_tokenizer(), TINY_CONFIG, **kw).score(*JUDGED, generator=6)
+        assert [r.samples for r in again] != [r["samples"] for r in want]
+    else:  # the expected score read through next_token_logprobs is the closed form
+        for res, resp in zip(by_model, JUDGED[1]):
+            mu = resp.count("a") - 0.5 * resp.count("b")
+            assert res.score == pytest.approx(exact_expected(mu)[0], abs=1e-6)
+
+
+def test_judge_config_equals_the_same_settings_as_keywords():
+    model = ScriptedJudgeLM()
+    tok = char_tokenizer()
+    by_config = LLMJudge(model, tok, TINY_CONFIG, config=JudgeConfig(num_samples=2))
+    by_keyword = LLMJudge(model, tok, TINY_CONFIG, num_samples=2)
+    assert by_config.settings == by_keyword.settings
+    assert by_config.reward_config is by_config.config is TINY_CONFIG
+    got = by_config.score(*JUDGED, generator=3)
+    assert [r.to_dict() for r in got] == [
+        r.to_dict() for r in by_keyword.score(*JUDGED, generator=3)
+    ]
+    assert all(len(r.samples) == 2 for r in got)
+    # keywords override the given config's fields; the config itself is left as it was
+    base = JudgeConfig(num_samples=2, temperature=0.5)
+    mixed = LLMJudge(model, tok, TINY_CONFIG, config=base, mode="expected")
+    assert (mixed.settings.mode, mixed.settings.num_samples, mixed.settings.temperature) == (
+        "expected",
+        2,
+        0.5,
+    )
+    assert base.mode == "mean"
+
+
+def test_judge_unknown_setting_or_config_type_raises_type_error():
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['num_sample'\].*num_samples"):
+        LLMJudge(ScriptedJudgeLM(), char_tokenizer(), TINY_CONFIG, num_sample=2)
+    with pytest.raises(TypeError, match="config must be a JudgeConfig, got dict"):
+        LLMJudge(ScriptedJudgeLM(), char_tokenizer(), TINY_CONFIG, config={"num_samples": 2})
+
+
+def test_engine_options_with_a_backend_are_refused_and_name_the_backend():
+    backend = TorchBackend(ScriptedJudgeLM())
+    with pytest.raises(ValueError, match=r"generation_kwargs \['use_cache'\].*TorchBackend"):
+        LLMJudge(backend, char_tokenizer(), TINY_CONFIG, generation_kwargs={"use_cache": False})
+    # with the model, the judge builds the torch engine with them
+    judge = LLMJudge(
+        ScriptedJudgeLM(), char_tokenizer(), TINY_CONFIG, generation_kwargs={"use_cache": False}
+    )
+    assert judge.backend.engine_kwargs == {"use_cache": False}
