@@ -103,3 +103,22 @@ def test_lora_checkpoint_with_other_lora_settings(tiny_llama, tmp_path):
     msg = str(info.value)
     assert "does not match the model's adapter 'default'" in msg and "v_proj" in msg
     assert "LoRA settings (target modules) it was saved with" in msg
+
+
+def test_llm_judge_unknown_setting():
+    from self_rewarding_lm_pytorch.judge import DEFAULT_REWARD_CONFIG, LLMJudge
+
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['samples'\]") as info:
+        LLMJudge(tiny_model(), char_tokenizer(), DEFAULT_REWARD_CONFIG, samples=3)
+    assert "'num_samples'" in str(info.value)  # the valid names are listed
+
+
+def test_llm_judge_engine_option_with_a_backend():
+    from self_rewarding_lm_pytorch.generation import TorchBackend
+    from self_rewarding_lm_pytorch.judge import DEFAULT_REWARD_CONFIG, LLMJudge
+
+    backend = TorchBackend(tiny_model())
+    with pytest.raises(ValueError, match=r"generation_kwargs \['share_prefix'\] are options"):
+        LLMJudge(
+            backend, char_tokenizer(), DEFAULT_REWARD_CONFIG, generation_kwargs={"share_prefix": 0}
+        )
