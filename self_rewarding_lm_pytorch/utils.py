@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["chunks", "derive_seed", "eval_mode", "make_generator"]
+__all__ = ["chunks", "derive_seed", "eval_mode", "make_generator", "with_overrides"]
+
+C = TypeVar("C")
 
 
 @contextmanager
@@ -61,3 +64,20 @@ def chunks(costs: Sequence[int], batch_size: int | None, token_budget: int | Non
     if start < len(costs):
         out.append(range(start, len(costs)))
     return out
+
+
+def with_overrides(cls: type[C], config: C | None, overrides: dict[str, Any], *, owner: str) -> C:
+    """``config`` (an instance of the dataclass ``cls``; None: its defaults) with the fields
+    named in ``overrides`` replaced; a TypeError for another type or an unknown field."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(
+            f"{owner}: config must be a {cls.__name__}, got {type(config).__name__}; pass "
+            f"settings as keyword arguments or {cls.__name__}(...)"
+        )
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(
+            f"{owner} got unknown setting(s) {unknown}; valid {cls.__name__} fields are {names}"
+        )
+    return dataclasses.replace(config if config is not None else cls(), **overrides)

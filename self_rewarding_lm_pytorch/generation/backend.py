@@ -20,7 +20,7 @@ from ..utils import eval_mode, make_generator
 from .config import GenerationConfig, GenerationOutput
 from .engine import generate
 
-__all__ = ["GenerationBackend", "TorchBackend", "as_backend"]
+__all__ = ["GenerationBackend", "TorchBackend", "as_backend", "is_backend"]
 
 
 @runtime_checkable
@@ -118,10 +118,13 @@ class TorchBackend:
         """Nothing to release: the module belongs to the caller."""
 
 
+def is_backend(obj: Any) -> bool:
+    """Whether ``obj`` is a generation backend (and not a model to wrap in one)."""
+    return isinstance(obj, GenerationBackend) and not isinstance(obj, nn.Module)
+
+
 def as_backend(model_or_backend: Any, **engine_kwargs: Any) -> GenerationBackend:
     """A backend as given, or a :class:`TorchBackend` over a model."""
-    if isinstance(model_or_backend, GenerationBackend) and not isinstance(
-        model_or_backend, nn.Module
-    ):
+    if is_backend(model_or_backend):
         return model_or_backend
     return TorchBackend(model_or_backend, **engine_kwargs)

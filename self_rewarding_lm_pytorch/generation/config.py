@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..models import CausalLM
+from ..utils import with_overrides
 
 __all__ = ["GenerationConfig", "GenerationOutput", "response_budget"]
 
@@ -62,18 +63,7 @@ _CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationConfig))
 
 
 def _resolve_config(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
-    if config is not None and not isinstance(config, GenerationConfig):
-        raise TypeError(
-            f"config must be a GenerationConfig, got {type(config).__name__}; "
-            "pass settings as keyword arguments or GenerationConfig(...)"
-        )
-    unknown = sorted(set(overrides) - set(_CONFIG_FIELDS))
-    if unknown:
-        raise TypeError(
-            f"unknown generation setting(s) {unknown}; valid GenerationConfig fields are "
-            f"{list(_CONFIG_FIELDS)}"
-        )
-    cfg = replace(config or GenerationConfig(), **overrides)
+    cfg = with_overrides(GenerationConfig, config, overrides, owner="generate")
     if cfg.stop_strings is None:
         cfg.stop_strings = ()
     elif isinstance(cfg.stop_strings, str):
@@ -209,4 +199,3 @@ def _check_prompts(
         response_budget(len(ids), max_new[i], ctx, where=f"prompt {i}")
         out.append(ids)
     return out
-

@@ -139,4 +139,3 @@ def reference_generate(
                 reasons.append(reason)
                 logprobs.append(lps)
     return GenerationOutput(sequences, reasons, logprobs)
-

@@ -122,4 +122,3 @@ class CallableJudge:
                         score, reason = None, f"the judge returned a non-finite score {raw!r}"
             results.append(JudgeResult(score=score, sample_scores=[score], failures=[reason]))
         return results
-

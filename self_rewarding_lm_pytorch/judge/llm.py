@@ -17,7 +17,6 @@ Judgements are sampled through a :class:`~self_rewarding_lm_pytorch.generation.G
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,15 +24,14 @@ import torch
 from torch import nn
 
 from ..generation import GenerationBackend, GenerationConfig, as_backend, response_budget
+from ..generation.backend import is_backend
 from ..models import CausalLM, Tokenizer, encode_response, wrap_tokenizer
-from ..utils import chunks, make_generator
+from ..utils import chunks, make_generator, with_overrides
 from .base import JudgeResult, _check_pairs
 from .config import CONFIG_FIELDS, ENGINE_OPTIONS, JudgeConfig
 from .templates import DEFAULT_REWARD_CONFIG, RewardConfig
 
 __all__ = ["LLMJudge"]
-
-_SETTINGS = tuple(f.name for f in dataclasses.fields(JudgeConfig))
 
 
 def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -43,7 +41,6 @@ def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
         while len(ids) > 1 and tokenizer.decode(ids[:1]).strip() == "":
             ids = ids[1:]
     return ids
-
 
 
 class LLMJudge:
@@ -87,18 +84,7 @@ class LLMJudge:
             raise TypeError(
                 f"reward_config must be a RewardConfig, got {type(reward_config).__name__}"
             )
-        if config is not None and not isinstance(config, JudgeConfig):
-            raise TypeError(
-                f"config must be a JudgeConfig, got {type(config).__name__}; pass the judge's "
-                "settings as JudgeConfig(...) or as keyword arguments"
-            )
-        unknown = sorted(set(overrides) - set(_SETTINGS))
-        if unknown:
-            raise TypeError(
-                f"LLMJudge got unknown setting(s) {unknown}; valid JudgeConfig fields are "
-                f"{list(_SETTINGS)}"
-            )
-        settings = dataclasses.replace(config or JudgeConfig(), **overrides)
+        settings = with_overrides(JudgeConfig, config, overrides, owner="LLMJudge")
         settings.generation_kwargs = dict(settings.generation_kwargs or {})
         settings.validate("LLMJudge")
         extra = settings.generation_kwargs
@@ -110,9 +96,7 @@ class LLMJudge:
         # a model gets a torch engine that micro-batches to the judge's token budget itself;
         # a backend is sampled in chunks of at most token_budget tokens
         self._chunk_budget = settings.token_budget
-        if isinstance(model_or_backend, GenerationBackend) and not isinstance(
-            model_or_backend, nn.Module
-        ):
+        if is_backend(model_or_backend):
             if engine_kwargs:
                 raise ValueError(
                     f"LLMJudge: generation_kwargs {sorted(engine_kwargs)} are options of the "
@@ -200,7 +184,7 @@ class LLMJudge:
             cut = False
             if limit is not None and len(ids) > limit:
                 if self.settings.on_too_long == "error":
-                                response_budget(  # raises: the one context rule, and its message
+                    response_budget(  # raises: the one context rule, and its message
                         len(ids),
                         self.settings.max_new_tokens,
                         max_len,
@@ -228,7 +212,9 @@ class LLMJudge:
             if not resp_ids:
                 break
             resp_ids = resp_ids[: max(0, len(resp_ids) - excess)]
-            ids = tok.encode(tok.format_prompt(self.reward_config.render(prompt, tok.decode(resp_ids))))
+            ids = tok.encode(
+                tok.format_prompt(self.reward_config.render(prompt, tok.decode(resp_ids)))
+            )
         if len(ids) <= limit:
             return ids
         raise ValueError(

@@ -387,4 +387,3 @@ DEFAULT_REWARD_CONFIG = RewardConfig(
     validate_reward=ScoreRange(0, 5),
     score_values=(0, 1, 2, 3, 4, 5),
 )
-
