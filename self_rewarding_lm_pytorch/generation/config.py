@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import ConfigError
 from ..models import CausalLM
 from ..utils import with_overrides
 
@@ -25,14 +26,61 @@ class GenerationConfig:
     left by the previous one); ``top_k == 0``, ``top_p == 1`` and ``min_p == 0`` disable them.
     """
 
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    eos_token_id: int | Sequence[int] | None = None
-    stop_strings: Sequence[str] = field(default_factory=tuple)
-    num_return_sequences: int = 1
+    max_new_tokens: int = field(default=128, metadata={"help": "new tokens per row at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus top-p (1 disables it)"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0: all)"})
+    min_p: float = field(
+        default=0.0, metadata={"help": "keep tokens with p >= min_p * max p (0 disables it)"}
+    )
+    eos_token_id: int | Sequence[int] | None = field(
+        default=None, metadata={"help": "token id(s) that end a row (excluded from the output)"}
+    )
+    stop_strings: Sequence[str] = field(
+        default_factory=tuple, metadata={"help": "strings that end a row (kept in the output)"}
+    )
+    num_return_sequences: int = field(default=1, metadata={"help": "samples per prompt"})
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the setting, the problem and the allowed values."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        n, k = self.max_new_tokens, self.num_return_sequences
+        need(is_int(n) and n >= 0, f"max_new_tokens must be an int >= 0, got {n!r}")
+        need(is_int(k) and k >= 1, f"num_return_sequences must be an int >= 1, got {k!r}")
+        t = self.temperature
+        need(
+            isinstance(t, (int, float)) and math.isfinite(t) and t >= 0,
+            f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}",
+        )
+        need(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+            f"top_p must lie in (0, 1] (1 disables it), got {self.top_p!r}",
+        )
+        need(
+            is_int(self.top_k) and self.top_k >= 0,
+            f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}",
+        )
+        need(
+            isinstance(self.min_p, (int, float)) and 0 <= self.min_p < 1,
+            f"min_p must lie in [0, 1) (0 disables it), got {self.min_p!r}",
+        )
+        eos = self.eos_token_id
+        ids = [eos] if isinstance(eos, int) else ([] if eos is None else list(eos))
+        need(
+            all(is_int(e) and e >= 0 for e in ids),
+            f"eos_token_id must be None, an int >= 0 or a list of them, got {eos!r}",
+        )
+        need(
+            all(isinstance(s, str) and s for s in self.stop_strings),
+            f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}",
+        )
 
 
 @dataclass
@@ -68,35 +116,8 @@ def _resolve_config(config: GenerationConfig | None, overrides: dict[str, Any]) 
         cfg.stop_strings = ()
     elif isinstance(cfg.stop_strings, str):
         cfg.stop_strings = (cfg.stop_strings,)
-    _check_config(cfg)
+    cfg.validate()
     return cfg
-
-
-def _check_config(cfg: GenerationConfig) -> None:
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    if not is_int(cfg.max_new_tokens) or cfg.max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {cfg.max_new_tokens!r}")
-    if not is_int(cfg.num_return_sequences) or cfg.num_return_sequences < 1:
-        raise ValueError(
-            f"num_return_sequences must be an int >= 1, got {cfg.num_return_sequences!r}"
-        )
-    t = cfg.temperature
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-    if not isinstance(cfg.top_p, (int, float)) or not 0 < cfg.top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] (1 disables it), got {cfg.top_p!r}")
-    if not is_int(cfg.top_k) or cfg.top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {cfg.top_k!r}")
-    if not isinstance(cfg.min_p, (int, float)) or not 0 <= cfg.min_p < 1:
-        raise ValueError(f"min_p must lie in [0, 1) (0 disables it), got {cfg.min_p!r}")
-    eos = cfg.eos_token_id
-    ids = [eos] if isinstance(eos, int) else ([] if eos is None else list(eos))
-    if any(not is_int(e) or e < 0 for e in ids):
-        raise ValueError(f"eos_token_id must be None, an int >= 0 or a list of them, got {eos!r}")
-    if any(not isinstance(s, str) or not s for s in cfg.stop_strings):
-        raise ValueError(f"stop_strings must be non-empty strings, got {list(cfg.stop_strings)!r}")
 
 
 def response_budget(
