@@ -181,12 +181,12 @@ def _interrupted_run(run_dir: Path, **stage_kw) -> SelfRewardingTrainer:
 
 
 def test_changed_sampling_of_an_interrupted_stage(tmp_path, monkeypatch):
-    from self_rewarding_lm_pytorch import pipeline
+    from self_rewarding_lm_pytorch.pipeline.preference import PairBuilder
 
     class Crash(BaseException):
         pass
 
-    real, calls = pipeline.SelfRewardingTrainer._judge_chunk, []
+    real, calls = PairBuilder.judge_chunk, []
 
     def crash_on_third(self, *args, **kwargs):
         calls.append(1)
@@ -194,7 +194,7 @@ def test_changed_sampling_of_an_interrupted_stage(tmp_path, monkeypatch):
             raise Crash
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.SelfRewardingTrainer, "_judge_chunk", crash_on_third)
+    monkeypatch.setattr(PairBuilder, "judge_chunk", crash_on_third)
     with pytest.raises(Crash):
         _interrupted_run(tmp_path).run()
     monkeypatch.undo()
