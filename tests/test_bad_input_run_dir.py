@@ -17,7 +17,7 @@ import torch
 from tiny import make_trainer
 from torch import nn
 
-from self_rewarding_lm_pytorch.judge import RewardConfig
+from self_rewarding_lm_pytorch.judge import JudgeConfig, RewardConfig
 from self_rewarding_lm_pytorch.pipeline import (
     JudgeParseError,
     PreferenceStage,
@@ -239,8 +239,7 @@ def test_judge_fixed_after_parse_error_is_judged_again(tmp_path):
             num_preference_pairs=2,
             max_new_tokens=4,
             chunk_size=4,
-            judge_samples=1,
-            judge_max_new_tokens=4,
+            judge_settings=JudgeConfig(num_samples=1, max_new_tokens=4),
             trainer=dict(batch_size=2, num_train_steps=1),
         )
         return SelfRewardingTrainer(

@@ -23,6 +23,7 @@ from self_rewarding_lm_pytorch import (
     SFTStage,
     SPINStage,
 )
+from self_rewarding_lm_pytorch.judge import JudgeConfig
 from self_rewarding_lm_pytorch.store import read_jsonl
 
 HERE = Path(__file__).parent
@@ -177,7 +178,10 @@ def test_self_judge_that_never_parses_stops_with_explanation(tmp_path):
         reward_prompt_config=config,
         stages=[
             PreferenceStage(
-                num_preference_pairs=3, max_new_tokens=4, judge_max_new_tokens=6, chunk_size=4
+                num_preference_pairs=3,
+                max_new_tokens=4,
+                judge_settings=JudgeConfig(max_new_tokens=6),
+                chunk_size=4,
             )
         ],
         checkpoints_folder=str(tmp_path),

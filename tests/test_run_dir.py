@@ -154,7 +154,9 @@ def test_config_yaml_holds_defaults_and_is_written_once(tmp_path):
     make_trainer(str(tmp_path), num_pairs=2).run()
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     stage = config["stages"][0]
-    assert stage["judge_top_p"] == 0.9 and stage["pair_strategy"] == "best_worst"  # defaults
+    assert (
+        stage["judge_settings"]["top_p"] == 0.9 and stage["pair_strategy"] == "best_worst"
+    )  # defaults
     assert config["seed"] == 0 and config["preference_max_seq_len"] == 1024
     assert config["reward_config"]["match"] == "last"  # the default judge's settings
     assert config["datasets"] == {"prompts": 60, "sft": 16}

@@ -4,6 +4,7 @@ order, handing each stage's work to :mod:`.steps` and :mod:`.preference`."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -188,15 +189,16 @@ class SelfRewardingTrainer:
             if (
                 isinstance(stage, PreferenceStage)
                 and stage.judge == "self"
-                and stage.judge_samples > 1
-                and not stage.judge_temperature
+                and stage.judge_settings.num_samples > 1
+                and not stage.judge_settings.temperature
             ):
+                n = stage.judge_settings.num_samples
                 warnings.warn(
-                    f"stage {name}: judge_samples={stage.judge_samples} with "
-                    "judge_temperature=0 judges each candidate greedily, so all "
-                    f"{stage.judge_samples} judgements are the same and their mean is one "
-                    "judgement; set judge_samples=1 (as fast, same scores) or "
-                    "judge_temperature > 0 (the paper uses 0.7)",
+                    f"stage {name}: judge_settings.num_samples={n} with "
+                    "judge_settings.temperature=0 judges each candidate greedily, so all "
+                    f"{n} judgements are the same and their mean is one judgement; set "
+                    "judge_settings.num_samples=1 (as fast, same scores) or "
+                    "judge_settings.temperature > 0 (the paper uses 0.7)",
                     UserWarning,
                     stacklevel=3,
                 )
@@ -519,12 +521,7 @@ class SelfRewardingTrainer:
             self.model,
             self.tokenizer,
             self.reward_config,
-            num_samples=stage.judge_samples,
-            mode=stage.judge_mode,
-            temperature=stage.judge_temperature,
-            top_p=stage.judge_top_p,
-            max_new_tokens=stage.judge_max_new_tokens,
-            on_too_long=stage.judge_on_too_long,
+            **dataclasses.asdict(stage.judge_settings),
         )
 
     def _config_yaml(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..judge import JudgeConfig
 from .stages import PreferenceStage, SFTStage, SPINStage, Stage
 
 __all__ = ["seed_stages"]
@@ -47,7 +48,7 @@ def seed_stages(
             PreferenceStage(
                 num_preference_pairs=int(n),
                 num_candidates=num_candidates,
-                judge_max_new_tokens=judge_max_new_tokens,
+                judge_settings=JudgeConfig(max_new_tokens=judge_max_new_tokens),
                 replay="eft" if has_eft else None,
                 trainer=dict(dpo_kwargs),
             )

@@ -9,14 +9,16 @@ exist and that the stages come in a workable order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from ..config import ConfigError
+from ..config import ConfigError, from_dict, renamed_key
+from ..judge import JudgeConfig
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
 
 __all__ = [
@@ -116,6 +118,22 @@ class PromptGenerationStage:
         )
 
 
+def _refuse_renamed(cls: type) -> type:
+    """Make ``cls(old_key=...)`` name the key that replaced ``old_key`` (``cls._renamed_keys``;
+    the YAML loader reads the same map)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in sorted(kwargs.keys() & cls._renamed_keys.keys()):
+            raise renamed_key(cls.__name__, key, cls._renamed_keys[key], kwargs[key], python=True)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_refuse_renamed
 @dataclass
 class PreferenceStage:
     """One iteration of DPO on pairs built from judged candidates.
@@ -135,12 +153,10 @@ class PreferenceStage:
     top_k: int = 0
     min_p: float = 0.0
     max_new_tokens: int = 128
-    judge_samples: int = 3  # paper: 3 judge samples, averaged
-    judge_mode: Literal["mean", "expected"] = "mean"
-    judge_temperature: float = 0.7
-    judge_top_p: float = 0.9
-    judge_max_new_tokens: int = 256
-    judge_on_too_long: Literal["error", "truncate_response", "truncate_left"] = "error"
+    judge_settings: JudgeConfig = field(  # the self judge's sampling (paper: 3, averaged)
+        default_factory=JudgeConfig,
+        metadata={"help": "how the self judge samples its judgements (num_samples, mode, ...)"},
+    )
     pair_strategy: Any = "best_worst"  # name in pairs.PAIR_STRATEGIES, or a callable
     pair_margin: float = 0.0
     length_tolerance: float = 0.0
@@ -150,12 +166,26 @@ class PreferenceStage:
     replay: str | None = None  # SFT dataset replayed as auxiliary loss in every DPO step
     trainer: dict[str, Any] = field(default_factory=dict)  # DPOTrainer keyword arguments
 
+    # keys of earlier versions, now under judge_settings: refused, naming the new key
+    _renamed_keys: ClassVar[dict[str, str]] = {
+        "judge_samples": "judge_settings.num_samples",
+        "judge_mode": "judge_settings.mode",
+        "judge_temperature": "judge_settings.temperature",
+        "judge_top_p": "judge_settings.top_p",
+        "judge_max_new_tokens": "judge_settings.max_new_tokens",
+        "judge_on_too_long": "judge_settings.on_too_long",
+    }
+
+    def __post_init__(self) -> None:
+        if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
+            self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
         from ..pairs import PAIR_STRATEGIES
 
         _check_types(self)
-        n, t = self.num_candidates, self.temperature
+        n, t, js = self.num_candidates, self.temperature, self.judge_settings
         at_least_1 = "be at least 1"
         _check(
             self,
@@ -184,13 +214,18 @@ class PreferenceStage:
                 (self.top_k >= 0, "top_k", "be >= 0", "0 disables it"),
                 (0 <= self.min_p < 1, "min_p", "lie in [0, 1)", "0 disables it"),
                 (self.max_new_tokens >= 1, "max_new_tokens", at_least_1, "use e.g. 128"),
-                (self.judge_samples >= 1, "judge_samples", at_least_1, "the paper averages 3"),
+                (
+                    js.num_samples >= 1,
+                    "judge_settings.num_samples",
+                    at_least_1,
+                    "the paper averages 3",
+                ),
                 *_sampling_rules(
-                    self.judge_temperature, self.judge_top_p, "judge_temperature", "judge_top_p"
+                    js.temperature, js.top_p, "judge_settings.temperature", "judge_settings.top_p"
                 ),
                 (
-                    self.judge_max_new_tokens >= 1,
-                    "judge_max_new_tokens",
+                    js.max_new_tokens >= 1,
+                    "judge_settings.max_new_tokens",
                     at_least_1,
                     "use e.g. 256",
                 ),
@@ -226,6 +261,7 @@ class PreferenceStage:
                 ),
             ],
         )
+        js.validate("judge_settings")  # its other keys (mode, batch_size, ...)
 
 
 Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
@@ -234,15 +270,7 @@ _FREE_STAGE_KEYS = ("min_parse_rate",)
 _FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
 # a preference stage's judge settings: when only these change in an unfinished stage,
 # its candidates are judged again instead of refused
-_JUDGE_KEYS = (
-    "judge",
-    "judge_samples",
-    "judge_mode",
-    "judge_temperature",
-    "judge_top_p",
-    "judge_max_new_tokens",
-    "judge_on_too_long",
-)
+_JUDGE_KEYS = ("judge", "judge_settings")
 STAGE_TYPES: dict[str, type] = {
     "sft": SFTStage,
     "spin": SPINStage,
@@ -258,10 +286,12 @@ def _stage_slug(stage: Stage) -> str:
 
 
 def _check(stage: Any, rules: list[tuple[bool, str, str, str]]) -> None:
-    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value."""
+    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value
+    (a dotted key names a field of a nested config, e.g. ``judge_settings.top_p``)."""
     for ok, key, rule, fix in rules:
         if not ok:
-            raise ConfigError(f"{key} must {rule}, got {getattr(stage, key)!r}; {fix}")
+            value = functools.reduce(getattr, key.split("."), stage)
+            raise ConfigError(f"{key} must {rule}, got {value!r}; {fix}")
 
 
 def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) -> list:
