@@ -584,7 +584,11 @@ def test_different_plan_in_the_same_folder(tmp_path):
                 and p.name != ".srlm-lock"}  # fmt: skip
 
     before = files()
-    with pytest.raises(RuntimeError, match=r"holds a run with stages .* use another"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"holds a run with stages .* start it afresh: --overwrite \(overwrite=True\) or "
+        r"another --out",
+    ):
         make_trainer(str(tmp_path), num_pairs=2, sft=True).run()
     # nothing of the finished run was touched
     assert files() == before

@@ -433,3 +433,16 @@ def test_judge_prompt_that_cannot_fit_whatever_the_response(tmp_path, judge_kind
     assert msg.startswith(where), msg
     assert "more than the judge model's context of 96" in msg and "truncate_left" in msg
     assert nothing_written(tmp_path)  # refused before SFT trained
+
+
+def test_generated_prompts_need_an_earlier_prompt_generation_stage(tmp_path):
+    from self_rewarding_lm_pytorch.pipeline import PromptGenerationStage
+
+    stages = [SFT, PreferenceStage(num_preference_pairs=4, prompts="generated")]
+    with pytest.raises(ValueError) as info:  # refused when built, before SFT trains
+        trainer(tmp_path, [*stages, PromptGenerationStage(num_prompts=4)])
+    assert str(info.value) == (
+        "stage 02-self-reward-dpo: prompts='generated' needs a prompt_generation stage before "
+        "this stage; add one or name a prompt dataset"
+    )
+    assert nothing_written(tmp_path)

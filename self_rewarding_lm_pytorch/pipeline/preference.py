@@ -25,7 +25,7 @@ from ..models import Tokenizer
 from ..pairs import select_pairs
 from ..store import JsonlStore, atomic_write_json
 from .report import candidate_stats
-from .stages import PreferenceStage, _stage_slug
+from .stages import START_AFRESH, PreferenceStage, _stage_slug
 
 __all__ = ["MIN_TIED_PROMPTS", "JudgeParseError", "NotEnoughPairsError", "PairBuilder"]
 
@@ -66,7 +66,7 @@ def _parse_failure_message(
         f"cannot be built.{why} Three of its outputs:\n{shown}\nFixes: {fixes}. After a "
         "change of the judge alone (reward_config, judge settings), rerunning in the same "
         "run folder sets these judgements aside and judges the candidates again; other "
-        "changes need --overwrite (overwrite=True) or another --out."
+        f"changes need {START_AFRESH}."
     )
 
 
@@ -238,7 +238,7 @@ class PairBuilder:
                 "Give more prompts (or a prompt_generation stage), raise max_prompts, lower "
                 "num_preference_pairs, or sample more candidates per prompt. The records built "
                 f"so far are kept in {stage_dir}; these changes alter the stage, so apply them "
-                "with --overwrite (overwrite=True) or another --out."
+                f"with {START_AFRESH}."
             )
         return pairs[:target]
 

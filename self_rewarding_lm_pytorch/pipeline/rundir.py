@@ -21,6 +21,7 @@ from .stages import (
     _FREE_STAGE_KEYS,
     _FREE_TRAINER_KEYS,
     _JUDGE_KEYS,
+    START_AFRESH,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -142,7 +143,7 @@ def _changed_settings_message(name: str, finished: bool, changes: list[str]) -> 
         f"stage {name} {how} with other settings than this run gives it: "
         f"{'; '.join(changes)}. Resuming would mix results of both settings, so nothing was "
         "run. Either restore those settings to resume the run, or start it afresh: "
-        "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
+        f"{START_AFRESH}"
     )
 
 

@@ -32,6 +32,7 @@ from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
 from .seed_api import seed_stages
 from .stages import (
+    START_AFRESH,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -389,7 +390,7 @@ class SelfRewardingTrainer:
         if state.get("plan") not in (None, plan):
             raise RuntimeError(
                 f"{run_dir} holds a run with stages {state['plan']}, but this run has "
-                f"{plan}; use another checkpoints_folder / --out, or overwrite_checkpoints=True"
+                f"{plan}; start it afresh: {START_AFRESH}"
             )
         state["plan"] = plan
         check_fingerprints(

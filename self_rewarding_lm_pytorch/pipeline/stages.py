@@ -281,6 +281,10 @@ STAGE_TYPES: dict[str, type] = {
 STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
 
 
+#: how a run that cannot resume starts afresh (one spelling in every message that says so)
+START_AFRESH = "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
+
+
 def _stage_slug(stage: Stage) -> str:
     return stage.kind.replace("_", "-")
 
