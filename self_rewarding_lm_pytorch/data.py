@@ -11,6 +11,9 @@
   ``(seq, prompt_len)`` tuples (tensors of any integer-valued dtype, right-padded with a
   ``pad_id`` such as ``-1``), the seed's DPO triple ``(preferred_seq, unpreferred_seq,
   prompt_len)``, dicts and the dataclasses themselves.
+* :func:`tokenize_sft_item` / :func:`preference_example` tokenize text items (the prompt
+  through the chat format, EOS after the response); :func:`as_prompt_list` reads a prompt
+  dataset as strings.
 """
 
 from __future__ import annotations

@@ -77,18 +77,7 @@ def test_stage_value_out_of_range(tmp_path, key, value, rule):
     # a config file: refused when it is read, naming the stage's position and the key
     from self_rewarding_lm_pytorch.run_config import parse_run_config
 
-    cfg = {
-        "model": {
-            "xtransformers": {
-                "num_tokens": 256,
-                "max_seq_len": 64,
-                "attn_layers": {"dim": 16, "depth": 1, "heads": 2},
-            }
-        },
-        "tokenizer": {"kind": "bytes", "eos_id": 10},
-        "data": {"sft": {"path": "sft.jsonl"}, "prompts": {"path": "prompts.jsonl"}},
-        "stages": [{"kind": "sft"}, {"kind": "self_reward_dpo", **_nested(key, value)}],
-    }
+    cfg = _config_with_dpo(**_nested(key, value))
     with pytest.raises(ConfigError, match=rf"stages\[1\]: {key} must {rule}"):
         parse_run_config(cfg, check_files=False)
 
@@ -110,18 +99,7 @@ def test_old_judge_keys_name_their_new_place():
     fixed = PreferenceStage(num_preference_pairs=4, judge_settings={"num_samples": 1})
     assert fixed.judge_settings == JudgeConfig(num_samples=1)  # the fix as written works
     # a config file: refused when it is read, naming the stage's position
-    cfg = {
-        "model": {
-            "xtransformers": {
-                "num_tokens": 256,
-                "max_seq_len": 64,
-                "attn_layers": {"dim": 16, "depth": 1, "heads": 2},
-            }
-        },
-        "tokenizer": {"kind": "bytes", "eos_id": 10},
-        "data": {"sft": {"path": "sft.jsonl"}, "prompts": {"path": "prompts.jsonl"}},
-        "stages": [{"kind": "sft"}, {"kind": "self_reward_dpo", "judge_max_new_tokens": 12}],
-    }
+    cfg = _config_with_dpo(judge_max_new_tokens=12)
     with pytest.raises(ConfigError) as e:
         parse_run_config(cfg, check_files=False)
     msg = str(e.value)
@@ -133,6 +111,22 @@ def test_old_judge_keys_name_their_new_place():
     cfg["stages"][1] = {"kind": "self_reward_dpo", **yaml.safe_load(fix)}
     stage = parse_run_config(cfg, check_files=False).stage_objects[1]
     assert stage.judge_settings.max_new_tokens == 12 and stage.judge_settings.num_samples == 3
+
+
+def _config_with_dpo(**dpo) -> dict:
+    """A ``srlm run`` config mapping: an SFT stage, then a self_reward_dpo stage of ``dpo``."""
+    return {
+        "model": {
+            "xtransformers": {
+                "num_tokens": 256,
+                "max_seq_len": 64,
+                "attn_layers": {"dim": 16, "depth": 1, "heads": 2},
+            }
+        },
+        "tokenizer": {"kind": "bytes", "eos_id": 10},
+        "data": {"sft": {"path": "sft.jsonl"}, "prompts": {"path": "prompts.jsonl"}},
+        "stages": [{"kind": "sft"}, {"kind": "self_reward_dpo", **dpo}],
+    }
 
 
 def _nested(key: str, value):

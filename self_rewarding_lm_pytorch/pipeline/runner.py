@@ -14,8 +14,6 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
-from ..data import SFTExample, as_prompt_list, materialize, tokenize_sft_item
-from ..generation import response_budget
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from ..models import CausalLM, wrap_model, wrap_tokenizer
 from ..store import (
@@ -27,7 +25,8 @@ from ..store import (
     ensure_run_dir,
 )
 from ..trainers.base import load_checkpoint
-from .preference import PairBuilder, prompt_budgets, prompts_tried
+from .inputs import StageInputs
+from .preference import PairBuilder, prompts_tried
 from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
 from .seed_api import seed_stages
@@ -41,6 +40,7 @@ from .stages import (
     _stage_slug,
     check_plan,
     check_trainer_kwargs,
+    datasets_of,
     plan_names,
 )
 from .steps import StageContext, generated_prompts
@@ -129,10 +129,12 @@ class SelfRewardingTrainer:
         self.datasets.update(datasets or {})
         self.judges = dict(judges or {})
         self.models = dict(models or {})
-        # datasets read once (the seed's mock datasets make new items on every access)
-        self._sft_cache: dict[str, list[SFTExample]] = {}
-        self._prompt_cache: dict[str, list[str]] = {}
-        self._budget_cache: dict[str, tuple[list[str], list[int]]] = {}
+        self._inputs = StageInputs(
+            self.datasets,
+            self.tokenizer,
+            max_seq_len=self.lm.max_seq_len,
+            preference_max_seq_len=preference_max_seq_len,
+        )
         self._preflight_done = False
 
         if stages is None:
@@ -184,7 +186,7 @@ class SelfRewardingTrainer:
             models=set(self.models),
         )
         for stage, name in zip(self.stages, self._plan()):
-            for ds in _datasets_of(stage):
+            for ds in datasets_of(stage):
                 if len(self.datasets[ds]) == 0:
                     raise ValueError(f"dataset {ds!r} (used by stage {stage.kind}) is empty")
             if (
@@ -214,83 +216,9 @@ class SelfRewardingTrainer:
         the self-judge's template must render. ``run()`` calls this first; ``srlm run
         --check`` runs it without training. The checks run once per trainer.
         """
-        if self._preflight_done:
-            return
-        for stage, name in zip(self.stages, self._plan()):
-            if isinstance(stage, SFTStage):
-                for ds in stage.datasets:
-                    self._sft_examples([ds], stage=name)
-            elif isinstance(stage, SPINStage):
-                limit = min(
-                    stage.trainer.get("max_seq_len", self.preference_max_seq_len),
-                    self.lm.max_seq_len or self.preference_max_seq_len,
-                )
-                for i, ex in enumerate(self._sft_examples([stage.dataset], stage=name)):
-                    response_budget(
-                        ex.prompt_len,
-                        1,
-                        limit,
-                        cap=True,
-                        where=f"stage {name}: dataset {stage.dataset!r} item {i}: its prompt",
-                        context_name="max_seq_len (and the model's context)",
-                        fix="shorten the prompt or raise the SPIN trainer's max_seq_len",
-                    )
-            elif isinstance(stage, PromptGenerationStage):
-                self._prompts(stage.seed_dataset)
-            elif isinstance(stage, PreferenceStage):
-                if stage.prompts != "generated":
-                    self._prompt_budgets(name, stage, self._prompts(stage.prompts))
-                if stage.replay is not None:
-                    self._sft_examples([stage.replay], stage=name)
-                if stage.judge == "self":
-                    sample = (
-                        self._prompts(stage.prompts)[0]
-                        if stage.prompts != "generated"
-                        else "an example prompt"
-                    )
-                    try:  # the judge's own settings, then its template on a real prompt
-                        judge = self._judge_for(stage)
-                    except (ValueError, TypeError) as exc:
-                        raise type(exc)(f"stage {name}: the self judge: {exc}") from exc
-                    try:
-                        judge.config.render(sample, "an example response")
-                    except Exception as exc:  # noqa: BLE001 - any template error, named
-                        raise ValueError(
-                            f"stage {name}: the judge template does not render ({exc}); fix "
-                            "reward_config.prompt_template (variables: {{ prompt }}, "
-                            "{{ response }})"
-                        ) from exc
-                else:
-                    judge = self._judge_for(stage)
-                if stage.prompts != "generated" and hasattr(judge, "check_prompts"):
-                    judge.check_prompts(  # an LLM judge's prompt must fit its context
-                        self._prompts(stage.prompts),
-                        where=f"stage {name}, dataset {stage.prompts!r}: ",
-                    )
-        self._preflight_done = True
-
-    def _prompts(self, name: str) -> list[str]:
-        if name not in self._prompt_cache:
-            self._prompt_cache[name] = as_prompt_list(self.datasets[name], name)
-        return self._prompt_cache[name]
-
-    def _prompt_budgets(self, name: str, stage: PreferenceStage, prompts: list[str]) -> list[int]:
-        """Each prompt's limit on new tokens (see :func:`.preference.prompt_budgets`), kept
-        per stage, so the pre-flight's pass is not repeated when the stage runs."""
-        cached = self._budget_cache.get(name)
-        if cached is not None and cached[0][: len(prompts)] == prompts:  # a prefix of those
-            return cached[1][: len(prompts)]
-        budgets = prompt_budgets(
-            name,
-            stage,
-            prompts,
-            stage.prompts,
-            self.tokenizer,
-            self.lm.max_seq_len,
-            self.preference_max_seq_len,
-        )
-        self._budget_cache[name] = (list(prompts), budgets)
-        return budgets
+        if not self._preflight_done:
+            self._inputs.preflight(self.stages, self._plan(), self._judge_for)
+            self._preflight_done = True
 
     @property
     def accelerator(self):
@@ -456,9 +384,9 @@ class SelfRewardingTrainer:
             early_stopper_eval_module=self.early_stopper_eval_module,
         )
         if isinstance(stage, SFTStage):
-            return ctx.run_sft(stage, stage_dir, self._sft_examples(stage.datasets))
+            return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
         if isinstance(stage, SPINStage):
-            return ctx.run_spin(stage, stage_dir, self._sft_examples([stage.dataset]))
+            return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
         dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
         if isinstance(stage, PromptGenerationStage):
             model = (
@@ -471,13 +399,13 @@ class SelfRewardingTrainer:
                 stage,
                 stage_dir,
                 model,
-                self._prompts(stage.seed_dataset),
+                self._inputs.prompts(stage.seed_dataset),
                 generated_prompts(self.stages, dirs, index, latest=False),
             )
         prompts = (
             generated_prompts(self.stages, dirs, index, latest=True)
             if stage.prompts == "generated"
-            else self._prompts(stage.prompts)
+            else self._inputs.prompts(stage.prompts)
         )
         name = self._plan()[index]
         builder = PairBuilder(
@@ -494,25 +422,10 @@ class SelfRewardingTrainer:
             oracle=self.oracle,
             progress=self.progress,
         )
-        budgets = self._prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
+        budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
         pairs = builder.build(prompts, budgets)
-        replay = self._sft_examples([stage.replay]) if stage.replay else None
+        replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
         return ctx.run_dpo(stage, stage_dir, pairs, replay)
-
-    # ------------------------------------------------------------------ data
-    def _sft_examples(self, names: Sequence[str], *, stage: str | None = None) -> list[SFTExample]:
-        examples: list[SFTExample] = []
-        for name in names:
-            if name not in self._sft_cache:
-                items = materialize(
-                    self.datasets[name],
-                    lambda item: (item, tokenize_sft_item(item, self.tokenizer)),
-                    name=name,
-                )
-                _warn_empty_responses(name, stage, items, self.tokenizer.eos_id)
-                self._sft_cache[name] = [ex for _, ex in items]
-            examples += self._sft_cache[name]
-        return examples
 
     def _judge_for(self, stage: PreferenceStage):
         if stage.judge != "self":
@@ -533,38 +446,4 @@ class SelfRewardingTrainer:
             judges=self.judges,
             reward_config=self.reward_config,
             stages=self.stages,
-        )
-
-
-def _datasets_of(stage: Stage) -> list[str]:
-    """The datasets a stage reads (``prompts="generated"`` is not one)."""
-    if isinstance(stage, SFTStage):
-        return list(stage.datasets)
-    if isinstance(stage, SPINStage):
-        return [stage.dataset]
-    if isinstance(stage, PromptGenerationStage):
-        return [stage.seed_dataset]
-    return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
-
-
-def _warn_empty_responses(name: str, stage: str | None, items: list, eos: int | None) -> None:
-    """Warn about SFT items whose response is empty: they teach only to stop (EOS)."""
-    empty = [
-        i
-        for i, (item, ex) in enumerate(items)
-        if (
-            isinstance(item, dict)
-            and isinstance(item.get("response"), str)
-            and not item["response"].strip()
-        )
-        or all(t == eos for t in ex.response_ids)
-    ]
-    if empty:
-        where = f"stage {stage}: " if stage else ""
-        warnings.warn(
-            f"{where}dataset {name!r} has {len(empty)} item(s) with an empty response "
-            f"(items {empty[:10]}{' ...' if len(empty) > 10 else ''}); they teach the model "
-            "only to stop (EOS) after their prompt: fill in or remove them",
-            UserWarning,
-            stacklevel=4,
         )

@@ -380,6 +380,17 @@ def plan_names(stages: Sequence[Stage]) -> list[str]:
     return [f"{i + 1:02d}-{_stage_slug(s)}" for i, s in enumerate(stages)]
 
 
+def datasets_of(stage: Stage) -> list[str]:
+    """The datasets a stage reads (``prompts="generated"`` is not one)."""
+    if isinstance(stage, SFTStage):
+        return list(stage.datasets)
+    if isinstance(stage, SPINStage):
+        return [stage.dataset]
+    if isinstance(stage, PromptGenerationStage):
+        return [stage.seed_dataset]
+    return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
+
+
 def check_plan(
     stages: Sequence[Stage],
     *,
