@@ -64,7 +64,7 @@ def _parse_failure_message(
         f"stage {name}: the judge produced a parsable score for only {parse_rate:.1%} of its "
         f"outputs (minimum min_parse_rate={stage.min_parse_rate:.0%}), so preference pairs "
         f"cannot be built.{why} Three of its outputs:\n{shown}\nFixes: {fixes}. After a "
-        "change of the judge alone (reward_config, judge settings), rerunning in the same "
+        "change of the judge alone (reward_config, judge_settings), rerunning in the same "
         "run folder sets these judgements aside and judges the candidates again; other "
         f"changes need {START_AFRESH}."
     )
