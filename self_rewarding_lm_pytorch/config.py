@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
@@ -111,9 +112,12 @@ def from_dict(cls: type[T], data: dict[str, Any], *, path: str = "") -> T:
         raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed: dict[str, str] = getattr(cls, "_renamed_keys", {})
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
+        if key in renamed and key not in fields:
+            raise renamed_key(where, key, renamed[key], value, python=False)
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -133,6 +137,20 @@ def from_dict(cls: type[T], data: dict[str, Any], *, path: str = "") -> T:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{path or cls.__name__}: {exc}") from exc
+
+
+def renamed_key(where: str, old: str, new: str, value: Any, *, python: bool) -> ConfigError:
+    """The error for key ``old`` of an earlier version, now (dotted) key ``new``: it names
+    the new key and shows how to give ``value`` there, in Python or in YAML."""
+    section, _, leaf = new.rpartition(".")
+    shown = repr(value) if python else json.dumps(value)
+    if not section:
+        fix = f"use {new}"
+    elif python:
+        fix = f"pass {section}={{{leaf!r}: {shown}}}"
+    else:
+        fix = f"write {section}: {{{leaf}: {shown}}}"
+    return ConfigError(f"{where}: {old} is now {new}; {fix}")
 
 
 def to_dict(obj: Any) -> Any:

@@ -11,6 +11,9 @@
   ``(seq, prompt_len)`` tuples (tensors of any integer-valued dtype, right-padded with a
   ``pad_id`` such as ``-1``), the seed's DPO triple ``(preferred_seq, unpreferred_seq,
   prompt_len)``, dicts and the dataclasses themselves.
+* :func:`tokenize_sft_item` / :func:`preference_example` tokenize text items (the prompt
+  through the chat format, EOS after the response); :func:`as_prompt_list` reads a prompt
+  dataset as strings.
 """
 
 from __future__ import annotations
@@ -23,16 +26,21 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .models import Tokenizer, encode_response
+
 __all__ = [
     "ListDataset",
     "PreferenceExample",
     "SFTExample",
+    "as_prompt_list",
     "collate_preference",
     "collate_sft",
     "create_mock_dataset",
     "materialize",
+    "preference_example",
     "to_preference_example",
     "to_sft_example",
+    "tokenize_sft_item",
 ]
 
 
@@ -300,6 +308,61 @@ def materialize(dataset: Any, convert: Callable[[Any], Any], *, name: str = "dat
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{name}[{i}]: {exc}") from exc
     return out
+
+
+# ====================================================================== text items
+
+
+def as_prompt_list(dataset: Any, name: str) -> list[str]:
+    """A prompt dataset as strings (items are strings or dicts with a ``prompt`` key);
+    blank or missing prompts are refused, naming the item."""
+    prompts = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if isinstance(item, dict):
+            item = item.get("prompt", item.get("instruction"))
+        if not isinstance(item, str):
+            raise TypeError(
+                f"prompt dataset {name!r} item {i} is {type(item).__name__}; prompts must be "
+                "strings (or dicts with a 'prompt' key)"
+            )
+        if not item.strip():
+            raise ValueError(
+                f"prompt dataset {name!r} item {i} is {'empty' if not item else 'blank'} "
+                f"({item!r}); every prompt needs text to respond to: remove the item or fill "
+                "it in"
+            )
+        prompts.append(item)
+    if not prompts:
+        raise ValueError(f"prompt dataset {name!r} is empty; give at least one prompt")
+    return prompts
+
+
+def tokenize_sft_item(item: Any, tokenizer: Tokenizer) -> SFTExample:
+    """An SFT item as token ids: text dicts ``{"prompt", "response"}`` are tokenized
+    (prompt through the chat format, EOS appended to the response); token items go
+    through :func:`to_sft_example`."""
+    if isinstance(item, dict) and isinstance(item.get("prompt"), str):
+        if not isinstance(item.get("response"), str):
+            raise TypeError("a text SFT item needs string 'prompt' and 'response' fields")
+        prompt_ids = tokenizer.encode(tokenizer.format_prompt(item["prompt"]))
+        response_ids = encode_response(tokenizer, item["response"])
+        if tokenizer.eos_id is not None:
+            response_ids = response_ids + [tokenizer.eos_id]
+        return SFTExample(prompt_ids + response_ids, len(prompt_ids))
+    return to_sft_example(item, pad_id=getattr(tokenizer, "pad_id", None))
+
+
+def preference_example(
+    prompt: str, chosen: str, rejected: str, tokenizer: Tokenizer
+) -> PreferenceExample:
+    """Tokenize one (prompt, chosen, rejected) text triple; EOS ends both responses."""
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    return PreferenceExample(
+        prompt_ids=tokenizer.encode(tokenizer.format_prompt(prompt)),
+        chosen_ids=encode_response(tokenizer, chosen) + eos,
+        rejected_ids=encode_response(tokenizer, rejected) + eos,
+    )
 
 
 # ====================================================================== collation

@@ -54,8 +54,7 @@ CKPT = "checkpoint/model.safetensors"
 _DPO_STAGE = """  - kind: self_reward_dpo
     num_preference_pairs: 8
     max_new_tokens: 8
-    judge_samples: 1
-    judge_max_new_tokens: 12
+    judge_settings: {num_samples: 1, max_new_tokens: 12}
     chunk_size: 2
     min_parse_rate: 0.0
     temperature: 1.0

@@ -31,7 +31,7 @@ from torch import nn
 
 from self_rewarding_lm_pytorch import store
 from self_rewarding_lm_pytorch.config import ConfigError
-from self_rewarding_lm_pytorch.judge import LLMJudge, RewardConfig, ScoreRange
+from self_rewarding_lm_pytorch.judge import JudgeConfig, LLMJudge, RewardConfig, ScoreRange
 from self_rewarding_lm_pytorch.models import CallableTokenizer
 from self_rewarding_lm_pytorch.pipeline import (
     JudgeParseError,
@@ -246,7 +246,13 @@ def test_regex_template_without_reward():
 def test_judge_never_parses(tmp_path):
     run = trainer(
         tmp_path,
-        [preference(kind="self_reward_dpo", judge="self", judge_max_new_tokens=6, judge_samples=1)],
+        [
+            preference(
+                kind="self_reward_dpo",
+                judge="self",
+                judge_settings=JudgeConfig(max_new_tokens=6, num_samples=1),
+            )
+        ],
         reward_prompt_config=RewardConfig(
             prompt_template="Rate {{ prompt }} / {{ response }}:",
             reward_regex_template="Score: {{ reward }}",
@@ -270,8 +276,7 @@ def _out_of_range_run(tmp_path):
                 kind="self_reward_dpo",
                 judge="self",
                 num_candidates=2,
-                judge_samples=1,
-                judge_max_new_tokens=3,
+                judge_settings=JudgeConfig(num_samples=1, max_new_tokens=3),
             )
         ],
         model=ConstantLM(),
@@ -579,7 +584,11 @@ def test_different_plan_in_the_same_folder(tmp_path):
                 and p.name != ".srlm-lock"}  # fmt: skip
 
     before = files()
-    with pytest.raises(RuntimeError, match=r"holds a run with stages .* use another"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"holds a run with stages .* start it afresh: --overwrite \(overwrite=True\) or "
+        r"another --out",
+    ):
         make_trainer(str(tmp_path), num_pairs=2, sft=True).run()
     # nothing of the finished run was touched
     assert files() == before

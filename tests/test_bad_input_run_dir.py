@@ -17,7 +17,7 @@ import torch
 from tiny import make_trainer
 from torch import nn
 
-from self_rewarding_lm_pytorch.judge import RewardConfig
+from self_rewarding_lm_pytorch.judge import JudgeConfig, RewardConfig
 from self_rewarding_lm_pytorch.pipeline import (
     JudgeParseError,
     PreferenceStage,
@@ -181,12 +181,12 @@ def _interrupted_run(run_dir: Path, **stage_kw) -> SelfRewardingTrainer:
 
 
 def test_changed_sampling_of_an_interrupted_stage(tmp_path, monkeypatch):
-    from self_rewarding_lm_pytorch import pipeline
+    from self_rewarding_lm_pytorch.pipeline.preference import PairBuilder
 
     class Crash(BaseException):
         pass
 
-    real, calls = pipeline.SelfRewardingTrainer._judge_chunk, []
+    real, calls = PairBuilder.judge_chunk, []
 
     def crash_on_third(self, *args, **kwargs):
         calls.append(1)
@@ -194,7 +194,7 @@ def test_changed_sampling_of_an_interrupted_stage(tmp_path, monkeypatch):
             raise Crash
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.SelfRewardingTrainer, "_judge_chunk", crash_on_third)
+    monkeypatch.setattr(PairBuilder, "judge_chunk", crash_on_third)
     with pytest.raises(Crash):
         _interrupted_run(tmp_path).run()
     monkeypatch.undo()
@@ -239,8 +239,7 @@ def test_judge_fixed_after_parse_error_is_judged_again(tmp_path):
             num_preference_pairs=2,
             max_new_tokens=4,
             chunk_size=4,
-            judge_samples=1,
-            judge_max_new_tokens=4,
+            judge_settings=JudgeConfig(num_samples=1, max_new_tokens=4),
             trainer=dict(batch_size=2, num_train_steps=1),
         )
         return SelfRewardingTrainer(

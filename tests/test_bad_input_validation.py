@@ -18,6 +18,7 @@ from tiny import PROMPTS, SFT_DATA, char_tokenizer, quick_preference, tiny_model
 from torch import nn
 
 from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.judge import JudgeConfig
 from self_rewarding_lm_pytorch.pipeline import (
     NotEnoughPairsError,
     PreferenceStage,
@@ -60,14 +61,14 @@ def nothing_written(run_dir: Path) -> bool:
         ("num_candidates", 1, "be at least 2"),
         ("temperature", -0.5, "be a finite number >= 0"),
         ("top_p", 1.5, r"lie in \(0, 1\]"),
-        ("judge_temperature", -0.1, "be a finite number >= 0"),
-        ("judge_samples", 0, "be at least 1"),
+        ("judge_settings.temperature", -0.1, "be a finite number >= 0"),
+        ("judge_settings.num_samples", 0, "be at least 1"),
         ("max_new_tokens", 0, "be at least 1"),
         ("min_parse_rate", 1.5, r"lie in \[0, 1\]"),
     ],
 )
 def test_stage_value_out_of_range(tmp_path, key, value, rule):
-    stage = PreferenceStage(kind="self_reward_dpo", num_preference_pairs=4, **{key: value})
+    stage = PreferenceStage(kind="self_reward_dpo", num_preference_pairs=4, **_nested(key, value))
     # the Python API: refused when the trainer is built, naming the stage and the key
     with pytest.raises(ConfigError, match=rf"stage 02-self-reward-dpo: {key} must {rule}") as e:
         trainer(tmp_path, [SFT, stage])
@@ -76,7 +77,45 @@ def test_stage_value_out_of_range(tmp_path, key, value, rule):
     # a config file: refused when it is read, naming the stage's position and the key
     from self_rewarding_lm_pytorch.run_config import parse_run_config
 
-    cfg = {
+    cfg = _config_with_dpo(**_nested(key, value))
+    with pytest.raises(ConfigError, match=rf"stages\[1\]: {key} must {rule}"):
+        parse_run_config(cfg, check_files=False)
+
+
+def test_old_judge_keys_name_their_new_place():
+    import yaml
+
+    from self_rewarding_lm_pytorch.run_config import parse_run_config
+
+    # the Python API: refused when the stage is made, naming the new key and how to give it
+    with pytest.raises(ConfigError) as e:
+        PreferenceStage(num_preference_pairs=4, judge_samples=1)
+    assert str(e.value) == (
+        "PreferenceStage: judge_samples is now judge_settings.num_samples; "
+        "pass judge_settings={'num_samples': 1}"
+    )
+    with pytest.raises(ConfigError, match=r"judge_on_too_long is now judge_settings.on_too_long"):
+        PreferenceStage(judge_on_too_long="truncate_left")
+    fixed = PreferenceStage(num_preference_pairs=4, judge_settings={"num_samples": 1})
+    assert fixed.judge_settings == JudgeConfig(num_samples=1)  # the fix as written works
+    # a config file: refused when it is read, naming the stage's position
+    cfg = _config_with_dpo(judge_max_new_tokens=12)
+    with pytest.raises(ConfigError) as e:
+        parse_run_config(cfg, check_files=False)
+    msg = str(e.value)
+    assert msg.startswith(
+        "stages[1].judge_max_new_tokens: judge_max_new_tokens is now "
+        "judge_settings.max_new_tokens; write judge_settings: {max_new_tokens: 12}"
+    ), msg
+    fix = msg.split("; write ", 1)[1]
+    cfg["stages"][1] = {"kind": "self_reward_dpo", **yaml.safe_load(fix)}
+    stage = parse_run_config(cfg, check_files=False).stage_objects[1]
+    assert stage.judge_settings.max_new_tokens == 12 and stage.judge_settings.num_samples == 3
+
+
+def _config_with_dpo(**dpo) -> dict:
+    """A ``srlm run`` config mapping: an SFT stage, then a self_reward_dpo stage of ``dpo``."""
+    return {
         "model": {
             "xtransformers": {
                 "num_tokens": 256,
@@ -86,10 +125,14 @@ def test_stage_value_out_of_range(tmp_path, key, value, rule):
         },
         "tokenizer": {"kind": "bytes", "eos_id": 10},
         "data": {"sft": {"path": "sft.jsonl"}, "prompts": {"path": "prompts.jsonl"}},
-        "stages": [{"kind": "sft"}, {"kind": "self_reward_dpo", key: value}],
+        "stages": [{"kind": "sft"}, {"kind": "self_reward_dpo", **dpo}],
     }
-    with pytest.raises(ConfigError, match=rf"stages\[1\]: {key} must {rule}"):
-        parse_run_config(cfg, check_files=False)
+
+
+def _nested(key: str, value):
+    """``{"a.b": v}`` as ``{"a": {"b": v}}``: a key of a nested config (judge_settings)."""
+    head, _, leaf = key.partition(".")
+    return {head: {leaf: value}} if leaf else {key: value}
 
 
 def test_stage_value_of_wrong_type(tmp_path):
@@ -123,20 +166,32 @@ def test_greedy_sampling_of_several_candidates(tmp_path):
 
 def test_greedy_judge_with_several_samples_warns(tmp_path):
     stage = PreferenceStage(
-        kind="self_reward_dpo", num_preference_pairs=4, judge_samples=3, judge_temperature=0.0
+        kind="self_reward_dpo",
+        num_preference_pairs=4,
+        judge_settings=JudgeConfig(num_samples=3, temperature=0.0),
     )
     with pytest.warns(
-        UserWarning, match=r"stage 01-self-reward-dpo: judge_samples=3 with judge_temperature=0"
+        UserWarning,
+        match=r"stage 01-self-reward-dpo: judge_settings.num_samples=3 with "
+        r"judge_settings.temperature=0",
     ) as rec:
         trainer(tmp_path, [stage])
-    assert "judge_samples=1" in str(rec[0].message)
+    assert "judge_settings.num_samples=1" in str(rec[0].message)
     with warnings.catch_warnings():  # one sample, or a sampling judge: no warning
         warnings.simplefilter("error")
         trainer(
             tmp_path,
-            [PreferenceStage(num_preference_pairs=4, judge_samples=1, judge_temperature=0.0)],
+            [
+                PreferenceStage(
+                    num_preference_pairs=4,
+                    judge_settings=JudgeConfig(num_samples=1, temperature=0.0),
+                )
+            ],
         )
-        trainer(tmp_path, [PreferenceStage(num_preference_pairs=4, judge_samples=3)])
+        trainer(
+            tmp_path,
+            [PreferenceStage(num_preference_pairs=4, judge_settings=JudgeConfig(num_samples=3))],
+        )
 
 
 def test_zero_self_reward_iterations(tmp_path):
@@ -228,7 +283,7 @@ def _write_config(tmp_path: Path, prompts_file: str, prompts_text: str) -> Path:
                 "kind": "self_reward_dpo",
                 "num_preference_pairs": 2,
                 "max_new_tokens": 8,
-                "judge_max_new_tokens": 4,
+                "judge_settings": {"max_new_tokens": 4},
                 "trainer": {"batch_size": 2},
             },
         ],
@@ -277,7 +332,9 @@ def test_self_judge_settings_checked_before_training(tmp_path):
         prompt_template="rate {{ prompt }} / {{ response }}",
         reward_regex_template="Score: {{ reward }}",
     )
-    stage = PreferenceStage(num_preference_pairs=4, judge_mode="expected", max_new_tokens=4)
+    stage = PreferenceStage(
+        num_preference_pairs=4, judge_settings=JudgeConfig(mode="expected"), max_new_tokens=4
+    )
     run = trainer(tmp_path, [SFT, stage], reward_prompt_config=config)
     with pytest.raises(
         ValueError,
@@ -355,7 +412,9 @@ def test_judge_prompt_that_cannot_fit_whatever_the_response(tmp_path, judge_kind
         reward_regex_template="Score: {{ reward }}",
     )
     if judge_kind == "self":
-        stage = PreferenceStage(num_preference_pairs=4, max_new_tokens=4, judge_max_new_tokens=32)
+        stage = PreferenceStage(
+            num_preference_pairs=4, max_new_tokens=4, judge_settings=JudgeConfig(max_new_tokens=32)
+        )
         run = trainer(tmp_path, [SFT, stage], reward_prompt_config=config)
         where = "stage 02-self-reward-dpo, dataset 'prompts': prompt 0: the judge prompt"
     else:
@@ -368,3 +427,16 @@ def test_judge_prompt_that_cannot_fit_whatever_the_response(tmp_path, judge_kind
     assert msg.startswith(where), msg
     assert "more than the judge model's context of 96" in msg and "truncate_left" in msg
     assert nothing_written(tmp_path)  # refused before SFT trained
+
+
+def test_generated_prompts_need_an_earlier_prompt_generation_stage(tmp_path):
+    from self_rewarding_lm_pytorch.pipeline import PromptGenerationStage
+
+    stages = [SFT, PreferenceStage(num_preference_pairs=4, prompts="generated")]
+    with pytest.raises(ValueError) as info:  # refused when built, before SFT trains
+        trainer(tmp_path, [*stages, PromptGenerationStage(num_prompts=4)])
+    assert str(info.value) == (
+        "stage 02-self-reward-dpo: prompts='generated' needs a prompt_generation stage before "
+        "this stage; add one or name a prompt dataset"
+    )
+    assert nothing_written(tmp_path)

@@ -23,6 +23,7 @@ from self_rewarding_lm_pytorch import (
     SFTStage,
     SPINStage,
 )
+from self_rewarding_lm_pytorch.judge import JudgeConfig
 from self_rewarding_lm_pytorch.store import read_jsonl
 
 HERE = Path(__file__).parent
@@ -177,7 +178,10 @@ def test_self_judge_that_never_parses_stops_with_explanation(tmp_path):
         reward_prompt_config=config,
         stages=[
             PreferenceStage(
-                num_preference_pairs=3, max_new_tokens=4, judge_max_new_tokens=6, chunk_size=4
+                num_preference_pairs=3,
+                max_new_tokens=4,
+                judge_settings=JudgeConfig(max_new_tokens=6),
+                chunk_size=4,
             )
         ],
         checkpoints_folder=str(tmp_path),
@@ -318,3 +322,47 @@ def test_generated_prompts_feed_the_next_iteration(tmp_path):
     ]
     assert used and used == generated[: len(used)]
     assert len(read_jsonl(tmp_path / "02-external-reward-dpo" / "pairs.jsonl")) == 3
+
+
+def test_check_plan_checks_names_and_order_without_data():
+    from self_rewarding_lm_pytorch.config import ConfigError
+    from self_rewarding_lm_pytorch.pipeline import PromptGenerationStage, check_plan
+
+    names = dict(datasets={"sft", "prompts"}, judges={"rm"}, models={"gen"})
+    ok = [
+        SFTStage(datasets=["sft"]),
+        PromptGenerationStage(seed_dataset="prompts", generator_model="gen"),
+        PreferenceStage(kind="external_reward_dpo", judge="rm", prompts="generated"),
+    ]
+    check_plan(ok, **names)  # names only: no dataset, judge or model object is needed
+    bad = [
+        ([SFTStage(datasets=["sft", "eft"])], ValueError, "stage sft needs dataset 'eft'"),
+        ([SFTStage(datasets=[])], ConfigError, "stage 01-sft: datasets is empty"),
+        ([SPINStage(dataset="ift")], ValueError, "stage spin needs dataset 'ift'"),
+        (
+            [PromptGenerationStage(generator_model="big")],
+            ValueError,
+            "prompt_generation uses model 'big', which is not in models= (known: ['gen'])",
+        ),
+        ([PreferenceStage(replay="eft")], ValueError, "needs dataset 'eft'"),
+        (
+            [PreferenceStage(kind="external_reward_dpo", judge="gpt")],
+            ValueError,
+            "uses judge 'gpt', which is not in judges= (known: ['rm'])",
+        ),
+        (
+            [PreferenceStage(judge="rm")],
+            ValueError,
+            "a self_reward_dpo stage judges with the model itself",
+        ),
+        (
+            [PreferenceStage(prompts="generated"), PromptGenerationStage()],
+            ValueError,
+            "stage 01-self-reward-dpo: prompts='generated' needs a prompt_generation stage "
+            "before this stage",
+        ),
+    ]
+    for stages, error, message in bad:
+        with pytest.raises(error) as info:
+            check_plan(stages, **names, where="run.yaml")
+        assert str(info.value).startswith("run.yaml: ") and message in str(info.value)

@@ -85,8 +85,7 @@ stages:
   - kind: self_reward_dpo
     num_preference_pairs: 4
     max_new_tokens: 8
-    judge_samples: 1
-    judge_max_new_tokens: 12
+    judge_settings: {num_samples: 1, max_new_tokens: 12}
     chunk_size: 2
     min_parse_rate: 0.0
     trainer: {batch_size: 4, num_train_steps: 2, beta: 0.5, start_learning_rate: 0.003}

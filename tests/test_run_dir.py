@@ -154,7 +154,9 @@ def test_config_yaml_holds_defaults_and_is_written_once(tmp_path):
     make_trainer(str(tmp_path), num_pairs=2).run()
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     stage = config["stages"][0]
-    assert stage["judge_top_p"] == 0.9 and stage["pair_strategy"] == "best_worst"  # defaults
+    assert (
+        stage["judge_settings"]["top_p"] == 0.9 and stage["pair_strategy"] == "best_worst"
+    )  # defaults
     assert config["seed"] == 0 and config["preference_max_seq_len"] == 1024
     assert config["reward_config"]["match"] == "last"  # the default judge's settings
     assert config["datasets"] == {"prompts": 60, "sft": 16}
@@ -246,3 +248,35 @@ def test_concurrent_runs_changed_rerun_and_foreign_overwrite(tmp_path):
     assert main(["-q", "run", str(config), "--out", str(mine), "--overwrite"]) == 1
     assert files_of(mine) == before
     assert sorted(p.name for p in mine.iterdir()) == ["photos", "state.json", "thesis.tex"]
+
+
+def test_judge_settings_are_fingerprinted_as_the_judge():
+    from self_rewarding_lm_pytorch.fingerprint import changed_keys
+    from self_rewarding_lm_pytorch.judge import JudgeConfig
+    from self_rewarding_lm_pytorch.pipeline import PreferenceStage
+    from self_rewarding_lm_pytorch.pipeline.rundir import stage_fingerprint
+
+    def parts(stage):
+        return stage_fingerprint(
+            stage,
+            run={"seed": 0},
+            datasets={"prompts": ["a", "b"]},
+            models={},
+            judges={},
+            reward_config=None,
+            oracle=None,
+            early_stopper_eval_module=None,
+            preference_max_seq_len=64,
+        )
+
+    base = parts(PreferenceStage())
+    judge_only = parts(PreferenceStage(judge_settings=JudgeConfig(num_samples=1)))
+    sampling = parts(PreferenceStage(temperature=0.5))
+    # a judge-only change is in the judge part alone (an unfinished stage is re-judged)
+    assert base["settings"] == judge_only["settings"]
+    assert changed_keys(base["judge"], judge_only["judge"]) == [
+        "judge_settings.num_samples: 3 -> 1"
+    ]
+    # a sampling change is a settings change (a stage with records refuses it)
+    assert base["judge"] == sampling["judge"]
+    assert changed_keys(base["settings"], sampling["settings"]) == ["temperature: 0.7 -> 0.5"]

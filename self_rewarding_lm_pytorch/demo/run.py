@@ -60,7 +60,7 @@ from .. import (
     load_checkpoint,
 )
 from ..generation import GenerationConfig, generate_text
-from ..judge import LLMJudge, ScoreRange
+from ..judge import JudgeConfig, LLMJudge, ScoreRange
 from ..metrics import reward_metrics, verdict_accuracy
 from ..pipeline import JudgeParseError, NotEnoughPairsError
 from ..store import atomic_write_json, atomic_write_text, read_jsonl
@@ -554,11 +554,13 @@ def _preference_stages(cfg: DemoConfig, arm: str) -> list[PreferenceStage]:
             stage = PreferenceStage(
                 kind="self_reward_dpo",
                 judge="self",
-                judge_samples=cfg.judge_samples,
-                judge_mode=cfg.judge_mode,  # type: ignore[arg-type]
-                judge_temperature=cfg.judge_temperature,
-                judge_top_p=cfg.judge_top_p,
-                judge_max_new_tokens=cfg.judge_max_new_tokens,
+                judge_settings=JudgeConfig(
+                    num_samples=cfg.judge_samples,
+                    mode=cfg.judge_mode,  # type: ignore[arg-type]
+                    temperature=cfg.judge_temperature,
+                    top_p=cfg.judge_top_p,
+                    max_new_tokens=cfg.judge_max_new_tokens,
+                ),
                 **common,
             )
         else:

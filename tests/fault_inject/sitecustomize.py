@@ -17,7 +17,7 @@ unless ``SRLM_FAULT`` is set, as ``EVENT:STAGE:N`` — kill this process with SI
 
 ``SRLM_FAULT_RUN`` is the run folder (it tells which stage ``gen``/``judge`` are in: the
 newest stage folder). The traps wrap ``os.replace``, ``os.fsync`` and, once imported,
-``pipeline.generate_text`` and ``LLMJudge._generate``; they never change what is written
+``pipeline.preference.generate_text`` and ``LLMJudge._generate``; they never change what is written
 except for ``torn-*``, which models a partial write.
 """
 
@@ -131,7 +131,7 @@ def _install(trap: _Trap) -> None:
         module.LLMJudge._generate = _generate
 
     patches = {
-        "self_rewarding_lm_pytorch.pipeline": patch_pipeline,
+        "self_rewarding_lm_pytorch.pipeline.preference": patch_pipeline,
         "self_rewarding_lm_pytorch.judge": patch_judge,
     }
 

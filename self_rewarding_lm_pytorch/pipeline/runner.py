@@ -1,0 +1,449 @@
+"""The pipeline's entry point, :class:`SelfRewardingTrainer`: it checks the plan and the
+data, takes the run directory (lock, overwrite, resume) and runs the unfinished stages in
+order, handing each stage's work to :mod:`.steps` and :mod:`.preference`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import ConfigError
+from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
+from ..models import CausalLM, wrap_model, wrap_tokenizer
+from ..store import (
+    RunDirError,
+    RunLock,
+    atomic_write_json,
+    atomic_write_text,
+    clear_run_dir,
+    ensure_run_dir,
+)
+from ..trainers.base import load_checkpoint
+from .inputs import StageInputs
+from .preference import PairBuilder, prompts_tried
+from .report import config_yaml, write_report
+from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
+from .seed_api import seed_stages
+from .stages import (
+    START_AFRESH,
+    PreferenceStage,
+    PromptGenerationStage,
+    SFTStage,
+    SPINStage,
+    Stage,
+    _stage_slug,
+    check_plan,
+    check_trainer_kwargs,
+    datasets_of,
+    plan_names,
+)
+from .steps import StageContext, generated_prompts
+
+__all__ = ["SelfRewardingTrainer"]
+
+log = logging.getLogger(__name__)
+
+
+class SelfRewardingTrainer:
+    """Run SFT, SPIN, prompt generation and self-/external-reward DPO stages in order.
+
+    Either give ``stages`` explicitly, or use the seed's keyword API, which builds the
+    paper's default order: SFT on ``train_sft_dataset``, ``num_spin_cycles`` SPIN cycles,
+    then ``self_reward_num_iterations`` self-rewarding DPO iterations with
+    ``num_preference_pairs[i]`` pairs each.
+
+    Datasets are named: ``train_sft_dataset`` is ``"sft"``, ``prompt_dataset`` is
+    ``"prompts"``, and ``datasets={"eft": ...}`` adds more. SFT items are the seed's
+    ``(token_ids, prompt_len)`` tuples or text dicts ``{"prompt", "response"}``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer: Any = None,
+        tokenizer_encode: Callable[[str], Any] | None = None,
+        tokenizer_decode: Callable[[Any], str] | None = None,
+        eos_id: int | None = None,
+        stages: Sequence[Stage] | None = None,
+        train_sft_dataset: Any = None,
+        valid_sft_dataset: Any = None,
+        prompt_dataset: Any = None,
+        datasets: dict[str, Any] | None = None,
+        judges: dict[str, Any] | None = None,
+        models: dict[str, nn.Module] | None = None,
+        reward_prompt_config: RewardConfig | None = None,
+        oracle: Callable[[str, str], float] | None = None,
+        # the seed's keyword API
+        initial_sft: bool = True,
+        spin: bool = False,
+        num_spin_cycles: int = 0,
+        self_reward_num_iterations: int | None = None,
+        num_preference_pairs: int | Sequence[int] = 1000,
+        num_candidate_responses: int = 4,
+        preference_max_seq_len: int = 1024,
+        generate_reward_max_seq_len: int = 256,
+        dpo_beta: float = 0.1,
+        pad_id: int | None = None,
+        accelerate_kwargs: dict | None = None,
+        sft_trainer_kwargs: dict | None = None,
+        spin_trainer_kwargs: dict | None = None,
+        dpo_trainer_kwargs: dict | None = None,
+        early_stopper_eval_module: Callable[[nn.Module], float] | None = None,
+        checkpoints_folder: str | Path = "./checkpoints",
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.lm: CausalLM = wrap_model(model)
+        self.model = self.lm.module
+        self.tokenizer = wrap_tokenizer(
+            tokenizer,
+            encode=tokenizer_encode,
+            decode=tokenizer_decode,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
+        self.pad_id = pad_id
+        self.reward_config = reward_prompt_config or DEFAULT_REWARD_CONFIG
+        self.oracle = oracle
+        self.run_dir = Path(checkpoints_folder)
+        self.seed = seed
+        self.progress = progress
+        self.early_stopper_eval_module = early_stopper_eval_module
+        self.preference_max_seq_len = preference_max_seq_len
+        self.accelerate_kwargs = dict(accelerate_kwargs or {})
+
+        self.datasets: dict[str, Any] = {}
+        if train_sft_dataset is not None:
+            self.datasets["sft"] = train_sft_dataset
+        if valid_sft_dataset is not None:
+            self.datasets["valid_sft"] = valid_sft_dataset
+        if prompt_dataset is not None:
+            self.datasets["prompts"] = prompt_dataset
+        self.datasets.update(datasets or {})
+        self.judges = dict(judges or {})
+        self.models = dict(models or {})
+        self._inputs = StageInputs(
+            self.datasets,
+            self.tokenizer,
+            max_seq_len=self.lm.max_seq_len,
+            preference_max_seq_len=preference_max_seq_len,
+        )
+        self._preflight_done = False
+
+        if stages is None:
+            stages = seed_stages(
+                has_eft="eft" in self.datasets,
+                initial_sft=initial_sft and train_sft_dataset is not None,
+                num_spin_cycles=num_spin_cycles if (spin or num_spin_cycles) else 0,
+                iterations=self_reward_num_iterations,
+                num_preference_pairs=num_preference_pairs,
+                num_candidates=num_candidate_responses,
+                judge_max_new_tokens=generate_reward_max_seq_len,
+                sft_kwargs=sft_trainer_kwargs or {},
+                spin_kwargs=spin_trainer_kwargs or {},
+                dpo_kwargs={"beta": dpo_beta, **(dpo_trainer_kwargs or {})},
+            )
+        self.stages: list[Stage] = list(stages)
+        self._validate()
+        samples = (SPINStage, PromptGenerationStage, PreferenceStage)
+        if self.tokenizer.eos_id is None and any(isinstance(s, samples) for s in self.stages):
+            warnings.warn(
+                "the tokenizer has no EOS id, so sampled responses never end before "
+                "max_new_tokens and the model is never taught to stop; pass eos_id=... (or a "
+                "tokenizer with an eos token)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._accelerator = None
+        self._lock = RunLock(self.run_dir)
+        self._run_open = False
+        self._state: dict = {"finished": []}
+        self._model_identity: str | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _validate(self) -> None:
+        if not self.stages:
+            raise ValueError(
+                "no stages to run: give stages=[...] or a train_sft_dataset / prompt_dataset"
+            )
+        for stage, name in zip(self.stages, self._plan()):
+            try:
+                check_trainer_kwargs(stage)
+            except ConfigError as exc:
+                raise ConfigError(f"stage {name}: {exc}") from exc
+        check_plan(
+            self.stages,
+            datasets=set(self.datasets),
+            judges=set(self.judges),
+            models=set(self.models),
+        )
+        for stage, name in zip(self.stages, self._plan()):
+            for ds in datasets_of(stage):
+                if len(self.datasets[ds]) == 0:
+                    raise ValueError(f"dataset {ds!r} (used by stage {stage.kind}) is empty")
+            if (
+                isinstance(stage, PreferenceStage)
+                and stage.judge == "self"
+                and stage.judge_settings.num_samples > 1
+                and not stage.judge_settings.temperature
+            ):
+                n = stage.judge_settings.num_samples
+                warnings.warn(
+                    f"stage {name}: judge_settings.num_samples={n} with "
+                    "judge_settings.temperature=0 judges each candidate greedily, so all "
+                    f"{n} judgements are the same and their mean is one judgement; set "
+                    "judge_settings.num_samples=1 (as fast, same scores) or "
+                    "judge_settings.temperature > 0 (the paper uses 0.7)",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+    def preflight(self) -> None:
+        """Check what the stages need from the data, tokenizer and model before any runs.
+
+        Every dataset is read and tokenized (SFT items, prompts: blank ones are refused,
+        empty SFT responses warned about), every prompt of a preference stage must fit the
+        model's context with the stage's ``max_new_tokens`` (and leave room for a response
+        within ``preference_max_seq_len``), SPIN prompts must leave room for a response, and
+        the self-judge's template must render. ``run()`` calls this first; ``srlm run
+        --check`` runs it without training. The checks run once per trainer.
+        """
+        if not self._preflight_done:
+            self._inputs.preflight(self.stages, self._plan(), self._judge_for)
+            self._preflight_done = True
+
+    @property
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator(**self.accelerate_kwargs)
+        return self._accelerator
+
+    def _stage_dir(self, index: int, stage: Stage) -> Path:
+        return self.run_dir / f"{index + 1:02d}-{_stage_slug(stage)}"
+
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.json"
+
+    def _save_state(self, state: dict) -> None:
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.state_path, state)
+
+    def _plan(self) -> list[str]:
+        return plan_names(self.stages)
+
+    def _fingerprint(self, stage: Stage) -> dict[str, dict[str, Any]]:
+        from ..fingerprint import model_identity
+
+        if self._model_identity is None:  # the model as given, before any checkpoint
+            self._model_identity = model_identity(self.model)
+        run = {
+            "seed": self.seed,
+            "mixed_precision": str(self.accelerator.mixed_precision),  # as resolved
+            "model": self._model_identity,
+            "tokenizer": self.tokenizer,
+        }
+        return stage_fingerprint(
+            stage,
+            run=run,
+            datasets=self.datasets,
+            models=self.models,
+            judges=self.judges,
+            reward_config=self.reward_config,
+            oracle=self.oracle,
+            early_stopper_eval_module=self.early_stopper_eval_module,
+            preference_max_seq_len=self.preference_max_seq_len,
+        )
+
+    # ------------------------------------------------------------------ run directory
+    def open_run_dir(self, *, overwrite: bool = False) -> None:
+        """Take the run directory for this launch (done by :meth:`run`; call it first to
+        write files of your own into the folder).
+
+        One launch writes a run directory at a time: the main process takes a lock, and
+        a second process is refused at once, naming the holder. ``overwrite`` empties a
+        directory this library made (anything else is refused, nothing deleted). Stages
+        that finished or have records must keep their settings (see ``state.json``);
+        ``config.yaml`` is written once, when the run starts. Every rank gets the outcome,
+        so a refusal stops all of them."""
+        if self._run_open:
+            return
+        self.preflight()  # data, tokenizer and model checked before any file is touched
+        acc = self.accelerator
+        self._lock = RunLock(self.run_dir)
+        error: Exception | None = None
+        if acc.is_main_process:
+            try:
+                self._take_run_dir(overwrite)
+            except Exception as exc:  # shared with the other ranks below, then raised
+                self._lock.release()
+                error = exc
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            outcome = [None if error is None else str(error)]
+            broadcast_object_list(outcome, from_process=0)
+            if error is None and outcome[0] is not None:
+                raise RunDirError(outcome[0])
+        if error is not None:
+            raise error
+        self._state = load_state(self.state_path)  # every rank reads what the main process wrote
+        self._run_open = True
+
+    def close_run_dir(self) -> None:
+        """Give the run directory up (the lock); :meth:`run` does this when it ends."""
+        self._lock.release()
+        self._run_open = False
+
+    def _take_run_dir(self, overwrite: bool) -> None:
+        run_dir = self.run_dir
+        if overwrite:  # refuse a folder that is not a run directory before writing to it
+            clear_run_dir(run_dir, dry_run=True)
+        ensure_run_dir(run_dir)
+        self._lock.acquire()
+        if overwrite:
+            clear_run_dir(run_dir)
+        state = load_state(self.state_path)
+        plan = self._plan()
+        if state.get("plan") not in (None, plan):
+            raise RuntimeError(
+                f"{run_dir} holds a run with stages {state['plan']}, but this run has "
+                f"{plan}; start it afresh: {START_AFRESH}"
+            )
+        state["plan"] = plan
+        check_fingerprints(
+            state,
+            [self._fingerprint(s) for s in self.stages],
+            [self._stage_dir(i, s) for i, s in enumerate(self.stages)],
+        )
+        atomic_write_json(self.state_path, state)  # first: it marks the folder as a run
+        if not (run_dir / "config.yaml").exists():
+            atomic_write_text(run_dir / "config.yaml", self._config_yaml())
+
+    # ------------------------------------------------------------------ run
+
+    # ------------------------------------------------------------------ run
+    def __call__(self, overwrite_checkpoints: bool = False) -> dict:
+        return self.run(overwrite=overwrite_checkpoints)
+
+    def run(self, *, overwrite: bool = False) -> dict:
+        """Run every stage not yet finished; returns the run report (also written to disk)."""
+        self.open_run_dir(overwrite=overwrite)
+        try:
+            return self._run_stages(self._state)
+        finally:
+            self.close_run_dir()
+
+    def _run_stages(self, state: dict) -> dict:
+        plan = self._plan()
+        main = self.accelerator.is_main_process
+        finished = {r["stage"]: r for r in state["finished"]}
+        last_ckpt = None
+        for name in plan:
+            if name in finished and finished[name].get("checkpoint"):
+                last_ckpt = finished[name]["checkpoint"]
+        if last_ckpt is not None:
+            load_checkpoint(self.model, self.run_dir / last_ckpt)
+
+        for index, stage in enumerate(self.stages):
+            name = plan[index]
+            if name in finished:
+                continue
+            stage_dir = self._stage_dir(index, stage)
+            if main:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                set_aside_interrupted_metrics(stage_dir)
+            self.accelerator.wait_for_everyone()
+            log.info("stage %s", name)
+            result = self._run_stage(index, stage, stage_dir)
+            record = {"stage": name, **result}
+            state["finished"].append(record)
+            self._save_state(state)
+            finished[name] = record
+        return write_report(self.run_dir, state["finished"], main=main)
+
+    def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
+        ctx = StageContext(
+            model=self.model,
+            tokenizer=self.tokenizer,
+            accelerator=self.accelerator,
+            run_dir=self.run_dir,
+            seed=self.seed,
+            progress=self.progress,
+            preference_max_seq_len=self.preference_max_seq_len,
+            early_stopper_eval_module=self.early_stopper_eval_module,
+        )
+        if isinstance(stage, SFTStage):
+            return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
+        if isinstance(stage, SPINStage):
+            return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
+        dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
+        if isinstance(stage, PromptGenerationStage):
+            model = (
+                self.model
+                if stage.generator_model == "self"
+                else self.models[stage.generator_model]
+            )
+            return ctx.run_prompt_generation(
+                index,
+                stage,
+                stage_dir,
+                model,
+                self._inputs.prompts(stage.seed_dataset),
+                generated_prompts(self.stages, dirs, index, latest=False),
+            )
+        prompts = (
+            generated_prompts(self.stages, dirs, index, latest=True)
+            if stage.prompts == "generated"
+            else self._inputs.prompts(stage.prompts)
+        )
+        name = self._plan()[index]
+        builder = PairBuilder(
+            name=name,
+            index=index,
+            stage=stage,
+            stage_dir=stage_dir,
+            model=self.model,
+            device=self.lm.device,
+            tokenizer=self.tokenizer,
+            judge=self._judge_for(stage),
+            accelerator=self.accelerator,
+            seed=self.seed,
+            oracle=self.oracle,
+            progress=self.progress,
+        )
+        budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
+        pairs = builder.build(prompts, budgets)
+        replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
+        return ctx.run_dpo(stage, stage_dir, pairs, replay)
+
+    def _judge_for(self, stage: PreferenceStage):
+        if stage.judge != "self":
+            judge = self.judges[stage.judge]
+            return judge if hasattr(judge, "score") else CallableJudge(judge)
+        return LLMJudge(
+            self.model,
+            self.tokenizer,
+            self.reward_config,
+            **dataclasses.asdict(stage.judge_settings),
+        )
+
+    def _config_yaml(self) -> str:
+        return config_yaml(
+            seed=self.seed,
+            preference_max_seq_len=self.preference_max_seq_len,
+            datasets=self.datasets,
+            judges=self.judges,
+            reward_config=self.reward_config,
+            stages=self.stages,
+        )

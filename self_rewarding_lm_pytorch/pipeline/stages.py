@@ -1,0 +1,460 @@
+"""The stage configs of the pipeline, their validation rules and the plan's name rules.
+
+Each stage is a config dataclass (SFT, SPIN, prompt generation, preference/DPO);
+:func:`check_trainer_kwargs` checks a stage's values and trainer arguments, and
+:func:`check_plan` checks that the datasets, judges and models a list of stages names
+exist and that the stages come in a workable order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from ..config import ConfigError, from_dict, renamed_key
+from ..judge import JudgeConfig
+from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
+
+__all__ = [
+    "STAGE_TRAINERS",
+    "STAGE_TYPES",
+    "PreferenceStage",
+    "PromptGenerationStage",
+    "SFTStage",
+    "SPINStage",
+    "Stage",
+    "check_plan",
+    "check_trainer_kwargs",
+]
+
+
+@dataclass
+class SFTStage:
+    """Supervised fine-tuning on the named datasets (concatenated), e.g. ``["sft", "eft"]``."""
+
+    kind: Literal["sft"] = "sft"
+    datasets: list[str] = field(default_factory=lambda: ["sft"])
+    trainer: dict[str, Any] = field(default_factory=dict)  # SFTTrainer keyword arguments
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+
+
+@dataclass
+class SPINStage:
+    """SPIN on an SFT dataset: real responses vs the model's own samples.
+
+    ``cycles`` is the number of SPIN iterations; by default each generates once and trains
+    3 epochs on it, mixed with the previous iteration's generations (the official schedule;
+    ``trainer=dict(schedule="per_epoch")`` or ``epochs_per_iteration=k`` change it, see
+    :class:`~self_rewarding_lm_pytorch.trainers.SPINTrainer`).
+    """
+
+    kind: Literal["spin"] = "spin"
+    dataset: str = "sft"
+    cycles: int = 1
+    trainer: dict[str, Any] = field(default_factory=dict)  # SPINTrainer keyword arguments
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+        _check(
+            self,
+            [(self.cycles >= 1, "cycles", "be at least 1", "set 1 or more, or remove the stage")],
+        )
+
+
+@dataclass
+class PromptGenerationStage:
+    """New prompts from few-shot prompting (paper §2.2), filtered as in Self-Instruct."""
+
+    kind: Literal["prompt_generation"] = "prompt_generation"
+    num_prompts: int = 1000
+    seed_dataset: str = "prompts"
+    generator_model: str = "self"  # "self" or the name of a model given in `models=`
+    num_shots: int = 8
+    num_seed_shots: int = 6
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 128
+    max_attempts: int | None = None
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+        shots = self.num_shots
+        _check(
+            self,
+            [
+                (
+                    self.num_prompts >= 1,
+                    "num_prompts",
+                    "be at least 1",
+                    "set 1 or more, or remove the stage",
+                ),
+                (shots >= 1, "num_shots", "be at least 1", "the paper uses 8"),
+                *_sampling_rules(self.temperature, self.top_p, "temperature", "top_p"),
+                (self.max_new_tokens >= 1, "max_new_tokens", "be at least 1", "use e.g. 128"),
+                (
+                    0 <= self.num_seed_shots <= shots,
+                    "num_seed_shots",
+                    f"lie in [0, num_shots={shots}]",
+                    "the paper takes 6 of its 8 shots from the seed prompts",
+                ),
+                (
+                    self.max_attempts is None or self.max_attempts >= 1,
+                    "max_attempts",
+                    "be at least 1 (or null: no bound)",
+                    "use e.g. 4 * num_prompts",
+                ),
+            ],
+        )
+
+
+def _refuse_renamed(cls: type) -> type:
+    """Make ``cls(old_key=...)`` name the key that replaced ``old_key`` (``cls._renamed_keys``;
+    the YAML loader reads the same map)."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        for key in sorted(kwargs.keys() & cls._renamed_keys.keys()):
+            raise renamed_key(cls.__name__, key, cls._renamed_keys[key], kwargs[key], python=True)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+@_refuse_renamed
+@dataclass
+class PreferenceStage:
+    """One iteration of DPO on pairs built from judged candidates.
+
+    ``judge="self"`` is the paper's self-rewarding iteration (the model being trained is
+    the judge); any other name picks an external judge given to the trainer (``judges=``).
+    ``prompts="generated"`` uses the output of the latest prompt-generation stage.
+    """
+
+    kind: Literal["self_reward_dpo", "external_reward_dpo"] = "self_reward_dpo"
+    num_preference_pairs: int = 1000
+    prompts: str = "prompts"
+    judge: str = "self"
+    num_candidates: int = 4  # paper: N = 4
+    temperature: float = 0.7  # paper: T = 0.7, top-p 0.9
+    top_p: float = 0.9
+    top_k: int = 0
+    min_p: float = 0.0
+    max_new_tokens: int = 128
+    judge_settings: JudgeConfig = field(  # the self judge's sampling (paper: 3, averaged)
+        default_factory=JudgeConfig,
+        metadata={"help": "how the self judge samples its judgements (num_samples, mode, ...)"},
+    )
+    pair_strategy: Any = "best_worst"  # name in pairs.PAIR_STRATEGIES, or a callable
+    pair_margin: float = 0.0
+    length_tolerance: float = 0.0
+    chunk_size: int = 16  # prompts generated + judged (and saved) together
+    max_prompts: int | None = None  # bound on prompts tried; default: every prompt once
+    min_parse_rate: float = 0.2  # stop with an explanation when the judge parses less
+    replay: str | None = None  # SFT dataset replayed as auxiliary loss in every DPO step
+    trainer: dict[str, Any] = field(default_factory=dict)  # DPOTrainer keyword arguments
+
+    # keys of earlier versions, now under judge_settings: refused, naming the new key
+    _renamed_keys: ClassVar[dict[str, str]] = {
+        "judge_samples": "judge_settings.num_samples",
+        "judge_mode": "judge_settings.mode",
+        "judge_temperature": "judge_settings.temperature",
+        "judge_top_p": "judge_settings.top_p",
+        "judge_max_new_tokens": "judge_settings.max_new_tokens",
+        "judge_on_too_long": "judge_settings.on_too_long",
+    }
+
+    def __post_init__(self) -> None:
+        if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
+            self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        from ..pairs import PAIR_STRATEGIES
+
+        _check_types(self)
+        n, t, js = self.num_candidates, self.temperature, self.judge_settings
+        at_least_1 = "be at least 1"
+        _check(
+            self,
+            [
+                (
+                    self.num_preference_pairs >= 1,
+                    "num_preference_pairs",
+                    at_least_1,
+                    "use e.g. 1000",
+                ),
+                (
+                    n >= 2,
+                    "num_candidates",
+                    "be at least 2 to form a preference pair",
+                    "sample 2 or more candidates per prompt (the paper samples 4)",
+                ),
+                *_sampling_rules(t, self.top_p, "temperature", "top_p"),
+                (
+                    t > 0,
+                    "temperature",
+                    f"be above 0 to sample {n} different candidates (0 is greedy: every "
+                    "candidate of a prompt is the same response, so every pair would have "
+                    "chosen == rejected)",
+                    "sample with temperature > 0 (the paper uses 0.7)",
+                ),
+                (self.top_k >= 0, "top_k", "be >= 0", "0 disables it"),
+                (0 <= self.min_p < 1, "min_p", "lie in [0, 1)", "0 disables it"),
+                (self.max_new_tokens >= 1, "max_new_tokens", at_least_1, "use e.g. 128"),
+                (
+                    js.num_samples >= 1,
+                    "judge_settings.num_samples",
+                    at_least_1,
+                    "the paper averages 3",
+                ),
+                *_sampling_rules(
+                    js.temperature, js.top_p, "judge_settings.temperature", "judge_settings.top_p"
+                ),
+                (
+                    js.max_new_tokens >= 1,
+                    "judge_settings.max_new_tokens",
+                    at_least_1,
+                    "use e.g. 256",
+                ),
+                (
+                    _non_negative(self.pair_margin),
+                    "pair_margin",
+                    "be a finite number >= 0",
+                    "0 keeps every gap",
+                ),
+                (
+                    _non_negative(self.length_tolerance),
+                    "length_tolerance",
+                    "be a finite number >= 0",
+                    "0 turns length control off",
+                ),
+                (self.chunk_size >= 1, "chunk_size", at_least_1, "use e.g. 16"),
+                (
+                    self.max_prompts is None or self.max_prompts >= 1,
+                    "max_prompts",
+                    "be at least 1 (or null: every prompt once)",
+                    "use e.g. 600",
+                ),
+                (0 <= self.min_parse_rate <= 1, "min_parse_rate", "lie in [0, 1]", "use e.g. 0.2"),
+                (
+                    callable(self.pair_strategy)
+                    or (
+                        isinstance(self.pair_strategy, str)
+                        and self.pair_strategy in PAIR_STRATEGIES
+                    ),
+                    "pair_strategy",
+                    f"be one of {', '.join(PAIR_STRATEGIES)} or a callable",
+                    "use e.g. best_worst (the paper's rule)",
+                ),
+            ],
+        )
+        js.validate("judge_settings")  # its other keys (mode, batch_size, ...)
+
+
+Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
+# settings that cannot change a stage's records or model: not part of its fingerprint
+_FREE_STAGE_KEYS = ("min_parse_rate",)
+_FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
+# a preference stage's judge settings: when only these change in an unfinished stage,
+# its candidates are judged again instead of refused
+_JUDGE_KEYS = ("judge", "judge_settings")
+STAGE_TYPES: dict[str, type] = {
+    "sft": SFTStage,
+    "spin": SPINStage,
+    "prompt_generation": PromptGenerationStage,
+    "self_reward_dpo": PreferenceStage,
+    "external_reward_dpo": PreferenceStage,
+}
+STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
+
+
+#: how a run that cannot resume starts afresh (one spelling in every message that says so)
+START_AFRESH = "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
+
+
+def _stage_slug(stage: Stage) -> str:
+    return stage.kind.replace("_", "-")
+
+
+def _check(stage: Any, rules: list[tuple[bool, str, str, str]]) -> None:
+    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value
+    (a dotted key names a field of a nested config, e.g. ``judge_settings.top_p``)."""
+    for ok, key, rule, fix in rules:
+        if not ok:
+            value = functools.reduce(getattr, key.split("."), stage)
+            raise ConfigError(f"{key} must {rule}, got {value!r}; {fix}")
+
+
+def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) -> list:
+    return [
+        (_non_negative(temperature), t_key, "be a finite number >= 0 (0 = greedy)", "use e.g. 0.7"),
+        (0 < top_p <= 1, p_key, "lie in (0, 1] (1 disables it)", "use e.g. 0.9"),
+    ]
+
+
+def _non_negative(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
+
+
+def _check_types(stage: Any) -> None:
+    """Each field of a stage config against its annotation (the rules of the YAML loader)."""
+    from ..config import _convert
+
+    hints = typing.get_type_hints(type(stage))
+    for f in dataclasses.fields(stage):
+        if f.name == "pair_strategy":  # a name or a callable: checked by validate()
+            continue
+        _convert(getattr(stage, f.name), hints[f.name], f.name)
+
+
+def check_trainer_kwargs(stage: Stage) -> None:
+    """Check a stage's values (its ``validate()``) and its trainer keyword arguments (names
+    and types, against the trainer constructors' signatures) before any work starts.
+
+    Raises :class:`ConfigError` naming the key, the problem and the fix.
+    """
+    stage.validate()
+    trainer_cls = STAGE_TRAINERS.get(type(stage))
+    kwargs = getattr(stage, "trainer", {})
+    if trainer_cls is None or not kwargs:
+        return
+    import difflib
+
+    from ..config import _convert, _type_name
+
+    valid: dict[str, Any] = {}
+    for cls in trainer_cls.__mro__:  # trainers pass **kwargs up to their base classes
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            hints = _annotations(init)
+            for n, p in inspect.signature(init).parameters.items():
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ("self", "model"):
+                    valid.setdefault(n, hints.get(n, Any))
+    for key, value in kwargs.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{stage.kind}.trainer: unknown {trainer_cls.__name__} argument {key!r}{hint}"
+            )
+        if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
+            try:  # plain (YAML) values; other Python objects are left to the trainer
+                _convert(value, valid[key], f"trainer.{key}")
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{exc}; {trainer_cls.__name__}'s {key} takes {_type_name(valid[key])}"
+                ) from None
+
+
+def _annotations(fn: Callable) -> dict[str, Any]:
+    """A function's resolved parameter annotations; a name imported only for type checking
+    resolves to ``Any`` (so it is not checked)."""
+    localns: dict[str, Any] = {}
+    for _ in range(len(getattr(fn, "__annotations__", {})) + 1):  # one retry per name
+        try:
+            return typing.get_type_hints(fn, localns=localns)
+        except NameError as exc:
+            if exc.name is None or exc.name in localns:
+                break
+            localns[exc.name] = Any
+        except TypeError:  # e.g. such a name used as a generic: nothing to check
+            break
+    return {}
+
+
+def plan_names(stages: Sequence[Stage]) -> list[str]:
+    """Each stage's folder name in the run directory: ``01-sft``, ``02-self-reward-dpo``, ..."""
+    return [f"{i + 1:02d}-{_stage_slug(s)}" for i, s in enumerate(stages)]
+
+
+def datasets_of(stage: Stage) -> list[str]:
+    """The datasets a stage reads (``prompts="generated"`` is not one)."""
+    if isinstance(stage, SFTStage):
+        return list(stage.datasets)
+    if isinstance(stage, SPINStage):
+        return [stage.dataset]
+    if isinstance(stage, PromptGenerationStage):
+        return [stage.seed_dataset]
+    return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
+
+
+def check_plan(
+    stages: Sequence[Stage],
+    *,
+    datasets: set[str],
+    judges: set[str],
+    models: set[str],
+    where: str = "",
+) -> None:
+    """Check the names and order of a list of stages, before any data is read.
+
+    Every dataset a stage names (SFT ``datasets``, SPIN ``dataset``, ``seed_dataset``,
+    ``prompts``, ``replay``) must be in ``datasets``; an external judge in ``judges``; a
+    prompt generator other than ``"self"`` in ``models``; a ``self_reward_dpo`` stage
+    judges with ``"self"``; ``prompts="generated"`` needs an earlier prompt-generation
+    stage. Raises :class:`ValueError` (a :class:`ConfigError` for an empty SFT list)
+    naming the stage, the key, the problem and the fix; ``where`` prefixes the message.
+    """
+    pre = f"{where}: " if where else ""
+    known_data = sorted(datasets)
+
+    def need(name: str, stage: Stage) -> None:
+        if name not in datasets:
+            raise ValueError(
+                f"{pre}stage {stage.kind} needs dataset {name!r}, which was not given "
+                f"(known datasets: {known_data})"
+            )
+
+    seen_prompt_generation = False
+    for stage, name in zip(stages, plan_names(stages)):
+        if isinstance(stage, SFTStage):
+            if not stage.datasets:
+                raise ConfigError(
+                    f"{pre}stage {name}: datasets is empty; name the SFT data, e.g. ['sft']"
+                )
+            for ds in stage.datasets:
+                need(ds, stage)
+        elif isinstance(stage, SPINStage):
+            need(stage.dataset, stage)
+        elif isinstance(stage, PromptGenerationStage):
+            need(stage.seed_dataset, stage)
+            if stage.generator_model != "self" and stage.generator_model not in models:
+                raise ValueError(
+                    f"{pre}prompt_generation uses model {stage.generator_model!r}, which is "
+                    f"not in models= (known: {sorted(models)})"
+                )
+            seen_prompt_generation = True
+        elif isinstance(stage, PreferenceStage):
+            if stage.prompts == "generated":
+                if not seen_prompt_generation:
+                    raise ValueError(
+                        f"{pre}stage {name}: prompts='generated' needs a prompt_generation "
+                        "stage before this stage; add one or name a prompt dataset"
+                    )
+            else:
+                need(stage.prompts, stage)
+            if stage.replay is not None:
+                need(stage.replay, stage)
+            if stage.judge != "self" and stage.judge not in judges:
+                raise ValueError(
+                    f"{pre}{stage.kind} uses judge {stage.judge!r}, which is not in judges= "
+                    f"(known: {sorted(judges)}); pass judges={{{stage.judge!r}: ...}}"
+                )
+            if stage.kind == "self_reward_dpo" and stage.judge != "self":
+                raise ValueError(
+                    f"{pre}a self_reward_dpo stage judges with the model itself "
+                    "(judge='self'); use kind='external_reward_dpo' for an external judge"
+                )
