@@ -164,7 +164,7 @@ class LLMJudge:
                 context_name="the judge model's context",
                 fix="shorten the judge template or the prompt, lower the judge's "
                 "max_new_tokens, judge with a model of longer context, or truncate from the "
-                "left (judge_on_too_long='truncate_left')",
+                "left (on_too_long='truncate_left'; in a stage: judge_settings.on_too_long)",
             )
 
     def _encode_judge_prompts(
