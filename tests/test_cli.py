@@ -20,7 +20,7 @@ from self_rewarding_lm_pytorch.cli import build_model, build_tokenizer, main
 from self_rewarding_lm_pytorch.config import ConfigError
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.metrics import kendall_tau, spearman
-from self_rewarding_lm_pytorch.run_config import load_run_config, load_yaml, parse_run_config
+from self_rewarding_lm_pytorch.config import load_run_config, load_yaml, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,7 +245,7 @@ def test_external_judge_stage_with_python_function(workdir, tiny):
 
 def test_python_judge_specs_take_functions_objects_and_classes(workdir):
     from self_rewarding_lm_pytorch.cli import build_judge
-    from self_rewarding_lm_pytorch.run_config import JudgeSpec
+    from self_rewarding_lm_pytorch.config import JudgeSpec
 
     fn = build_judge(JudgeSpec(kind="python", function="srlm_test_judges:words"))
     assert [r.score for r in fn.score(["p", "p"], ["a b c", ""])] == [3.0, 0.0]

@@ -24,7 +24,7 @@ from self_rewarding_lm_pytorch.io import load_prompts, load_sft, read_rows
 from self_rewarding_lm_pytorch.losses import sequence_logprobs
 from self_rewarding_lm_pytorch.models import HFTokenizer, unwrap_model
 from self_rewarding_lm_pytorch.pipeline import preference_example, tokenize_sft_item
-from self_rewarding_lm_pytorch.run_config import DataSource, LoRAConfig
+from self_rewarding_lm_pytorch.config import DataSource, LoRAConfig
 
 
 @pytest.fixture(scope="module")
