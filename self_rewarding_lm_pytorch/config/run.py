@@ -131,9 +131,7 @@ class TokenizerConfig:
     kind: Literal["hf", "bytes"] = field(
         default="hf", metadata=_help("'hf' (AutoTokenizer) or 'bytes' (UTF-8 bytes as ids)")
     )
-    path: str | None = field(
-        default=None, metadata=_help("tokenizer folder (default: model.path)")
-    )
+    path: str | None = field(default=None, metadata=_help("tokenizer folder (default: model.path)"))
     chat_template: str | None = field(
         default=None, metadata=_help("Jinja2 chat template replacing the tokenizer's")
     )
@@ -165,9 +163,7 @@ class TokenizerConfig:
             if extra:
                 raise ConfigError(f"tokenizer.{extra[0]} does not apply to kind 'bytes'")
             if self.eos_id is not None and not 0 <= self.eos_id < 256:
-                raise ConfigError(
-                    f"tokenizer.eos_id must be a byte value 0-255, got {self.eos_id}"
-                )
+                raise ConfigError(f"tokenizer.eos_id must be a byte value 0-255, got {self.eos_id}")
         elif self.eos_id is not None:
             raise ConfigError(
                 "tokenizer.eos_id applies to kind 'bytes' only (HF tokenizers know theirs)"
@@ -191,9 +187,7 @@ class DataSource:
     )
     split: str | None = field(default=None, metadata=_help("split of a DatasetDict folder"))
     prompt_field: str = field(default="prompt", metadata=_help("column with the prompt text"))
-    response_field: str = field(
-        default="response", metadata=_help("column with the response text")
-    )
+    response_field: str = field(default="response", metadata=_help("column with the response text"))
     messages_field: str | None = field(
         default=None, metadata=_help("column with chat messages (instead of prompt/response)")
     )
@@ -205,9 +199,7 @@ class DataSource:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key, the problem and the fix."""
         if (self.path is None) == (self.rows is None):
-            raise ConfigError(
-                "give exactly one of path: (a data file or folder) or rows: (inline)"
-            )
+            raise ConfigError("give exactly one of path: (a data file or folder) or rows: (inline)")
         if self.rows is not None and not self.rows:
             raise ConfigError("rows: is empty; give at least one row")
         if self.limit is not None and self.limit < 1:
@@ -278,9 +270,7 @@ class JudgeSpec(JudgeConfig):
         metadata=_help("'llm' (a judge prompt), 'reward_model' or 'python' (a function)")
     )
     path: str | None = field(default=None, metadata=_help("local model folder"))
-    tokenizer: str | None = field(
-        default=None, metadata=_help("tokenizer folder (default: path)")
-    )
+    tokenizer: str | None = field(default=None, metadata=_help("tokenizer folder (default: path)"))
     dtype: DType = field(default="float32", metadata=_help("parameter dtype"))
     reward_config: RewardConfigSpec | None = field(
         default=None, metadata=_help("judge prompt and score parser (llm)")
