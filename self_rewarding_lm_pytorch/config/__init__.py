@@ -12,6 +12,8 @@ import importlib
 from typing import Any
 
 from .core import ConfigError, from_dict, to_dict
+from .core import _convert as _convert  # the value rules, shared with the stage checks
+from .core import _type_name as _type_name
 
 _LAZY = {
     **dict.fromkeys(
