@@ -170,8 +170,8 @@ def test_empty_prompt_set(tmp_path):
 
 
 def test_empty_prompt_file(tmp_path):
-    from self_rewarding_lm_pytorch.io import load_prompts
     from self_rewarding_lm_pytorch.config import DataSource
+    from self_rewarding_lm_pytorch.io import load_prompts
 
     (tmp_path / "prompts.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"prompts.jsonl holds no rows"):
@@ -201,8 +201,8 @@ def test_sft_item_of_wrong_shape(tmp_path):
 
 
 def test_data_file_row_of_wrong_shape(tmp_path):
-    from self_rewarding_lm_pytorch.io import load_prompts, load_sft
     from self_rewarding_lm_pytorch.config import DataSource
+    from self_rewarding_lm_pytorch.io import load_prompts, load_sft
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "a"}\n[1, 2]\n')

@@ -17,10 +17,9 @@ import pytest
 import yaml
 
 from self_rewarding_lm_pytorch.cli import build_datasets, build_tokenizer, main
-from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.config import ConfigError, DataSource, load_run_config, load_yaml
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.io import load_prompts, load_sft, read_text
-from self_rewarding_lm_pytorch.config import DataSource, load_run_config, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 XT_MODEL = {

@@ -17,10 +17,14 @@ import torch
 import yaml
 
 from self_rewarding_lm_pytorch.cli import build_model, build_tokenizer, main
-from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.config import (
+    ConfigError,
+    load_run_config,
+    load_yaml,
+    parse_run_config,
+)
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.metrics import kendall_tau, spearman
-from self_rewarding_lm_pytorch.config import load_run_config, load_yaml, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 

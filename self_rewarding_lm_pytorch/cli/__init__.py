@@ -67,7 +67,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, what shells report)
 
 def cmd_demo(argv: list[str]) -> int:
     try:
-        from .demo.run import main as demo_main
+        from ..demo.run import main as demo_main
     except ModuleNotFoundError as exc:
         if exc.name not in ("self_rewarding_lm_pytorch.demo.run",):
             raise
@@ -95,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("srlm demo: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and not any(a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]  # KEY=VALUE after the flags
+    elif extra:
+        parser.parse_args(argv)  # names the unrecognised arguments and exits 2
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -4,6 +4,7 @@ and running (or resuming) it."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -176,13 +177,7 @@ def build_judge(
         model,
         HFTokenizer(tok),
         build_reward_config(spec.reward_config or default_reward_config),
-        num_samples=spec.num_samples,
-        mode=spec.mode,
-        temperature=spec.temperature,
-        top_p=spec.top_p,
-        max_new_tokens=spec.max_new_tokens,
-        batch_size=spec.batch_size,
-        on_too_long=spec.on_too_long,
+        **dataclasses.asdict(spec.judge_config()),
     )
 
 
@@ -339,7 +334,7 @@ def _final_model(cfg: RunConfig, trainer: Any, report: dict) -> str | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.config)
+    cfg = load_run_config(args.config, overrides=args.overrides)
     if args.out is not None:
         cfg.out = str(Path(args.out).resolve())
     if args.check:

@@ -47,12 +47,15 @@ def add_dataclass_args(
     prefix: str = "",
     exclude: Iterable[str] = (),
     aliases: dict[str, list[str]] | None = None,
+    defaults: dict[str, Any] | None = None,
+    helps: dict[str, str] | None = None,
 ) -> list[str]:
     """Add one ``--{prefix}{field-name}`` flag per field of dataclass ``cls``: the type
     from the annotation (``int | None`` accepts ``none``), the default from the field,
     the help from ``metadata["help"]``, ``Literal`` as choices, ``bool`` as
     ``--x/--no-x`` and ``list[...]`` as several values. ``aliases`` maps a field name to
-    extra flag spellings. Returns the ``argparse`` dests added."""
+    extra flag spellings; ``defaults`` / ``helps`` replace a field's default / help for
+    this command. Returns the ``argparse`` dests added."""
     hints = typing.get_type_hints(cls)
     dests = []
     for f in _fields(cls, exclude):
@@ -60,8 +63,8 @@ def add_dataclass_args(
         flag = "--" + f"{prefix}{f.name}".replace("_", "-")
         names = [flag, *(aliases or {}).get(f.name, [])]
         dest = _dest(prefix, f.name)
-        default = _default(f)
-        text = f.metadata.get("help", "")
+        default = (defaults or {}).get(f.name, _default(f))
+        text = (helps or {}).get(f.name) or f.metadata.get("help", "")
         kw: dict[str, Any] = {"dest": dest, "default": default}
         if get_origin(tp) is Literal:
             kw["choices"] = list(get_args(tp))

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from .flags import dataclass_from_args
 from .inputs import _abspath, _device, _file_hash, _fingerprint, _row_keys, _source_from_args
 from .keyed import _KeyedOutput
 
@@ -23,7 +24,7 @@ def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
         "chat_template_file": _file_hash(args.chat_template_file, "--chat-template-file"),
         "no_chat_template": args.no_chat_template,
         "dtype": args.dtype,
-        "num_candidates": args.num_candidates,
+        "num_candidates": args.num_return_sequences,
         "temperature": args.temperature,
         "top_p": args.top_p,
         "top_k": args.top_k,
@@ -75,6 +76,7 @@ def _generate_into(
     from ..generation import GenerationConfig, generate_text
     from ..hf import ensure_pad_token, load_model, load_tokenizer
     from ..models import HFTokenizer
+    from .parser import GENERATE_EXCLUDED
 
     hf_tok = load_tokenizer(
         args.tokenizer or args.model, chat_template_file=args.chat_template_file
@@ -83,14 +85,7 @@ def _generate_into(
     model = load_model(args.model, dtype=args.dtype)
     ensure_pad_token(hf_tok, model)
     model.to(_device(args.device))
-    config = GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        num_return_sequences=args.num_candidates,
-    )
+    config = dataclass_from_args(GenerationConfig, args, exclude=GENERATE_EXCLUDED)
     for start in range(0, len(prompts), args.chunk_size):
         idx = list(range(start, min(start + args.chunk_size, len(prompts))))
         if all(keys[i] in out.rows for i in idx):

@@ -4,13 +4,16 @@ agreement with labelled scores)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from typing import Any
 
 from ..config import ConfigError, JudgeSpec, RewardConfigSpec, resolve_object
+from ..judge import JudgeConfig
 from .build import build_judge
+from .flags import dataclass_from_args
 from .inputs import _abspath, _check_input, _device, _file_hash, _fingerprint, _row_keys
 from .keyed import _KeyedOutput
 
@@ -38,15 +41,7 @@ def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
                 reward_regex_template=args.regex_template,
                 score_range=list(args.score_range) if args.score_range else None,
             )
-        kw.update(
-            reward_config=rc,
-            num_samples=args.samples,
-            mode=args.mode,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            on_too_long=args.on_too_long,
-        )
+        kw.update(reward_config=rc, **dataclasses.asdict(dataclass_from_args(JudgeConfig, args)))
     elif kind == "reward_model":
         if args.template is not None:
             kw["template"] = args.template
