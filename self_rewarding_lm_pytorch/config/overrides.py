@@ -80,7 +80,7 @@ def _refuse_key(text: str, where: str, key: str, valid: Sequence[str], what: str
 def _apply(data: dict, path: list[str], value: Any, text: str, root: type) -> None:
     node: Any = data
     schema: Any = root
-    stage_list = False
+    stage_list = in_stage = False
     for depth, key in enumerate(path):
         where = ".".join(path[: depth + 1])
         last = depth == len(path) - 1
@@ -97,7 +97,7 @@ def _apply(data: dict, path: list[str], value: Any, text: str, root: type) -> No
                     f"{'.'.join(path[:depth])} has {len(node)} entries (0-{len(node) - 1})"
                 )
             schema = _stage_schema(node[index]) if stage_list else _child_schema(schema, None)
-            stage_list = False
+            in_stage, stage_list = stage_list, False
             if last:
                 node[index] = value
             else:
@@ -111,11 +111,11 @@ def _apply(data: dict, path: list[str], value: Any, text: str, root: type) -> No
         if dataclasses.is_dataclass(schema):
             fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
             if key not in fields:
-                kind = node.get("kind") if schema is not root else None
-                what = f"a stage of kind {kind!r}" if isinstance(kind, str) else schema.__name__
+                what = f"a stage of kind {node.get('kind')!r}" if in_stage else schema.__name__
                 _refuse_key(text, where, key, list(fields), what)
             hints = typing.get_type_hints(schema)
             stage_list = schema is root and key == "stages"
+            in_stage = False
             schema = _strip_optional(hints[key])
         elif get_origin(schema) is dict:
             if key not in node and not last:
