@@ -6,6 +6,8 @@
   made. Records carry a unique ``id``; reopening the file skips a torn last line left by
   a crash and reports which ids are already present, so a resumed run neither loses nor
   duplicates a record.
+* :class:`KeyedJsonlStore`: a :class:`JsonlStore` keyed by what made each row, which a
+  resumable command (``srlm generate`` / ``judge``) reopens only with the same settings.
 * :class:`RunLock`: one writer per run directory (``flock`` on ``.srlm-lock``; the lock
   dies with its process). :func:`clear_run_dir` empties a run directory for
   ``--overwrite`` and refuses any folder this library did not make.
@@ -26,8 +28,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .config import ConfigError
+
 __all__ = [
     "JsonlStore",
+    "KeyedJsonlStore",
     "LOCK_NAME",
     "RunDirError",
     "RunLock",
@@ -354,6 +359,9 @@ class JsonlStore:
     >>> "p0" in store                     # True, also after a restart
     """
 
+    #: the field that makes a record unique (subclasses key records by another field)
+    key_field = "id"
+
     def __init__(self, path: str | Path, *, fsync: bool = True, repair: bool = True) -> None:
         """``repair=False`` only reads (a torn last line is skipped, not cut off): for the
         ranks of a launch that do not write the file."""
@@ -361,7 +369,8 @@ class JsonlStore:
         self.fsync = fsync
         self.writable = repair
         self._records: list[dict] = []
-        self._ids: set[str] = set()
+        self._by_key: dict[Any, dict] = {}
+        self._cut: int | None = None  # truncate the file to this size before the next write
         if self.path.exists():
             self._repair_and_load(repair)
 
@@ -376,17 +385,22 @@ class JsonlStore:
                 f.truncate(cut)
                 f.flush()
                 os.fsync(f.fileno())
-        records = read_jsonl(self.path)
-        for r in records:
-            rid = r.get("id")
-            if rid in self._ids:
-                continue  # a duplicate can only come from outside; ignore it on read
-            if rid is not None:
-                self._ids.add(rid)
-            self._records.append(r)
+        for r in read_jsonl(self.path):
+            self._add(r)
+
+    def _add(self, record: dict) -> bool:
+        """Keep ``record`` in memory unless its key is already there (a duplicate can only
+        come from outside; it is ignored on read). Returns whether it was kept."""
+        key = record.get(self.key_field)
+        if key in self._by_key:
+            return False
+        if key is not None:
+            self._by_key[key] = record
+        self._records.append(record)
+        return True
 
     def __contains__(self, record_id: str) -> bool:
-        return record_id in self._ids
+        return record_id in self._by_key
 
     def __len__(self) -> int:
         return len(self._records)
@@ -400,7 +414,7 @@ class JsonlStore:
 
     @property
     def ids(self) -> set[str]:
-        return set(self._ids)
+        return set(self._by_key)
 
     def append(self, record: dict) -> bool:
         """Append ``record`` (must have an ``id``); returns False if that id is already stored."""
@@ -410,19 +424,24 @@ class JsonlStore:
         """Append the records whose ids are new, in one flushed write; returns how many."""
         if not self.writable:
             raise RuntimeError(f"{self.path} was opened read-only (repair=False)")
-        fresh = []
+        fresh: dict[Any, dict] = {}
         for r in records:
-            rid = r.get("id")
+            rid = r.get(self.key_field)
             if rid is None:
-                raise ValueError("every stored record needs an 'id' field")
-            if rid in self._ids or any(f["id"] == rid for f in fresh):
-                continue
-            fresh.append(r)
+                raise ValueError(f"every stored record needs an {self.key_field!r} field")
+            if rid not in self._by_key:
+                fresh.setdefault(rid, r)
         if not fresh:
             return 0
-        data = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in fresh)
+        data = "".join(
+            json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in fresh.values()
+        )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._cut is not None:  # a torn last line (or, to start over, everything)
+                with open(self.path, "r+b") as f:
+                    f.truncate(self._cut)
+                self._cut = None
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(data)
                 f.flush()
@@ -430,10 +449,109 @@ class JsonlStore:
                     os.fsync(f.fileno())
         except OSError as exc:
             raise _explain(exc, self.path) from exc
-        for r in fresh:
-            self._ids.add(r["id"])
-            self._records.append(r)
+        for r in fresh.values():
+            self._add(r)
         return len(fresh)
+
+
+class KeyedJsonlStore(JsonlStore):
+    """The output JSONL of a resumable command (``srlm generate`` / ``srlm judge``): each
+    row carries ``<name>_key`` (a key of what produced it: the input row's content and the
+    settings) and ``<name>_settings``, so a rerun reuses exactly the rows it would make
+    again. Opening changes nothing: a torn last line from a crash is dropped at the first
+    write. Anything else in the file (rows of other settings, of input rows no longer
+    given, of another tool) is refused with a :class:`ConfigError` before any work."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        name: str,
+        settings: dict[str, Any],
+        keys: list[str],
+        flag: str,
+        input_path: str | Path,
+        overwrite: bool,
+    ) -> None:
+        self.name, self.settings = name, settings
+        self.key_field, self.settings_field = f"{name}_key", f"{name}_settings"
+        self._duplicates = False
+        self._open = (flag, keys, str(input_path), overwrite)
+        if Path(input_path).resolve() == Path(path).resolve():
+            raise ConfigError(f"{flag} {path} is the input file; write the output elsewhere")
+        super().__init__(path)
+
+    def _repair_and_load(self, repair: bool) -> None:
+        flag, keys, input_path, overwrite = self._open
+        if overwrite:
+            self._cut = 0  # emptied at the first write
+            return
+        self._load_checked(flag, keys, input_path)
+
+    def _load_checked(self, flag: str, keys: list[str], input_path: str) -> None:
+        from .fingerprint import changed_keys
+
+        fix = f"use another {flag}, or add --overwrite to replace the file"
+        raw = self.path.read_bytes()
+        complete = raw[: raw.rfind(b"\n") + 1]  # a torn last line (a crash) is dropped
+        self._cut = len(complete) if len(complete) < len(raw) else None
+        try:
+            text = decode_utf8(complete, self.path)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}; or {fix}") from exc
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or self.key_field not in row:
+                raise ConfigError(
+                    f"{flag} {self.path}: line {n} is not a row written by srlm {self.name} (it "
+                    f"has no {self.key_field!r}), so the file cannot be resumed; {fix}"
+                )
+            old = row.get(self.settings_field) or {}
+            if old != self.settings:
+                changed = "; ".join(changed_keys(old, self.settings))
+                raise ConfigError(
+                    f"{flag} {self.path} holds rows made with other settings ({changed}); "
+                    f"its rows are reused only for the same settings: {fix}"
+                )
+            if not self._add(row):
+                self._duplicates = True  # dropped when the file is rewritten at the end
+        wanted = set(keys)
+        stale = [r for r in self._records if r[self.key_field] not in wanted]
+        if stale:
+            shown = f"id {stale[0].get('id')!r}"
+            if isinstance(stale[0].get("prompt"), str):
+                shown += f", prompt {stale[0]['prompt'][:60]!r}"
+            raise ConfigError(
+                f"{flag} {self.path} holds {len(stale)} rows made from input rows that "
+                f"{input_path} no longer gives (the first: {shown}): the input was edited, or "
+                f"--limit lowered; {fix}"
+            )
+
+    @property
+    def rows(self) -> dict[str, dict]:
+        """The rows by key (a live view: it grows as rows are appended)."""
+        return self._by_key
+
+    def keyed(self, row: dict, key: str) -> dict:
+        """``row`` with this output's key and settings."""
+        return {**row, self.key_field: key, self.settings_field: self.settings}
+
+    def finish(self, keys: list[str], ids: list[str]) -> list[dict]:
+        """The rows in input order (ids as given); the file is rewritten atomically in that
+        order when a resumed run appended rows out of order."""
+        rows = [self._by_key[k] for k in keys]
+        order = [r[self.key_field] for r in self._records]
+        in_order = order == keys and all(r.get("id") == i for r, i in zip(rows, ids))
+        rows = [{**r, "id": i} for r, i in zip(rows, ids)]
+        if not in_order or self._duplicates:
+            text = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in rows)
+            atomic_write_text(self.path, text)
+        return rows
 
 
 def _json_default(obj: Any) -> Any:

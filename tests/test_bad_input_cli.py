@@ -208,7 +208,7 @@ def test_generate_resumed_with_other_settings(tmp_path, tiny, capsys):
     other = tmp_path / "other.csv"
     other.write_bytes(prompts.read_bytes())
     assert main([*base, "--prompts", str(other), "--num-candidates", "2"]) == 2
-    assert f"prompts: {str(prompts)!r} -> {str(other)!r}" in capsys.readouterr().err
+    assert f'prompts: "{prompts}" -> "{other}"' in capsys.readouterr().err
     assert out.read_bytes() == made  # nothing was touched
     # --overwrite replaces the file
     assert main([*base, "--prompts", str(prompts), "--num-candidates", "3", "--overwrite"]) == 0
@@ -227,9 +227,9 @@ def test_judge_resumed_with_other_settings(judges, capsys):
     made = out.read_bytes()
     assert main([*base, "--function", "srlm_cli_judges:chars"]) == 2
     err = capsys.readouterr().err
-    assert "function: 'srlm_cli_judges:words' -> 'srlm_cli_judges:chars'" in err, err
+    assert 'function: "srlm_cli_judges:words" -> "srlm_cli_judges:chars"' in err, err
     assert "--overwrite" in err and "Traceback" not in err
-    with pytest.raises(ConfigError, match=r"function: 'srlm_cli_judges:words' -> "):
+    with pytest.raises(ConfigError, match=r'function: "srlm_cli_judges:words" -> '):
         main(["--debug", *base, "--function", "srlm_cli_judges:chars"])
     # an input row edited since: its old row is not kept next to the new one
     _jsonl(data, [rows[0], {"prompt": "q", "response": "d e"}])

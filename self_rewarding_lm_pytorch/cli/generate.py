@@ -6,9 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from ..store import KeyedJsonlStore
 from .flags import dataclass_from_args
 from .inputs import _abspath, _device, _file_hash, _fingerprint, _row_keys, _source_from_args
-from .keyed import _KeyedOutput
 
 
 def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = load_prompts(_source_from_args(args, args.prompts))
     settings = _generate_settings(args)
     keys = _row_keys(settings, prompts)
-    out = _KeyedOutput(
+    out = KeyedJsonlStore(
         args.out,
         name="generate",
         settings=settings,
@@ -67,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_into(
-    out: _KeyedOutput, args: argparse.Namespace, prompts: list[str], keys: list[str]
+    out: KeyedJsonlStore, args: argparse.Namespace, prompts: list[str], keys: list[str]
 ) -> None:
     """Sample the rows ``out`` lacks, in fixed chunks of the input (each seeded by its
     first position), so a resumed run writes what an uninterrupted one would."""
@@ -92,7 +92,7 @@ def _generate_into(
             continue
         gen = torch.Generator(device=_device(args.device)).manual_seed(args.seed + start)
         texts = generate_text(model, tok, [prompts[i] for i in idx], config, generator=gen)
-        out.append(
+        out.extend(
             [
                 out.keyed({"id": str(i), "prompt": prompts[i], "responses": r}, keys[i])
                 for i, r in zip(idx, texts)

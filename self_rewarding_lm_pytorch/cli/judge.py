@@ -12,10 +12,10 @@ from typing import Any
 
 from ..config import ConfigError, JudgeSpec, RewardConfigSpec, resolve_object
 from ..judge import JudgeConfig
+from ..store import KeyedJsonlStore
 from .build import build_judge
 from .flags import dataclass_from_args
 from .inputs import _abspath, _check_input, _device, _file_hash, _fingerprint, _row_keys
-from .keyed import _KeyedOutput
 
 
 def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
@@ -137,7 +137,7 @@ def _score_rows(
     """Score every row (``response`` or a ``responses`` list) in fixed chunks of the input
     (each seeded by its first position). With ``out``, scored rows are appended to that
     JSONL as they are made, and a rerun reuses the rows made with the same settings from
-    the same input rows (see :class:`_KeyedOutput`). ``make_judge()`` builds the judge,
+    the same input rows (see :class:`KeyedJsonlStore`). ``make_judge()`` builds the judge,
     only when some row needs scoring. Returns the rows and how many were scored now."""
     import torch
 
@@ -147,7 +147,7 @@ def _score_rows(
     keys = _row_keys(settings, rows)
     store = None
     if out is not None:
-        store = _KeyedOutput(
+        store = KeyedJsonlStore(
             out,
             name="judge",
             settings=settings,
@@ -187,7 +187,7 @@ def _score_rows(
             new.append(store.keyed(row, keys[i]) if store is not None else row)
             made[keys[i]] = new[-1]
         if store is not None:
-            store.append(new)
+            store.extend(new)
     if store is not None:
         return store.finish(keys, ids), len(todo)
     return [made[k] for k in keys], len(todo)
