@@ -644,7 +644,7 @@ def test_judge_resumes_by_content_and_keeps_duplicate_rows(workdir, capsys):
     capsys.readouterr()
     assert main([*ev, "--function", "srlm_test_judges:Echo"]) == 2
     err = capsys.readouterr().err
-    assert "--scored-out" in err and "function: 'srlm_test_judges:words' -> " in err
+    assert "--scored-out" in err and 'function: "srlm_test_judges:words" -> ' in err
 
 
 def test_ctrl_c_in_judge_keeps_the_rows_and_names_the_rerun(workdir, capsys):

@@ -85,16 +85,24 @@ def _judge_settings(spec: JudgeSpec, args: argparse.Namespace) -> dict[str, Any]
             ),
             regex_template=rc.reward_regex_template if rc else None,
             score_range=rc.score_range if rc else None,
-            samples=spec.num_samples,
-            mode=spec.mode,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            max_new_tokens=spec.max_new_tokens,
-            on_too_long=spec.on_too_long,
+            **_sampling_settings(spec),
         )
     else:
         settings.update(template=spec.template, head=spec.head)
     return settings
+
+
+#: JudgeConfig fields that batch the work but do not change a score
+_BATCHING = ("batch_size", "token_budget")
+
+
+def _sampling_settings(spec: JudgeSpec) -> dict[str, Any]:
+    """The LLM judge's sampling settings that shape its scores (``JudgeConfig``'s fields)."""
+    sampling = dataclasses.asdict(spec.judge_config())
+    for key in _BATCHING:
+        del sampling[key]
+    sampling["samples"] = sampling.pop("num_samples")  # the key outputs were written with
+    return sampling
 
 
 def _responses(row: dict, args: argparse.Namespace, i: int) -> tuple[bool, list[str]]:

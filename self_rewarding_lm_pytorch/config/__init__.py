@@ -15,42 +15,22 @@ from .core import ConfigError, from_dict, to_dict
 from .core import _convert as _convert  # the value rules, shared with the stage checks
 from .core import _type_name as _type_name
 
-_LAZY = {
-    **dict.fromkeys(
-        (
-            "AccelerateConfig",
-            "DataSource",
-            "JudgeSpec",
-            "LoRAConfig",
-            "ModelConfig",
-            "RewardConfigSpec",
-            "RunConfig",
-            "TokenizerConfig",
-        ),
-        "run",
-    ),
-    **dict.fromkeys(
-        (
-            "BUILTIN_TRACKERS",
-            "build_stages",
-            "load_run_config",
-            "load_yaml",
-            "parse_run_config",
-            "resolve_object",
-        ),
-        "load",
-    ),
-    **dict.fromkeys(("apply_overrides", "parse_override"), "overrides"),
-}
+#: the modules whose ``__all__`` names this package exports, loaded on first use
+_SUBMODULES = ("run", "load", "overrides")
 
-__all__ = ["ConfigError", "from_dict", "to_dict", *sorted(_LAZY)]
+__all__ = ["ConfigError", "from_dict", "to_dict"]  # and every name of _SUBMODULES' __all__
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    for sub in _SUBMODULES:
+        module = importlib.import_module(f".{sub}", __name__)
+        if name in module.__all__:
+            return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    names = set(globals())
+    for sub in _SUBMODULES:
+        names.update(importlib.import_module(f".{sub}", __name__).__all__)
+    return sorted(names)
