@@ -18,7 +18,8 @@ Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is
 
 Modules: :mod:`.parser` (the flags), :mod:`.build` (``srlm run``: objects of a config),
 :mod:`.generate`, :mod:`.judge` (``judge`` and ``eval``), :mod:`.inputs` (what those
-share), :mod:`.trackers`, :mod:`.flags` (flags from dataclass fields).
+share), :mod:`.outputs` (their resumable output files), :mod:`.trackers`, :mod:`.flags`
+(flags from dataclass fields).
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ import argparse
 import json
 from typing import Any
 
-from ..store import KeyedJsonlStore
 from .flags import dataclass_from_args
 from .inputs import _abspath, _device, _file_hash, _fingerprint, _row_keys, _source_from_args
+from .outputs import KeyedJsonlStore
 
 
 def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from typing import Any
 
 from ..config import ConfigError, JudgeSpec, RewardConfigSpec, resolve_object
 from ..judge import JudgeConfig
-from ..store import KeyedJsonlStore
 from .build import build_judge
 from .flags import dataclass_from_args
 from .inputs import _abspath, _check_input, _device, _file_hash, _fingerprint, _row_keys
+from .outputs import KeyedJsonlStore
 
 
 def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
