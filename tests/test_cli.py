@@ -6,12 +6,14 @@ subprocess, with LoRA and bf16 autocast), config validation, ``generate`` / ``ju
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -447,8 +449,6 @@ def _flag_groups(command: str) -> dict[str, dict[str, argparse.Action]]:
 def test_sampling_flags_are_the_fields_of_their_dataclass(command):
     """Each generated flag is a field of the dataclass (same name, type, choices) and each
     field is a flag, except the fields a command names as excluded."""
-    import dataclasses
-
     from self_rewarding_lm_pytorch.cli import dataclass_from_args, parser
     from self_rewarding_lm_pytorch.generation import GenerationConfig
     from self_rewarding_lm_pytorch.judge import JudgeConfig
@@ -478,6 +478,48 @@ def test_sampling_flags_are_the_fields_of_their_dataclass(command):
         config = dataclass_from_args(cls, ns)
         assert config == JudgeConfig(num_samples=5, token_budget=64, mode="expected")
         assert dataclass_from_args(cls, _parse([command, *args])) == JudgeConfig()
+
+
+@dataclasses.dataclass
+class Settings:
+    steps: int = dataclasses.field(default=3, metadata={"help": "how many steps"})
+    rate: float = 0.5
+    kind: Literal["a", "b"] = "a"
+    fast: bool = False
+    sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    limit: int | None = None
+    skipped: str = "x"
+
+
+def test_add_dataclass_args_types_defaults_and_round_trip():
+    """Flags from a dataclass: types, Literal choices, --x/--no-x, lists, None, a prefix."""
+    from self_rewarding_lm_pytorch.cli import add_dataclass_args, dataclass_from_args
+
+    parser = argparse.ArgumentParser()
+    dests = add_dataclass_args(parser, Settings, prefix="s-", exclude=("skipped",))
+    assert dests == ["s_steps", "s_rate", "s_kind", "s_fast", "s_sizes", "s_limit"]
+    assert "how many steps" in parser.format_help()
+    assert dataclass_from_args(Settings, parser.parse_args([]), prefix="s-") == Settings()
+    argv = ["--s-steps", "7", "--s-rate", "0.25", "--s-kind", "b", "--s-fast"]
+    argv += ["--s-sizes", "4", "5", "6", "--s-limit", "9"]
+    got = dataclass_from_args(Settings, parser.parse_args(argv), prefix="s-")
+    assert got == Settings(steps=7, rate=0.25, kind="b", fast=True, sizes=[4, 5, 6], limit=9)
+    ns = parser.parse_args(["--s-limit", "none", "--no-s-fast"])
+    assert (ns.s_limit, ns.s_fast) == (None, False)
+    for bad in (["--s-kind", "c"], ["--s-steps", "many"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_run_config_sections_document_every_field():
+    from self_rewarding_lm_pytorch import config
+
+    sections = [config.LoRAConfig, config.ModelConfig, config.TokenizerConfig, config.DataSource]
+    sections += [config.RewardConfigSpec, config.JudgeSpec, config.AccelerateConfig]
+    for cls in [*sections, config.RunConfig]:
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "")
+            assert text and "\n" not in text, f"{cls.__name__}.{f.name} has no one-line help"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -97,6 +97,11 @@ def flag_dests(cls: type, *, prefix: str = "", exclude: Iterable[str] = ()) -> l
 def dataclass_from_args(
     cls: type[T], args: argparse.Namespace, *, prefix: str = "", exclude: Iterable[str] = ()
 ) -> T:
-    """An instance of ``cls`` from the flags :func:`add_dataclass_args` added."""
-    values = {f.name: getattr(args, _dest(prefix, f.name)) for f in _fields(cls, exclude)}
+    """An instance of ``cls`` from the flags :func:`add_dataclass_args` added (a field
+    without a flag, e.g. an excluded one, keeps its default)."""
+    values = {
+        f.name: getattr(args, _dest(prefix, f.name))
+        for f in _fields(cls, exclude)
+        if hasattr(args, _dest(prefix, f.name))
+    }
     return cls(**values)
