@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import LoRAConfig
 from .models import is_peft_model
-from .run_config import LoRAConfig
 
 __all__ = [
     "TINY_CHAT_TEMPLATE",

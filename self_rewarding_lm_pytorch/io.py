@@ -27,7 +27,7 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
-from .run_config import DataSource
+from .config import DataSource
 from .store import decode_utf8
 
 __all__ = [

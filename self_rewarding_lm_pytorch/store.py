@@ -354,6 +354,9 @@ class JsonlStore:
     >>> "p0" in store                     # True, also after a restart
     """
 
+    #: the field that makes a record unique (subclasses key records by another field)
+    key_field = "id"
+
     def __init__(self, path: str | Path, *, fsync: bool = True, repair: bool = True) -> None:
         """``repair=False`` only reads (a torn last line is skipped, not cut off): for the
         ranks of a launch that do not write the file."""
@@ -361,7 +364,8 @@ class JsonlStore:
         self.fsync = fsync
         self.writable = repair
         self._records: list[dict] = []
-        self._ids: set[str] = set()
+        self._by_key: dict[Any, dict] = {}
+        self._cut: int | None = None  # truncate the file to this size before the next write
         if self.path.exists():
             self._repair_and_load(repair)
 
@@ -376,17 +380,22 @@ class JsonlStore:
                 f.truncate(cut)
                 f.flush()
                 os.fsync(f.fileno())
-        records = read_jsonl(self.path)
-        for r in records:
-            rid = r.get("id")
-            if rid in self._ids:
-                continue  # a duplicate can only come from outside; ignore it on read
-            if rid is not None:
-                self._ids.add(rid)
-            self._records.append(r)
+        for r in read_jsonl(self.path):
+            self._add(r)
+
+    def _add(self, record: dict) -> bool:
+        """Keep ``record`` in memory unless its key is already there (a duplicate can only
+        come from outside; it is ignored on read). Returns whether it was kept."""
+        key = record.get(self.key_field)
+        if key in self._by_key:
+            return False
+        if key is not None:
+            self._by_key[key] = record
+        self._records.append(record)
+        return True
 
     def __contains__(self, record_id: str) -> bool:
-        return record_id in self._ids
+        return record_id in self._by_key
 
     def __len__(self) -> int:
         return len(self._records)
@@ -400,7 +409,7 @@ class JsonlStore:
 
     @property
     def ids(self) -> set[str]:
-        return set(self._ids)
+        return set(self._by_key)
 
     def append(self, record: dict) -> bool:
         """Append ``record`` (must have an ``id``); returns False if that id is already stored."""
@@ -410,19 +419,24 @@ class JsonlStore:
         """Append the records whose ids are new, in one flushed write; returns how many."""
         if not self.writable:
             raise RuntimeError(f"{self.path} was opened read-only (repair=False)")
-        fresh = []
+        fresh: dict[Any, dict] = {}
         for r in records:
-            rid = r.get("id")
+            rid = r.get(self.key_field)
             if rid is None:
-                raise ValueError("every stored record needs an 'id' field")
-            if rid in self._ids or any(f["id"] == rid for f in fresh):
-                continue
-            fresh.append(r)
+                raise ValueError(f"every stored record needs an {self.key_field!r} field")
+            if rid not in self._by_key:
+                fresh.setdefault(rid, r)
         if not fresh:
             return 0
-        data = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in fresh)
+        data = "".join(
+            json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in fresh.values()
+        )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._cut is not None:  # a torn last line (or, to start over, everything)
+                with open(self.path, "r+b") as f:
+                    f.truncate(self._cut)
+                self._cut = None
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(data)
                 f.flush()
@@ -430,9 +444,8 @@ class JsonlStore:
                     os.fsync(f.fileno())
         except OSError as exc:
             raise _explain(exc, self.path) from exc
-        for r in fresh:
-            self._ids.add(r["id"])
-            self._records.append(r)
+        for r in fresh.values():
+            self._add(r)
         return len(fresh)
 
 

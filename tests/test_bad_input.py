@@ -91,7 +91,7 @@ def run_config(**overrides) -> dict:
 
 
 def parse(cfg: dict):
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     return parse_run_config(cfg, check_files=False)
 
@@ -170,8 +170,8 @@ def test_empty_prompt_set(tmp_path):
 
 
 def test_empty_prompt_file(tmp_path):
+    from self_rewarding_lm_pytorch.config import DataSource
     from self_rewarding_lm_pytorch.io import load_prompts
-    from self_rewarding_lm_pytorch.run_config import DataSource
 
     (tmp_path / "prompts.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"prompts.jsonl holds no rows"):
@@ -201,8 +201,8 @@ def test_sft_item_of_wrong_shape(tmp_path):
 
 
 def test_data_file_row_of_wrong_shape(tmp_path):
+    from self_rewarding_lm_pytorch.config import DataSource
     from self_rewarding_lm_pytorch.io import load_prompts, load_sft
-    from self_rewarding_lm_pytorch.run_config import DataSource
 
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "a"}\n[1, 2]\n')
@@ -427,7 +427,7 @@ def test_stage_names_unknown_dataset_or_judge(tmp_path):
 
 
 def test_vocabulary_mismatch_in_config():
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     model = run_config()["model"]
     model["xtransformers"]["num_tokens"] = 128
@@ -436,7 +436,7 @@ def test_vocabulary_mismatch_in_config():
 
 
 def test_missing_data_file(tmp_path):
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     with pytest.raises(
         ConfigError, match=r"data.sft.path: .*sft.jsonl does not exist; fix the path"

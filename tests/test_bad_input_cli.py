@@ -17,10 +17,9 @@ import pytest
 import yaml
 
 from self_rewarding_lm_pytorch.cli import build_datasets, build_tokenizer, main
-from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.config import ConfigError, DataSource, load_run_config, load_yaml
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.io import load_prompts, load_sft, read_text
-from self_rewarding_lm_pytorch.run_config import DataSource, load_run_config, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 XT_MODEL = {
@@ -209,7 +208,7 @@ def test_generate_resumed_with_other_settings(tmp_path, tiny, capsys):
     other = tmp_path / "other.csv"
     other.write_bytes(prompts.read_bytes())
     assert main([*base, "--prompts", str(other), "--num-candidates", "2"]) == 2
-    assert f"prompts: {str(prompts)!r} -> {str(other)!r}" in capsys.readouterr().err
+    assert f'prompts: "{prompts}" -> "{other}"' in capsys.readouterr().err
     assert out.read_bytes() == made  # nothing was touched
     # --overwrite replaces the file
     assert main([*base, "--prompts", str(prompts), "--num-candidates", "3", "--overwrite"]) == 0
@@ -228,9 +227,9 @@ def test_judge_resumed_with_other_settings(judges, capsys):
     made = out.read_bytes()
     assert main([*base, "--function", "srlm_cli_judges:chars"]) == 2
     err = capsys.readouterr().err
-    assert "function: 'srlm_cli_judges:words' -> 'srlm_cli_judges:chars'" in err, err
+    assert 'function: "srlm_cli_judges:words" -> "srlm_cli_judges:chars"' in err, err
     assert "--overwrite" in err and "Traceback" not in err
-    with pytest.raises(ConfigError, match=r"function: 'srlm_cli_judges:words' -> "):
+    with pytest.raises(ConfigError, match=r'function: "srlm_cli_judges:words" -> '):
         main(["--debug", *base, "--function", "srlm_cli_judges:chars"])
     # an input row edited since: its old row is not kept next to the new one
     _jsonl(data, [rows[0], {"prompt": "q", "response": "d e"}])
@@ -335,3 +334,58 @@ def test_ctrl_c_during_a_stage(tmp_path, monkeypatch):
     stages = json.loads((run / "state.json").read_text())
     assert [r["stage"] for r in stages["finished"]] == ["01-sft", "02-external-reward-dpo"]
     assert cand.read_text().splitlines()[: len(before)] == before  # judged records were kept
+
+
+# ====================================================================== srlm run overrides
+
+
+def _override_config(tmp_path: Path) -> Path:
+    """A config with two stages and a judge (no file is opened: overrides are checked
+    before the config is parsed)."""
+    cfg = yaml.safe_load(config_text())
+    cfg["stages"].append({"kind": "self_reward_dpo", "prompts": "sft"})
+    cfg["judges"] = {"big": {"kind": "llm", "path": "no/such/judge"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_override_of_an_unknown_key(tmp_path, capsys):
+    path = _override_config(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, overrides=["sed=3"])
+    msg = str(info.value)
+    assert "override 'sed=3': RunConfig has no key 'sed' at 'sed'; did you mean 'seed'?" in msg
+    assert "(valid keys: accelerate, data, judges, model, out, " in msg
+    # a stage's keys are those of its kind's dataclass
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, overrides=["stages.1.num_candidate=3"])
+    msg = str(info.value)
+    assert "a stage of kind 'self_reward_dpo' has no key 'num_candidate'" in msg
+    assert "did you mean 'num_candidates'?" in msg and "judge_samples" in msg
+    # a judge's keys: its JudgeSpec fields (JudgeConfig's sampling settings among them)
+    with pytest.raises(ConfigError, match=r"JudgeSpec has no key 'num_sample' at 'judges\.big"):
+        load_run_config(path, overrides=["judges.big.num_sample=5"])
+    with pytest.raises(ConfigError, match=r"judges has no entry 'small' \(defined: big\)"):
+        load_run_config(path, overrides=["judges.small.num_samples=5"])
+    with pytest.raises(ConfigError, match=r"'seed' is not KEY=VALUE"):
+        load_run_config(path, overrides=["seed"])
+    # from the command line: exit status 2, one line, nothing parsed or run
+    assert main(["run", str(path), "sed=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("srlm run: config error: override 'sed=3': RunConfig has no key")
+    assert "Traceback" not in err
+
+
+def test_override_of_a_list_entry_out_of_range(tmp_path, capsys):
+    path = _override_config(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(path, overrides=["stages.5.trainer.beta=0.2"])
+    assert (
+        "override 'stages.5.trainer.beta=0.2': stages.5: index 5 is out of range; stages has "
+        "2 entries (0-1)" in str(info.value)
+    )
+    with pytest.raises(ConfigError, match=r"stages is a list; give an entry number 0-1"):
+        load_run_config(path, overrides=["stages.first.kind=sft"])
+    assert main(["run", str(path), "stages.2.kind=sft"]) == 2
+    assert "index 2 is out of range" in capsys.readouterr().err

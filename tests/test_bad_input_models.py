@@ -76,8 +76,8 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 def _lora(folder: Path, targets: list[str]):
+    from self_rewarding_lm_pytorch.config import LoRAConfig
     from self_rewarding_lm_pytorch.hf import apply_lora, load_model
-    from self_rewarding_lm_pytorch.run_config import LoRAConfig
 
     return apply_lora(load_model(folder), LoRAConfig(r=4, alpha=8, target_modules=targets))
 

@@ -95,6 +95,7 @@ def test_second_run_on_a_busy_folder(tmp_path, monkeypatch, capsys):
     from fault_job import write_job
 
     from self_rewarding_lm_pytorch import cli
+    from self_rewarding_lm_pytorch.cli import build
 
     config = write_job(tmp_path / "job")
     run = tmp_path / "run"
@@ -122,7 +123,7 @@ def test_second_run_on_a_busy_folder(tmp_path, monkeypatch, capsys):
         def no_build(cfg, **kwargs):
             raise AssertionError("the model was loaded for a run that cannot start")
 
-        monkeypatch.setattr(cli, "build_trainer", no_build)
+        monkeypatch.setattr(build, "build_trainer", no_build)
         assert cli.main(["-q", "run", str(config), "--out", str(run)]) == 1
         err = capsys.readouterr().err
         assert f"RunDirError: {run} is in use by another run (pid {holder.pid} on " in err

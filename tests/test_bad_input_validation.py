@@ -75,7 +75,7 @@ def test_stage_value_out_of_range(tmp_path, key, value, rule):
     assert f"got {value!r}" in str(e.value) and "; " in str(e.value)  # the value and a fix
     assert nothing_written(tmp_path)
     # a config file: refused when it is read, naming the stage's position and the key
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     cfg = _config_with_dpo(**_nested(key, value))
     with pytest.raises(ConfigError, match=rf"stages\[1\]: {key} must {rule}"):

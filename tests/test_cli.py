@@ -5,22 +5,29 @@ subprocess, with LoRA and bf16 autocast), config validation, ``generate`` / ``ju
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 import yaml
 
 from self_rewarding_lm_pytorch.cli import build_model, build_tokenizer, main
-from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.config import (
+    ConfigError,
+    load_run_config,
+    load_yaml,
+    parse_run_config,
+)
 from self_rewarding_lm_pytorch.hf import build_tiny_model
 from self_rewarding_lm_pytorch.metrics import kendall_tau, spearman
-from self_rewarding_lm_pytorch.run_config import load_run_config, load_yaml, parse_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -180,6 +187,46 @@ def test_run_in_process_sft_then_self_reward_dpo_then_resume(workdir, tiny):
     assert _check_pairs(out, 2) == pairs
 
 
+def test_run_overrides_reach_the_config_and_the_run_folder(workdir, tiny):
+    judges = {"big": {"kind": "llm", "path": str(tiny), "num_samples": 3}}
+    data = {
+        "sft": {"path": "sft.jsonl", "limit": 2},
+        "prompts": {"path": "prompts.csv", "prompt_field": "instruction"},
+    }
+    path = write_config(workdir, tiny, judges=judges, data=data)
+    original = path.read_text()
+    overrides = [
+        "seed=3",
+        "stages.1.trainer.beta=0.2",
+        "stages.1.num_candidates=4",
+        "judges.big.num_samples=5",
+        "judges.big.top_p=0.5",
+        "data.sft.limit=null",
+        "accelerate.log_with=[jsonl]",
+    ]
+    cfg = load_run_config(path, overrides=overrides)
+    assert cfg.seed == 3
+    assert cfg.stage_objects[1].trainer["beta"] == 0.2
+    assert cfg.stage_objects[1].num_candidates == 4
+    assert cfg.judges["big"].num_samples == 5 and cfg.judges["big"].top_p == 0.5
+    assert cfg.judges["big"].judge_config().num_samples == 5
+    assert cfg.data["sft"].limit is None
+    assert cfg.accelerate.log_with == ["jsonl"]
+    assert path.read_text() == original  # the file itself is not changed
+    plain = load_run_config(path)
+    assert plain.seed == 0 and plain.judges["big"].num_samples == 3
+    # srlm run: overrides before or after the flags; the resolved config shows what ran
+    out = workdir / "over"
+    only_sft = "stages=[{kind: sft, trainer: {batch_size: 3, num_train_steps: 1}}]"
+    args = ["-q", "run", str(path), "seed=3", only_sft, "--out", str(out)]
+    assert main([*args, "stages.0.trainer.num_train_steps=2"]) == 0
+    resolved = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert resolved["seed"] == 3
+    sft = {"kind": "sft", "trainer": {"batch_size": 3, "num_train_steps": 2}}
+    assert resolved["stages"] == [sft]
+    assert _state(out) == ["01-sft"]
+
+
 def test_run_as_subprocess_with_lora_and_bf16(workdir, tiny):
     from transformers import AutoModelForCausalLM
 
@@ -244,7 +291,7 @@ def test_external_judge_stage_with_python_function(workdir, tiny):
 
 def test_python_judge_specs_take_functions_objects_and_classes(workdir):
     from self_rewarding_lm_pytorch.cli import build_judge
-    from self_rewarding_lm_pytorch.run_config import JudgeSpec
+    from self_rewarding_lm_pytorch.config import JudgeSpec
 
     fn = build_judge(JudgeSpec(kind="python", function="srlm_test_judges:words"))
     assert [r.score for r in fn.score(["p", "p"], ["a b c", ""])] == [3.0, 0.0]
@@ -385,6 +432,99 @@ def test_help_on_every_command(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: srlm {command[0]}" if command else "usage: srlm")
+
+
+def _flag_groups(command: str) -> dict[str, dict[str, argparse.Action]]:
+    from self_rewarding_lm_pytorch.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return {
+        g.title: {a.dest: a for a in g._group_actions} for g in parser._action_groups if g.title
+    }
+
+
+@pytest.mark.parametrize("command", ["judge", "eval", "generate"])
+def test_sampling_flags_are_the_fields_of_their_dataclass(command):
+    """Each generated flag is a field of the dataclass (same name, type, choices) and each
+    field is a flag, except the fields a command names as excluded."""
+    from self_rewarding_lm_pytorch.cli import dataclass_from_args, parser
+    from self_rewarding_lm_pytorch.generation import GenerationConfig
+    from self_rewarding_lm_pytorch.judge import JudgeConfig
+
+    if command == "generate":
+        cls, title = GenerationConfig, "sampling (generation.GenerationConfig)"
+        excluded = set(parser.GENERATE_EXCLUDED)
+    else:
+        cls, title, excluded = JudgeConfig, "LLM judge sampling (judge.JudgeConfig)", set()
+    actions = _flag_groups(command)[title]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    assert set(actions) == set(fields) - excluded and excluded <= set(fields)
+    for name, action in actions.items():
+        assert "--" + name.replace("_", "-") in action.option_strings
+        if fields[name].type.startswith("Literal"):
+            assert action.choices and all(repr(c) in fields[name].type for c in action.choices)
+    # the aliases kept from earlier versions parse into the same fields
+    args = ["--input", "x", "--out", "y"] if command != "generate" else []
+    if command == "generate":
+        args = ["--model", "m", "--prompts", "p", "--out", "o", "--num-candidates", "2"]
+        ns = _parse([command, *args, "--top-k", "5"])
+        config = dataclass_from_args(cls, ns, exclude=excluded)
+        assert config.num_return_sequences == 2 and config.top_k == 5
+        assert config.temperature == 0.7 and config.max_new_tokens == 256  # the paper's
+    else:
+        ns = _parse([command, *args, "--samples", "5", "--token-budget", "64", "--mode=expected"])
+        config = dataclass_from_args(cls, ns)
+        assert config == JudgeConfig(num_samples=5, token_budget=64, mode="expected")
+        assert dataclass_from_args(cls, _parse([command, *args])) == JudgeConfig()
+
+
+@dataclasses.dataclass
+class Settings:
+    steps: int = dataclasses.field(default=3, metadata={"help": "how many steps"})
+    rate: float = 0.5
+    kind: Literal["a", "b"] = "a"
+    fast: bool = False
+    sizes: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    limit: int | None = None
+    skipped: str = "x"
+
+
+def test_add_dataclass_args_types_defaults_and_round_trip():
+    """Flags from a dataclass: types, Literal choices, --x/--no-x, lists, None, a prefix."""
+    from self_rewarding_lm_pytorch.cli import add_dataclass_args, dataclass_from_args
+
+    parser = argparse.ArgumentParser()
+    dests = add_dataclass_args(parser, Settings, prefix="s-", exclude=("skipped",))
+    assert dests == ["s_steps", "s_rate", "s_kind", "s_fast", "s_sizes", "s_limit"]
+    assert "how many steps" in parser.format_help()
+    assert dataclass_from_args(Settings, parser.parse_args([]), prefix="s-") == Settings()
+    argv = ["--s-steps", "7", "--s-rate", "0.25", "--s-kind", "b", "--s-fast"]
+    argv += ["--s-sizes", "4", "5", "6", "--s-limit", "9"]
+    got = dataclass_from_args(Settings, parser.parse_args(argv), prefix="s-")
+    assert got == Settings(steps=7, rate=0.25, kind="b", fast=True, sizes=[4, 5, 6], limit=9)
+    ns = parser.parse_args(["--s-limit", "none", "--no-s-fast"])
+    assert (ns.s_limit, ns.s_fast) == (None, False)
+    for bad in (["--s-kind", "c"], ["--s-steps", "many"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_run_config_sections_document_every_field():
+    from self_rewarding_lm_pytorch import config
+
+    sections = [config.LoRAConfig, config.ModelConfig, config.TokenizerConfig, config.DataSource]
+    sections += [config.RewardConfigSpec, config.JudgeSpec, config.AccelerateConfig]
+    for cls in [*sections, config.RunConfig]:
+        for f in dataclasses.fields(cls):
+            text = f.metadata.get("help", "")
+            assert text and "\n" not in text, f"{cls.__name__}.{f.name} has no one-line help"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from self_rewarding_lm_pytorch.cli import build_parser
+
+    return build_parser().parse_args(argv)
 
 
 def test_demo_hands_its_arguments_to_the_demo_runner(monkeypatch):
@@ -545,7 +685,7 @@ def test_judge_resumes_by_content_and_keeps_duplicate_rows(workdir, capsys):
     capsys.readouterr()
     assert main([*ev, "--function", "srlm_test_judges:Echo"]) == 2
     err = capsys.readouterr().err
-    assert "--scored-out" in err and "function: 'srlm_test_judges:words' -> " in err
+    assert "--scored-out" in err and 'function: "srlm_test_judges:words" -> ' in err
 
 
 def test_ctrl_c_in_judge_keeps_the_rows_and_names_the_rerun(workdir, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from self_rewarding_lm_pytorch.config import DataSource, LoRAConfig
 from self_rewarding_lm_pytorch.hf import (
     TINY_CHAT_TEMPLATE,
     apply_lora,
@@ -24,7 +25,6 @@ from self_rewarding_lm_pytorch.io import load_prompts, load_sft, read_rows
 from self_rewarding_lm_pytorch.losses import sequence_logprobs
 from self_rewarding_lm_pytorch.models import HFTokenizer, unwrap_model
 from self_rewarding_lm_pytorch.pipeline import preference_example, tokenize_sft_item
-from self_rewarding_lm_pytorch.run_config import DataSource, LoRAConfig
 
 
 @pytest.fixture(scope="module")

@@ -254,7 +254,7 @@ def test_resume_never_unpickles_a_checkpoint_named_in_state_json(tmp_path):
 
 def test_srlm_model_checkpoint_that_is_a_pickle_is_refused(tmp_path):
     from self_rewarding_lm_pytorch.cli import build_model
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     marker = tmp_path / "pwned"
     bin_file, pt_file = write_evil_pickles(tmp_path / "evil", marker)
@@ -295,8 +295,8 @@ def test_hugging_face_folder_with_only_pickled_weights_is_refused(tmp_path):
 
 
 def test_pickle_data_files_are_refused(tmp_path):
+    from self_rewarding_lm_pytorch.config import DataSource
     from self_rewarding_lm_pytorch.io import load_prompts
-    from self_rewarding_lm_pytorch.run_config import DataSource
 
     marker = tmp_path / "pwned"
     for name in ("prompts.pkl", "prompts.pt", "prompts.pickle"):
@@ -337,7 +337,7 @@ def test_text_that_looks_like_a_template_is_inserted_verbatim():
 
 
 def test_template_in_a_config_file_is_refused_before_any_work(tmp_path):
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     cfg = {
         "model": {
@@ -405,8 +405,7 @@ def test_chat_template_reaching_for_python_internals_is_refused():
 
 
 def test_yaml_config_with_python_tags_is_refused_without_running_them(tmp_path):
-    from self_rewarding_lm_pytorch.config import ConfigError
-    from self_rewarding_lm_pytorch.run_config import load_run_config
+    from self_rewarding_lm_pytorch.config import ConfigError, load_run_config
 
     marker = tmp_path / "pwned"
     config = tmp_path / "evil.yaml"
@@ -419,8 +418,7 @@ def test_yaml_config_with_python_tags_is_refused_without_running_them(tmp_path):
 
 
 def test_config_strings_are_never_evaluated(tmp_path):
-    from self_rewarding_lm_pytorch.config import ConfigError
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import ConfigError, parse_run_config
 
     marker = tmp_path / "pwned"
     code = f"__import__('builtins').open({str(marker)!r}, 'w')"

@@ -1,12 +1,14 @@
-"""The ``srlm run`` YAML schema as dataclasses, validated before any work starts.
+"""Read and check a ``srlm run`` YAML file: the strict safe YAML loader, the checks across
+sections, relative paths, and the files and names a config points to.
 
-``load_run_config(path)`` reads a YAML file into a :class:`RunConfig` with
-:func:`~self_rewarding_lm_pytorch.config.from_dict` (an unknown key names the closest
-valid key, a wrong type names the expected type), then checks what a type cannot say:
-each stage against the pipeline stage dataclass of its ``kind`` and its ``trainer:``
-mapping against the trainer's signature, the names stages use (datasets, judges), the
-files the config points to, and the trackers in ``accelerate.log_with``. Nothing is
-loaded (no model, no data) until the whole file is known to be good.
+``load_run_config(path)`` reads a YAML file into a :class:`~.run.RunConfig` with
+:func:`~.core.from_dict` (an unknown key names the closest valid key, a wrong type names
+the expected type), then checks what a type cannot say: each stage against the pipeline
+stage dataclass of its ``kind`` and its ``trainer:`` mapping against the trainer's
+signature, the names stages use (datasets, judges), the files the config points to, and
+the trackers in ``accelerate.log_with``. Nothing is loaded (no model, no data) until the
+whole file is known to be good. ``key=value`` overrides (:mod:`.overrides`) are applied
+to the YAML mapping before any of this.
 
 Relative paths in the file are relative to the folder of the file, so a config and its
 data can move together. A minimal config::
@@ -23,26 +25,18 @@ data can move together. A minimal config::
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import os
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from .config import ConfigError, from_dict
+from .core import ConfigError, from_dict
+from .run import AccelerateConfig, RunConfig
 
 __all__ = [
-    "AccelerateConfig",
-    "ConfigError",
-    "DataSource",
-    "JudgeSpec",
-    "LoRAConfig",
-    "ModelConfig",
-    "RewardConfigSpec",
-    "RunConfig",
-    "TokenizerConfig",
+    "BUILTIN_TRACKERS",
     "build_stages",
     "load_run_config",
     "load_yaml",
@@ -53,286 +47,11 @@ __all__ = [
 #: trackers implemented here that need no extra package
 BUILTIN_TRACKERS = ("jsonl",)
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-
-
-@dataclass
-class LoRAConfig:
-    """LoRA adapters (peft ``LoraConfig``) trained instead of the full model.
-
-    ``export``: what ``srlm run`` writes to ``<out>/final`` at the end: ``merged`` (the
-    adapter folded into the weights, a plain Hugging Face model) or ``adapter`` (the
-    adapter only, loadable on top of the base model).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] | str = "all-linear"
-    bias: Literal["none", "all", "lora_only"] = "none"
-    modules_to_save: list[str] | None = None
-    export: Literal["merged", "adapter"] = "merged"
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must lie in [0, 1), got {self.dropout}")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            raise ValueError("lora.target_modules is empty; name modules or use 'all-linear'")
-
-
-@dataclass
-class ModelConfig:
-    """The policy model: a local Hugging Face folder (``path``) or an x-transformers
-    ``TransformerWrapper`` built from keyword arguments (``xtransformers``, with the
-    decoder's keywords under ``attn_layers``), optionally loaded from ``checkpoint``
-    (a safetensors file or folder written by a previous run)."""
-
-    path: str | None = None
-    xtransformers: dict[str, Any] | None = None
-    checkpoint: str | None = None
-    dtype: DType = "float32"
-    lora: LoRAConfig | None = None
-
-    def __post_init__(self) -> None:
-        if (self.path is None) == (self.xtransformers is None):
-            raise ValueError(
-                "give exactly one of model.path (a local Hugging Face model folder) or "
-                "model.xtransformers (TransformerWrapper keyword arguments)"
-            )
-        if self.lora is not None and self.path is None:
-            raise ValueError("model.lora needs a Hugging Face model (model.path)")
-        if self.checkpoint is not None and self.path is not None:
-            raise ValueError(
-                "model.checkpoint is for x-transformers models; a Hugging Face checkpoint "
-                "folder is given as model.path itself"
-            )
-        if self.xtransformers is not None:
-            for key in ("num_tokens", "max_seq_len", "attn_layers"):
-                if key not in self.xtransformers:
-                    raise ValueError(
-                        f"model.xtransformers needs {key!r} (e.g. num_tokens: 256, "
-                        "max_seq_len: 256, attn_layers: {dim: 64, depth: 2, heads: 4})"
-                    )
-            if not isinstance(self.xtransformers["attn_layers"], dict):
-                raise ValueError(
-                    "model.xtransformers.attn_layers must be a mapping of Decoder keyword "
-                    "arguments, e.g. {dim: 64, depth: 2, heads: 4}"
-                )
-
-
-@dataclass
-class TokenizerConfig:
-    """``kind: hf`` loads ``AutoTokenizer`` from ``path`` (default: ``model.path``);
-    ``kind: bytes`` encodes text as UTF-8 bytes (ids 0-255; for x-transformers models
-    with ``num_tokens >= 256``). ``chat_template`` / ``chat_template_file`` replace the
-    tokenizer's chat template; ``use_chat_template: false`` feeds prompts as plain text."""
-
-    kind: Literal["hf", "bytes"] = "hf"
-    path: str | None = None
-    chat_template: str | None = None
-    chat_template_file: str | None = None
-    use_chat_template: bool | None = None
-    eos_id: int | None = None  # bytes tokenizer only
-
-    def __post_init__(self) -> None:
-        if self.chat_template is not None and self.chat_template_file is not None:
-            raise ValueError(
-                "give tokenizer.chat_template or tokenizer.chat_template_file, not both"
-            )
-        if self.kind == "bytes":
-            extra = [
-                k
-                for k in ("path", "chat_template", "chat_template_file", "use_chat_template")
-                if getattr(self, k) is not None
-            ]
-            if extra:
-                raise ValueError(f"tokenizer.{extra[0]} does not apply to kind 'bytes'")
-            if self.eos_id is not None and not 0 <= self.eos_id < 256:
-                raise ValueError(f"tokenizer.eos_id must be a byte value 0-255, got {self.eos_id}")
-        elif self.eos_id is not None:
-            raise ValueError(
-                "tokenizer.eos_id applies to kind 'bytes' only (HF tokenizers know theirs)"
-            )
-
-
-@dataclass
-class DataSource:
-    """A data file: JSONL, JSON, CSV/TSV, Parquet or a local ``datasets`` folder
-    (``save_to_disk``; ``split`` picks from a ``DatasetDict``). Rows hold text in
-    ``prompt_field`` / ``response_field`` or chat messages in ``messages_field``
-    (a list of ``{role, content}``; the last assistant turn is the response).
-    Small data can be written inline instead of ``path``: ``rows: [{prompt: ...}, ...]``."""
-
-    path: str | None = None
-    rows: list[dict[str, Any]] | None = None
-    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet", "datasets"] = "auto"
-    split: str | None = None
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: str | None = None
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if (self.path is None) == (self.rows is None):
-            raise ValueError("give exactly one of path: (a data file or folder) or rows: (inline)")
-        if self.rows is not None and not self.rows:
-            raise ValueError("rows: is empty; give at least one row")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 (or omitted), got {self.limit}")
-
-
-@dataclass
-class RewardConfigSpec:
-    """How a model is asked to judge and how its score is read (``judge.RewardConfig``):
-    a Jinja2 ``prompt_template`` with ``{{ prompt }}`` and ``{{ response }}`` (or a
-    ``prompt_template_file``), a ``reward_regex_template`` with ``{{ reward }}``, and
-    optionally the accepted ``score_range: [low, high]``. Omitted: the paper's Figure 2."""
-
-    prompt_template: str | None = None
-    prompt_template_file: str | None = None
-    reward_regex_template: str | None = None
-    score_range: list[float] | None = None
-    match: Literal["first", "last"] = "last"
-    score_values: list[int] | None = None
-
-    def __post_init__(self) -> None:
-        if self.prompt_template is not None and self.prompt_template_file is not None:
-            raise ValueError("give prompt_template or prompt_template_file, not both")
-        if self.score_range is not None:
-            if len(self.score_range) != 2 or self.score_range[0] > self.score_range[1]:
-                raise ValueError(
-                    f"score_range must be [low, high] with low <= high, got {self.score_range}"
-                )
-
-
-@dataclass
-class JudgeSpec:
-    """An external judge for ``external_reward_dpo`` stages (and ``srlm judge``).
-
-    * ``kind: llm``: a causal LM at ``path`` prompted as a judge with ``reward_config``
-      (default: the run's ``reward_config``, else the paper's template).
-    * ``kind: reward_model``: ``AutoModelForSequenceClassification`` at ``path``; the text
-      is ``template`` rendered with the prompt and response; ``head`` scalar or classes.
-    * ``kind: python``: ``function: "package.module:name"``, a callable
-      ``(prompt, response) -> float | None``, an object with a ``score`` method, or a
-      class of such objects (instantiated without arguments).
-      This imports and runs the code you name: only name code you trust.
-    """
-
-    kind: Literal["llm", "reward_model", "python"]
-    path: str | None = None
-    tokenizer: str | None = None
-    dtype: DType = "float32"
-    reward_config: RewardConfigSpec | None = None
-    num_samples: int = 3
-    mode: Literal["mean", "expected"] = "mean"
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 256
-    batch_size: int | None = None
-    on_too_long: Literal["error", "truncate_response", "truncate_left"] = "error"
-    template: str = "{{ prompt }}\n{{ response }}"
-    head: Literal["scalar", "classes"] = "scalar"
-    class_values: list[float] | None = None
-    function: str | None = None
-
-    _LLM = (
-        "reward_config",
-        "num_samples",
-        "mode",
-        "temperature",
-        "top_p",
-        "max_new_tokens",
-        "on_too_long",
-    )
-    _RM = ("template", "head", "class_values")
-
-    def __post_init__(self) -> None:
-        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.init}
-        used = {k for k, d in defaults.items() if getattr(self, k) != d and k != "kind"}
-        allowed = {
-            "llm": {"path", "tokenizer", "dtype", "batch_size", *self._LLM},
-            "reward_model": {"path", "tokenizer", "dtype", "batch_size", *self._RM},
-            "python": {"function"},
-        }[self.kind]
-        wrong = sorted(used - allowed)
-        if wrong:
-            raise ValueError(
-                f"{wrong[0]!r} does not apply to a judge of kind {self.kind!r} "
-                f"(it takes: {', '.join(sorted(allowed))})"
-            )
-        if self.kind in ("llm", "reward_model") and self.path is None:
-            raise ValueError(f"a judge of kind {self.kind!r} needs path: <local model folder>")
-        if self.kind == "python" and (self.function is None or ":" not in self.function):
-            raise ValueError(
-                "a judge of kind 'python' needs function: 'package.module:name' (an importable "
-                "callable (prompt, response) -> float | None)"
-            )
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-@dataclass
-class AccelerateConfig:
-    """Arguments of ``accelerate.Accelerator``. ``log_with``: tracker names accelerate
-    knows (``tensorboard``, ``wandb``, ... each needs its package) or ``jsonl`` (built in:
-    ``<project_dir>/<project_name>/metrics.jsonl``). ``project_dir`` defaults to
-    ``<out>/logs``."""
-
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    log_with: list[str] | str | None = None
-    project_dir: str | None = None
-    project_name: str = "self-rewarding-lm"
-    cpu: bool = False
-
-    @property
-    def trackers(self) -> list[str]:
-        if self.log_with is None:
-            return []
-        return [self.log_with] if isinstance(self.log_with, str) else list(self.log_with)
-
-
-@dataclass
-class RunConfig:
-    """A whole ``srlm run``: model, tokenizer, named data, ordered stages, judges."""
-
-    model: ModelConfig
-    stages: list[dict[str, Any]]
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: dict[str, DataSource] = field(default_factory=dict)
-    judges: dict[str, JudgeSpec] = field(default_factory=dict)
-    reward_config: RewardConfigSpec | None = None
-    accelerate: AccelerateConfig = field(default_factory=AccelerateConfig)
-    out: str = "runs/srlm"
-    seed: int = 0
-    preference_max_seq_len: int = 1024
-    progress: bool = True
-
-    #: the validated stage dataclasses (built by :func:`build_stages`)
-    stage_objects: list[Any] = field(default_factory=list, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.stages:
-            raise ValueError("stages is empty; list at least one stage (e.g. - {kind: sft})")
-        if self.preference_max_seq_len < 2:
-            raise ValueError(
-                f"preference_max_seq_len must be >= 2, got {self.preference_max_seq_len}"
-            )
-
-
-# ====================================================================== validation
-
 
 def build_stages(stages: list[dict[str, Any]]) -> list[Any]:
     """Each stage mapping as its pipeline dataclass (chosen by ``kind``), with its
     ``trainer:`` keyword arguments checked against the trainer's signature."""
-    from .pipeline import STAGE_TYPES, check_trainer_kwargs
+    from ..pipeline import STAGE_TYPES, check_trainer_kwargs
 
     out = []
     for i, raw in enumerate(stages):
@@ -424,8 +143,8 @@ def _check_trackers(acc: AccelerateConfig, *, installed: bool) -> None:
 
 
 def _check_names(cfg: RunConfig) -> None:
-    from .pairs import PAIR_STRATEGIES
-    from .pipeline import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage
+    from ..pairs import PAIR_STRATEGIES
+    from ..pipeline import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage
 
     data = set(cfg.data)
 
@@ -532,7 +251,7 @@ def _check_files(cfg: RunConfig) -> None:
     for name, src in cfg.data.items():
         _check_exists(src.path, f"data.{name}.path")
         if src.path is not None and src.format == "auto":
-            from .io import detect_format
+            from ..io import detect_format
 
             try:
                 detect_format(src.path)
@@ -565,7 +284,7 @@ def _check_reward_configs(cfg: RunConfig, *, read_files: bool) -> None:
     """Compile the judge templates now (a bad template fails before any work)."""
     from jinja2.sandbox import SecurityError
 
-    from .judge import RewardConfig
+    from ..judge import RewardConfig
 
     specs = [("reward_config", cfg.reward_config)]
     specs += [(f"judges.{n}.reward_config", j.reward_config) for n, j in cfg.judges.items()]
@@ -577,7 +296,7 @@ def _check_reward_configs(cfg: RunConfig, *, read_files: bool) -> None:
             if spec.prompt_template_file is not None:
                 if not read_files:
                     continue
-                from .io import read_text
+                from ..io import read_text
 
                 template = read_text(spec.prompt_template_file)
             if template is not None:
@@ -661,7 +380,7 @@ def load_yaml(path: str | Path) -> Any:
     key given twice in one mapping; errors are :class:`ConfigError` naming the file and line."""
     import yaml
 
-    from .io import read_text
+    from ..io import read_text
 
     try:
         text = read_text(path)
@@ -677,12 +396,18 @@ def load_yaml(path: str | Path) -> Any:
         loader.dispose()
 
 
-def load_run_config(path: str | Path, *, check_files: bool = True) -> RunConfig:
-    """Read and validate a ``srlm run`` YAML file (see the module docstring)."""
+def load_run_config(
+    path: str | Path, *, check_files: bool = True, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Read and validate a ``srlm run`` YAML file (see the module docstring), with the
+    ``KEY=VALUE`` ``overrides`` applied to its mapping first."""
+    from .overrides import apply_overrides
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     data = load_yaml(path)
     if data is None:
         raise ConfigError(f"{path} is empty; see examples/*.yaml for a complete config")
+    data = apply_overrides(data, overrides)
     return parse_run_config(data, base_dir=path.resolve().parent, check_files=check_files)

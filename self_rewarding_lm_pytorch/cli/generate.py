@@ -1,0 +1,101 @@
+"""``srlm generate``: sample candidate responses for a file of prompts, to a resumable JSONL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .flags import dataclass_from_args
+from .inputs import _abspath, _device, _file_hash, _fingerprint, _row_keys, _source_from_args
+from .outputs import KeyedJsonlStore
+
+
+def _generate_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that shapes what ``srlm generate`` writes for a prompt."""
+    return {
+        "prompts": _abspath(args.prompts),
+        "prompt_field": args.prompt_field,
+        "messages_field": args.messages_field,
+        "model": _abspath(args.model),
+        "model_files": _fingerprint(args.model, "--model"),
+        "tokenizer": _abspath(args.tokenizer),
+        "tokenizer_files": _fingerprint(args.tokenizer, "--tokenizer") if args.tokenizer else None,
+        "chat_template_file": _file_hash(args.chat_template_file, "--chat-template-file"),
+        "no_chat_template": args.no_chat_template,
+        "dtype": args.dtype,
+        "num_candidates": args.num_return_sequences,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ..io import load_prompts
+
+    prompts = load_prompts(_source_from_args(args, args.prompts))
+    settings = _generate_settings(args)
+    keys = _row_keys(settings, prompts)
+    out = KeyedJsonlStore(
+        args.out,
+        name="generate",
+        settings=settings,
+        keys=keys,
+        flag="--out",
+        input_path=args.prompts,
+        overwrite=args.overwrite,
+    )
+    todo = [i for i, k in enumerate(keys) if k not in out.rows]
+    if todo:
+        _generate_into(out, args, prompts, keys)
+    out.finish(keys, [str(i) for i in range(len(prompts))])
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "prompts": len(prompts),
+                "generated": len(todo),
+                "reused": len(prompts) - len(todo),
+            }
+        )
+    )
+    return 0
+
+
+def _generate_into(
+    out: KeyedJsonlStore, args: argparse.Namespace, prompts: list[str], keys: list[str]
+) -> None:
+    """Sample the rows ``out`` lacks, in fixed chunks of the input (each seeded by its
+    first position), so a resumed run writes what an uninterrupted one would."""
+    import torch
+
+    from ..generation import GenerationConfig, generate_text
+    from ..hf import ensure_pad_token, load_model, load_tokenizer
+    from ..models import HFTokenizer
+    from .parser import GENERATE_EXCLUDED
+
+    hf_tok = load_tokenizer(
+        args.tokenizer or args.model, chat_template_file=args.chat_template_file
+    )
+    tok = HFTokenizer(hf_tok, use_chat_template=False if args.no_chat_template else None)
+    model = load_model(args.model, dtype=args.dtype)
+    ensure_pad_token(hf_tok, model)
+    model.to(_device(args.device))
+    config = dataclass_from_args(GenerationConfig, args, exclude=GENERATE_EXCLUDED)
+    for start in range(0, len(prompts), args.chunk_size):
+        idx = list(range(start, min(start + args.chunk_size, len(prompts))))
+        if all(keys[i] in out.rows for i in idx):
+            continue
+        gen = torch.Generator(device=_device(args.device)).manual_seed(args.seed + start)
+        texts = generate_text(model, tok, [prompts[i] for i in idx], config, generator=gen)
+        out.extend(
+            [
+                out.keyed({"id": str(i), "prompt": prompts[i], "responses": r}, keys[i])
+                for i, r in zip(idx, texts)
+                if keys[i] not in out.rows
+            ]
+        )
