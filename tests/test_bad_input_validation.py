@@ -85,7 +85,7 @@ def test_stage_value_out_of_range(tmp_path, key, value, rule):
 def test_old_judge_keys_name_their_new_place():
     import yaml
 
-    from self_rewarding_lm_pytorch.run_config import parse_run_config
+    from self_rewarding_lm_pytorch.config import parse_run_config
 
     # the Python API: refused when the stage is made, naming the new key and how to give it
     with pytest.raises(ConfigError) as e:
