@@ -23,14 +23,12 @@ even when micro-batches hold different numbers of response tokens.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import json
 import math
-import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,11 +38,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import ListDataset, collate_sft
+from ..data import collate_sft
 from ..models import CausalLM, unwrap_model, wrap_model
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainingConfig, _constructor_args
 from .early_stopping import EarlyStopping, score_model
+from .runtime import forget_prepared, make_accelerator, make_loader, make_optimizer, set_dropout
 from .schedules import length_grouped_batches, lr_multiplier, make_scheduler
 
 # lr_multiplier / length_grouped_batches are re-exported for code importing them from here
@@ -55,15 +54,6 @@ __all__ = [
     "lr_multiplier",
     "save_checkpoint",
 ]
-
-_DROPOUT_TYPES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 
 
 class BaseTrainer:
@@ -107,11 +97,6 @@ class BaseTrainer:
         config = self._resolve_config(config, overrides)
         if early_stopper_eval_module is not None and not callable(early_stopper_eval_module):
             raise TypeError("early_stopper_eval_module must be callable: (model) -> float")
-        if accelerator is not None and accelerate_kwargs:
-            raise ValueError(
-                "pass either accelerator or accelerate_kwargs, not both (the kwargs would be "
-                "ignored)"
-            )
         checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else output_dir
         if config.checkpoint_every is not None and checkpoint_dir is None:
             raise ValueError(
@@ -125,35 +110,19 @@ class BaseTrainer:
         for f in dataclasses.fields(config):  # every setting is an attribute too
             setattr(self, f.name, getattr(config, f.name))
 
-        # ---------------------------------------------------------------- accelerator
-        self._owns_trackers = False
-        if accelerator is None:
-            from accelerate import Accelerator
-
-            accelerator = Accelerator(**(accelerate_kwargs or {}))
-            if (accelerate_kwargs or {}).get("log_with") is not None:
-                accelerator.init_trackers(config.project_name)
-                self._owns_trackers = True
-        self.accelerator = accelerator
-
-        # ---------------------------------------------------------------- model
+        self.accelerator, self._owns_trackers = make_accelerator(
+            accelerator, accelerate_kwargs, config.project_name
+        )
         self.lm: CausalLM = (
             model if isinstance(model, CausalLM) else wrap_model(unwrap_model(model))
         )
         limits = [v for v in (config.max_seq_len, self.lm.max_seq_len) if v is not None]
         self.max_seq_len: int | None = min(limits) if limits else None
-
-        params = [p for p in self.lm.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-
-        groups = [{"params": decay, "weight_decay": self.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(
-            groups, lr=self.start_learning_rate, **(self.adam_kwargs or {})
+        optimizer = make_optimizer(
+            self.lm,
+            lr=config.start_learning_rate,
+            weight_decay=config.weight_decay,
+            adam_kwargs=config.adam_kwargs,
         )
         self.model, self.optimizer = self.accelerator.prepare(self.lm, optimizer)
         self._raw_optimizer = optimizer
@@ -221,18 +190,14 @@ class BaseTrainer:
         generator = None
         if shuffle and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        if shuffle and self.group_by_length and lengths is not None:
-            sampler = length_grouped_batches(lengths, batch_size, generator=generator)
-            loader = DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=collate_fn)
-        else:
-            loader = DataLoader(
-                ListDataset(items),
-                batch_size=batch_size,
-                shuffle=shuffle,
-                drop_last=False,
-                collate_fn=collate_fn,
-                generator=generator,
-            )
+        loader = make_loader(
+            items,
+            collate_fn,
+            shuffle=shuffle,
+            batch_size=batch_size,
+            generator=generator,
+            lengths=lengths if self.group_by_length else None,
+        )
         prepared = self.accelerator.prepare(loader)
         self._prepared += [loader, prepared]
         return prepared
@@ -271,20 +236,6 @@ class BaseTrainer:
         )
         self._scheduler_total = total
 
-    @contextlib.contextmanager
-    def _dropout_context(self) -> Iterator[None]:
-        saved: list[tuple[nn.Module, float]] = []
-        if self.dropout is not None:
-            for m in self.lm.modules():
-                if isinstance(m, _DROPOUT_TYPES):
-                    saved.append((m, m.p))
-                    m.p = self.dropout
-        try:
-            yield
-        finally:
-            for m, p in saved:
-                m.p = p
-
     # ------------------------------------------------------------------ release
     def release(self) -> None:
         """Give back the memory this trainer holds once it has finished training.
@@ -303,16 +254,7 @@ class BaseTrainer:
         # the raw optimizer: accelerate's wrapper skips zero_grad mid-accumulation
         self._raw_optimizer.zero_grad(set_to_none=True)
         self._raw_optimizer.state.clear()
-        acc = self.accelerator
-        mine = {id(obj) for obj in self._prepared}
-        gradient_state = getattr(acc, "gradient_state", None)
-        refs = getattr(gradient_state, "dataloader_references", None) or []
-        for loader in [r for r in refs if id(r) in mine]:
-            loader.end()  # a loop left before its end stays registered as active otherwise
-        for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
-            held = getattr(acc, name, None)
-            if isinstance(held, list):
-                held[:] = [obj for obj in held if id(obj) not in mine]
+        forget_prepared(self.accelerator, self._prepared)
         self._prepared = []
         self._release_extra()
         self.model = self.lm  # the bare CausalLM: no DDP wrapper (and its buckets) kept
@@ -388,33 +330,16 @@ class BaseTrainer:
         )
         self.last_checkpoint = path
         if self.keep_last_checkpoints is not None and self.is_main:
-            found = sorted(
-                (
-                    p
-                    for p in self.checkpoint_dir.glob("checkpoint-*")
-                    if p.is_dir() and p.name.split("-")[-1].isdigit()
-                ),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            for old in found[: -self.keep_last_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(self.checkpoint_dir, self.keep_last_checkpoints)
 
     # ------------------------------------------------------------------ early stopping
-    def _early_stop_score(self) -> float:
-        assert self.early_stopper_eval_module is not None
-        score = torch.zeros((), device=self.device, dtype=torch.float64)
-        if self.is_main:
-            score.fill_(score_model(self.early_stopper_eval_module, self.unwrapped_model(), self.lm))
-        if self.num_processes > 1:
-            from accelerate.utils import broadcast
-
-            score = broadcast(score)
-        return float(score)
-
     def _early_stop_check(self) -> bool:
         """Evaluate, keep the best state in CPU memory; True when patience is used up."""
         assert self._early_stop is not None
-        score = self._early_stop_score()
+        assert self.early_stopper_eval_module is not None
+        score = score_model(
+            self.early_stopper_eval_module, self.unwrapped_model(), self.lm, self.accelerator
+        )
         stop = self._early_stop.check(self.unwrapped_model(), score, self.step)
         self._log({"step": self.step, "early_stop_score": score})
         return stop
@@ -423,7 +348,9 @@ class BaseTrainer:
         assert self._early_stop is not None
         if self._early_stop.last_eval_step != self.step:
             self._early_stop_check()
-        return self._early_stop.finish(self.unwrapped_model(), self.step, stopped=self.early_stopped)
+        return self._early_stop.finish(
+            self.unwrapped_model(), self.step, stopped=self.early_stopped
+        )
 
     # ------------------------------------------------------------------ one update
     def _reduce_sum(self, t: Tensor) -> Tensor:
@@ -520,7 +447,7 @@ class BaseTrainer:
             disable=not (self.progress and self.is_main),
         )
         try:
-            with self._dropout_context():
+            with set_dropout(self.lm, self.dropout):
                 if self.early_stopper_eval_module is not None:
                     self._early_stop_check()  # the starting model is a candidate too
                 stop = False

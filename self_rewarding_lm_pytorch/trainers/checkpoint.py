@@ -22,6 +22,7 @@ __all__ = [
     "SAFETENSORS_NAME",
     "STATE_NAME",
     "load_checkpoint",
+    "prune_checkpoints",
     "save_checkpoint",
 ]
 
@@ -29,7 +30,6 @@ SAFETENSORS_NAME = "model.safetensors"
 STATE_NAME = "trainer_state.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-
 
 
 def _check_finite_params(module: nn.Module) -> None:
@@ -218,3 +218,12 @@ def _load_adapter_checkpoint(module: nn.Module, path: Path, *, strict: bool) -> 
                 "it into a model with the LoRA settings it was saved with"
             ) from exc
 
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` ``checkpoint-<step>`` folders in ``folder``."""
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -70,26 +70,34 @@ class EarlyStopping:
 
 
 def score_model(
-    evaluate: Callable[[nn.Module], Any], model: nn.Module, lm: nn.Module
+    evaluate: Callable[[nn.Module], Any], model: nn.Module, lm: nn.Module, accelerator: Any
 ) -> float:
-    """``evaluate(model)`` in eval mode without gradients, checked to be one number."""
-    was_training = lm.training
-    lm.eval()
-    try:
-        with torch.no_grad():
-            value = evaluate(model)
-    finally:
-        lm.train(was_training)
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(
-                f"early_stopper_eval_module must return one number, got a tensor of "
-                f"shape {tuple(value.shape)}"
+    """``evaluate(model)`` on the main process (``lm`` in eval mode, no gradients), checked to
+    be one number and broadcast to every process."""
+    score = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    if accelerator.is_main_process:
+        was_training = lm.training
+        lm.eval()
+        try:
+            with torch.no_grad():
+                value = evaluate(model)
+        finally:
+            lm.train(was_training)
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"early_stopper_eval_module must return one number, got a tensor of "
+                    f"shape {tuple(value.shape)}"
+                )
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                "early_stopper_eval_module must return a float (or a one-element tensor), "
+                f"got {type(value).__name__}"
             )
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            "early_stopper_eval_module must return a float (or a one-element tensor), "
-            f"got {type(value).__name__}"
-        )
-    return float(value)
+        score.fill_(float(value))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        score = broadcast(score)
+    return float(score)

@@ -34,7 +34,6 @@ def lr_multiplier(
     return lr / start_lr
 
 
-
 def length_grouped_batches(
     lengths: Sequence[int],
     batch_size: int,
@@ -56,7 +55,6 @@ def length_grouped_batches(
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     perm = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in perm]
-
 
 
 def make_scheduler(
