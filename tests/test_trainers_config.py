@@ -165,3 +165,12 @@ def test_build_config_checks_a_trainer_mapping():
     with pytest.raises(ConfigError, match=r"trainer\.lam: expected a number, got str 'x'; "
                        r"SPINTrainer's lam takes float"):  # fmt: skip
         build_config(SPINTrainer, {"spin_λ": "x"}, "trainer")
+
+
+def test_wrong_type_is_a_type_error_naming_the_expected_type(tmp_path):
+    with pytest.raises(TypeError, match=r"^batch_size: expected an integer, got str 'ten'; "
+                       r"SFTTrainer's batch_size takes int$") as info:  # fmt: skip
+        build(SFTTrainer, tmp_path, batch_size="ten")
+    assert isinstance(info.value, ConfigError)  # a ValueError too, as every config error
+    with pytest.raises(TypeError, match="SPINTrainer needs max_seq_len"):
+        SPINTrainer(tiny_lm(), sft_dataset=sft(), accelerate_kwargs=CPU)

@@ -155,7 +155,14 @@ class TrainingConfig:
                 )
         kwargs = cls._normalize(overrides)
         out = dataclasses.replace(config, **kwargs) if config is not None else cls(**kwargs)
-        out.validate()
+        try:
+            out.validate()
+        except ConfigTypeError as exc:
+            if exc.expected is None:
+                raise
+            raise ConfigTypeError(
+                f"{exc}; {owner}'s {exc.key} takes {exc.expected}", exc.key, exc.expected
+            ) from None
         return out
 
     # ------------------------------------------------------------------ validation
@@ -427,7 +434,6 @@ def build_config(trainer_cls: type, kwargs: dict[str, Any], where: str) -> Train
     try:
         return config_class.from_kwargs(None, overrides, owner=name)
     except ConfigTypeError as exc:
-        takes = f"; {name}'s {exc.key} takes {exc.expected}" if exc.expected else ""
-        raise ConfigError(f"{where}.{exc}{takes}") from None
+        raise ConfigError(f"{where}.{exc}" if exc.expected else f"{where}: {exc}") from None
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
