@@ -7,7 +7,7 @@ progress bar, metric logging (``accelerator.log`` and ``<output_dir>/metrics.jso
 guard against non-finite losses, early stopping on an evaluation module, and
 periodic checkpoints. Its hyper-parameters are a :class:`~.config.TrainingConfig`; the
 checkpoint format is in ``checkpoint.py``, schedules in ``schedules.py``, the early-stopping
-state in ``early_stopping.py``.
+state in ``early_stopping.py``, accelerator / optimizer / loader set-up in ``runtime.py``.
 
 Subclasses implement three methods:
 
