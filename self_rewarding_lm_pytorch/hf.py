@@ -259,7 +259,7 @@ def export_model(
         if not hasattr(model, "save_pretrained"):
             raise TypeError(
                 f"{type(model).__name__} is not a Hugging Face model; save it with "
-                "trainers.base.save_checkpoint instead"
+                "trainers.save_checkpoint instead"
             )
         model.save_pretrained(str(out))
     hf_tok = getattr(tokenizer, "tokenizer", tokenizer)  # an HFTokenizer adapter or the tokenizer

@@ -14,7 +14,7 @@ from self_rewarding_lm_pytorch.generation import (
     reference_generate,
 )
 from self_rewarding_lm_pytorch.losses import token_logprobs
-from self_rewarding_lm_pytorch.trainers.base import save_checkpoint
+from self_rewarding_lm_pytorch.trainers.checkpoint import save_checkpoint
 
 PROMPTS = [[5, 9, 12], [7, 3], [40, 41, 42, 43, 44], [7, 3]]
 

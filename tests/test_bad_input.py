@@ -40,7 +40,7 @@ from self_rewarding_lm_pytorch.pipeline import (
     SFTStage,
 )
 from self_rewarding_lm_pytorch.store import StoreError, read_jsonl
-from self_rewarding_lm_pytorch.trainers.base import load_checkpoint, save_checkpoint
+from self_rewarding_lm_pytorch.trainers.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DPO = "01-external-reward-dpo"

@@ -17,7 +17,7 @@ from self_rewarding_lm_pytorch.pipeline import (
     SelfRewardingTrainer,
 )
 from self_rewarding_lm_pytorch.store import read_jsonl
-from self_rewarding_lm_pytorch.trainers.base import load_checkpoint, save_checkpoint
+from self_rewarding_lm_pytorch.trainers.checkpoint import load_checkpoint, save_checkpoint
 
 DPO = "01-external-reward-dpo"
 

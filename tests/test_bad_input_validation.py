@@ -1,7 +1,7 @@
 """Bad-input catalogue, "Values checked before training" (``docs/bad-input.md``).
 
 Every value, every data file and every prompt is checked before any stage runs: by the
-stage configs themselves (``validate()``), against the trainers' signatures, and by the
+stage configs themselves (``validate()``), against the trainers' configs, and by the
 pipeline's pre-flight (``SelfRewardingTrainer.preflight``, run first by ``run()`` and by
 ``srlm run --check``).
 """
@@ -153,6 +153,24 @@ def test_trainer_argument_of_wrong_type(tmp_path):
     assert "SFTTrainer" in msg
     # a value of the right type passes, an int is a float where a float is expected
     trainer(tmp_path, [SFTStage(trainer=dict(batch_size=3, start_learning_rate=1))])
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("stage", "excerpt"),
+    [
+        (SFTStage(trainer=dict(batch_size=0)), "batch_size must be >= 1, got 0; use e.g. 16"),
+        (
+            quick_preference(trainer=dict(beta=-1.0)),
+            "beta must be a finite number > 0, got -1.0",
+        ),
+        (SPINStage(trainer=dict(top_p=1.5)), r"top_p must lie in \(0, 1\], got 1.5"),
+    ],
+)
+def test_trainer_argument_out_of_range(tmp_path, stage, excerpt):
+    # refused when the pipeline is built (not when the stage's trainer is, after SFT trained)
+    with pytest.raises(ConfigError, match=rf"^stage 02-[a-z-]+: trainer: {excerpt}"):
+        trainer(tmp_path, [SFT, stage])
     assert nothing_written(tmp_path)
 
 

@@ -154,7 +154,7 @@ def test_checkpoint_files_reach_the_disk_before_the_rename(tmp_path, monkeypatch
 
     from tiny import tiny_model
 
-    from self_rewarding_lm_pytorch.trainers.base import save_checkpoint
+    from self_rewarding_lm_pytorch.trainers.checkpoint import save_checkpoint
 
     events = []
     real_fsync, real_replace = os_module.fsync, os_module.replace

@@ -356,7 +356,7 @@ def test_lora_stage_checkpoint_is_an_adapter_folder_that_peft_and_the_loaders_op
     from safetensors.torch import load_file
 
     from self_rewarding_lm_pytorch.pipeline import SelfRewardingTrainer, SFTStage
-    from self_rewarding_lm_pytorch.trainers.base import load_checkpoint
+    from self_rewarding_lm_pytorch.trainers.checkpoint import load_checkpoint
 
     def run(model):
         return SelfRewardingTrainer(

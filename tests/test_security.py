@@ -28,7 +28,7 @@ from self_rewarding_lm_pytorch.judge import (
     RewardModelJudge,
     TemplateSecurityError,
 )
-from self_rewarding_lm_pytorch.trainers.base import load_checkpoint
+from self_rewarding_lm_pytorch.trainers.checkpoint import load_checkpoint
 
 PACKAGE = Path(__file__).resolve().parents[1] / "self_rewarding_lm_pytorch"
 

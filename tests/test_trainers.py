@@ -25,7 +25,7 @@ from self_rewarding_lm_pytorch.trainers import (
     load_checkpoint,
     save_checkpoint,
 )
-from self_rewarding_lm_pytorch.trainers.base import lr_multiplier
+from self_rewarding_lm_pytorch.trainers.schedules import lr_multiplier
 
 VOCAB = 32
 
@@ -476,7 +476,7 @@ def test_peft_reference_current_adapter_or_disabled_adapter():
 
 
 def test_length_grouped_batches_cover_every_item_once_with_less_padding():
-    from self_rewarding_lm_pytorch.trainers.base import length_grouped_batches
+    from self_rewarding_lm_pytorch.trainers.schedules import length_grouped_batches
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (1000,), generator=g).tolist()

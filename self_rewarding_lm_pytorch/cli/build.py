@@ -89,7 +89,7 @@ def _build_model(cfg: RunConfig, tokenizer: Any) -> Any:
 
         model = model.to(torch_dtype(m.dtype))
     if m.checkpoint is not None:
-        from ..trainers.base import load_checkpoint
+        from ..trainers.checkpoint import load_checkpoint
 
         load_checkpoint(model, m.checkpoint)
     return model

@@ -110,7 +110,7 @@ class TorchBackend:
         return out
 
     def load_weights(self, checkpoint: str | Path) -> None:
-        from ..trainers.base import load_checkpoint
+        from ..trainers.checkpoint import load_checkpoint
 
         load_checkpoint(self.lm.module, checkpoint)
 

@@ -24,7 +24,7 @@ from ..store import (
     clear_run_dir,
     ensure_run_dir,
 )
-from ..trainers.base import load_checkpoint
+from ..trainers.checkpoint import load_checkpoint
 from .inputs import StageInputs
 from .preference import PairBuilder, prompts_tried
 from .report import config_yaml, write_report

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ..config import ConfigError, from_dict, renamed_key
 from ..judge import JudgeConfig
-from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
+from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, build_config
 
 __all__ = [
     "STAGE_TRAINERS",
@@ -321,8 +320,8 @@ def _check_types(stage: Any) -> None:
 
 
 def check_trainer_kwargs(stage: Stage) -> None:
-    """Check a stage's values (its ``validate()``) and its trainer keyword arguments (names
-    and types, against the trainer constructors' signatures) before any work starts.
+    """Check a stage's values (its ``validate()``) and its trainer keyword arguments (names,
+    types and ranges, against the trainer's config) before any work starts.
 
     Raises :class:`ConfigError` naming the key, the problem and the fix.
     """
@@ -331,48 +330,7 @@ def check_trainer_kwargs(stage: Stage) -> None:
     kwargs = getattr(stage, "trainer", {})
     if trainer_cls is None or not kwargs:
         return
-    import difflib
-
-    from ..config import _convert, _type_name
-
-    valid: dict[str, Any] = {}
-    for cls in trainer_cls.__mro__:  # trainers pass **kwargs up to their base classes
-        init = cls.__dict__.get("__init__")
-        if init is not None:
-            hints = _annotations(init)
-            for n, p in inspect.signature(init).parameters.items():
-                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ("self", "model"):
-                    valid.setdefault(n, hints.get(n, Any))
-    for key, value in kwargs.items():
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{stage.kind}.trainer: unknown {trainer_cls.__name__} argument {key!r}{hint}"
-            )
-        if value is None or isinstance(value, (bool, int, float, str, list, tuple, dict)):
-            try:  # plain (YAML) values; other Python objects are left to the trainer
-                _convert(value, valid[key], f"trainer.{key}")
-            except ConfigError as exc:
-                raise ConfigError(
-                    f"{exc}; {trainer_cls.__name__}'s {key} takes {_type_name(valid[key])}"
-                ) from None
-
-
-def _annotations(fn: Callable) -> dict[str, Any]:
-    """A function's resolved parameter annotations; a name imported only for type checking
-    resolves to ``Any`` (so it is not checked)."""
-    localns: dict[str, Any] = {}
-    for _ in range(len(getattr(fn, "__annotations__", {})) + 1):  # one retry per name
-        try:
-            return typing.get_type_hints(fn, localns=localns)
-        except NameError as exc:
-            if exc.name is None or exc.name in localns:
-                break
-            localns[exc.name] = Any
-        except TypeError:  # e.g. such a name used as a generic: nothing to check
-            break
-    return {}
+    build_config(trainer_cls, kwargs, "trainer")
 
 
 def plan_names(stages: Sequence[Stage]) -> list[str]:

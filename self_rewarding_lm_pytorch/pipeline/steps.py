@@ -18,7 +18,7 @@ from ..models import Tokenizer, wrap_model
 from ..prompts import generate_prompts
 from ..store import JsonlStore, atomic_write_json, read_jsonl
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
-from ..trainers.base import save_checkpoint
+from ..trainers.checkpoint import save_checkpoint
 from .preference import seed_for
 from .report import plain
 from .stages import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage, Stage

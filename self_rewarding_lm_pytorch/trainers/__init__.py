@@ -1,16 +1,24 @@
-"""Training loops on accelerate: SFT, DPO and SPIN (see ``base.py`` for the shared loop)."""
+"""Training loops on accelerate: SFT, DPO and SPIN (see ``base.py`` for the shared loop,
+``config.py`` for their typed settings, ``checkpoint.py`` for the checkpoint format)."""
 
-from .base import BaseTrainer, load_checkpoint, save_checkpoint
+from .base import BaseTrainer
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DPOConfig, SFTConfig, SPINConfig, TrainingConfig, build_config
 from .dpo import DPOTrainer, PreferenceTrainer
 from .sft import SFTTrainer
 from .spin import SPINTrainer
 
 __all__ = [
     "BaseTrainer",
+    "DPOConfig",
     "DPOTrainer",
     "PreferenceTrainer",
+    "SFTConfig",
     "SFTTrainer",
+    "SPINConfig",
     "SPINTrainer",
+    "TrainingConfig",
+    "build_config",
     "load_checkpoint",
     "save_checkpoint",
 ]

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +29,6 @@ from ..data import (
     to_sft_example,
 )
 from ..losses import (
-    DPO_LOSS_TYPES,
     PreferenceLossOutput,
     dpo_loss,
     nll_loss,
@@ -39,6 +36,7 @@ from ..losses import (
 )
 from ..models import CausalLM, unwrap_model, wrap_model
 from .base import BaseTrainer
+from .config import DPOConfig, PreferenceConfig
 
 __all__ = ["DPOTrainer", "PreferenceTrainer"]
 
@@ -61,43 +59,25 @@ class PreferenceTrainer(BaseTrainer):
 
     pos_name = "chosen"
     neg_name = "rejected"
+    config_class = PreferenceConfig
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        nll_weight: float = 0.0,
         replay_dataset: Any = None,
-        replay_weight: float = 1.0,
-        replay_batch_size: int | None = None,
-        ref_batch_size: int | None = None,
-        pad_id: int | None = None,
+        config: PreferenceConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        for name, value in (("nll_weight", nll_weight), ("replay_weight", replay_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for name, value in (
-            ("replay_batch_size", replay_batch_size),
-            ("ref_batch_size", ref_batch_size),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        self.pad_id = pad_id
-        self.nll_weight = float(nll_weight)
-        self.replay_weight = float(replay_weight)
+        config = self._resolve_config(config, self._take_overrides(kwargs))
         self.replay_examples: list[SFTExample] | None = None
         if replay_dataset is not None:
             self.replay_examples = materialize(
-                replay_dataset, partial(to_sft_example, pad_id=pad_id), name="replay_dataset"
+                replay_dataset, partial(to_sft_example, pad_id=config.pad_id), name="replay_dataset"
             )
-        super().__init__(model, **kwargs)
-        self.replay_batch_size = replay_batch_size or self.batch_size
-        self.ref_batch_size = ref_batch_size or 2 * self.batch_size
+        super().__init__(model, config=config, **kwargs)
+        self.replay_batch_size = config.replay_batch_size or self.batch_size
+        self.ref_batch_size = config.ref_batch_size or 2 * self.batch_size
         self.pairs: list[PreferenceExample] = []
         self.ref_logps: Tensor | None = None
         self.ref_lm: CausalLM | None = None  # only for on-the-fly references
@@ -265,104 +245,42 @@ class DPOTrainer(PreferenceTrainer):
             ``check_early_stop_every`` steps and at the end; training stops after
             ``early_stop_patience`` evaluations without improvement (``early_stop_mode``
             "min" or "max") and the best state is restored.
+        config: a :class:`~self_rewarding_lm_pytorch.trainers.config.DPOConfig` (beta,
+            loss_type, ... above and the loop's settings); its field names given as keywords
+            override it.
 
     Other keyword arguments are those of :class:`~self_rewarding_lm_pytorch.trainers.base.BaseTrainer`.
     """
 
     desc = "dpo"
+    config_class = DPOConfig
 
     def __init__(
         self,
         model: nn.Module,
         *,
         train_dataset: Any,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        label_smoothing: float = 0.0,
-        nll_weight: float = 0.0,
         replay_dataset: Any = None,
-        replay_weight: float = 1.0,
-        replay_batch_size: int | None = None,
         ref_model: nn.Module | None = None,
-        precompute_ref_logps: bool = True,
-        ref_adapter: str = "current",
-        batch_size: int = 16,
-        grad_accum_steps: int = 1,
-        num_epochs: int = 1,
-        num_train_steps: int | None = None,
-        start_learning_rate: float = 1e-6,
-        end_learning_rate: float = 1e-7,
-        warmup_steps: int = 0,
-        max_grad_norm: float | None = 1.0,
-        dropout: float | None = None,
-        max_seq_len: int | None = None,
-        early_stopper_eval_module: Callable[[nn.Module], Any] | None = None,
-        early_stop_mode: str = "min",
-        check_early_stop_every: int = 200,
-        early_stop_patience: int = 1,
-        accelerator: Any = None,
-        accelerate_kwargs: dict[str, Any] | None = None,
-        output_dir: str | Path | None = None,
-        checkpoint_every: int | None = None,
-        seed: int | None = None,
-        pad_id: int | None = None,
+        config: DPOConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(
-                f"unknown DPO loss_type {loss_type!r}; choose one of {', '.join(DPO_LOSS_TYPES)}"
-            )
-        # validate beta / label_smoothing now rather than at the first step
-        z, n = torch.zeros(1), torch.ones(1)
-        dpo_loss(z, z, z, z, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                 chosen_lengths=n, rejected_lengths=n)  # fmt: skip
+        config = self._resolve_config(config, self._take_overrides(kwargs))
         if ref_model is not None and not isinstance(ref_model, nn.Module):
             raise TypeError(f"ref_model must be an nn.Module, got {type(ref_model).__name__}")
-        if ref_adapter not in ("current", "disabled"):
-            raise ValueError(f"ref_adapter must be 'current' or 'disabled', got {ref_adapter!r}")
-        if ref_adapter == "disabled" and ref_model is not None:
+        if config.ref_adapter == "disabled" and ref_model is not None:
             raise ValueError(
                 "ref_adapter='disabled' makes the reference the policy without its adapter; "
                 "it cannot be combined with ref_model"
             )
         pairs = materialize(
-            train_dataset, partial(to_preference_example, pad_id=pad_id), name="train_dataset"
+            train_dataset,
+            partial(to_preference_example, pad_id=config.pad_id),
+            name="train_dataset",
         )
-        super().__init__(
-            model,
-            nll_weight=nll_weight,
-            replay_dataset=replay_dataset,
-            replay_weight=replay_weight,
-            replay_batch_size=replay_batch_size,
-            pad_id=pad_id,
-            batch_size=batch_size,
-            grad_accum_steps=grad_accum_steps,
-            num_epochs=num_epochs,
-            num_train_steps=num_train_steps,
-            start_learning_rate=start_learning_rate,
-            end_learning_rate=end_learning_rate,
-            warmup_steps=warmup_steps,
-            max_grad_norm=max_grad_norm,
-            dropout=dropout,
-            max_seq_len=max_seq_len,
-            early_stopper_eval_module=early_stopper_eval_module,
-            early_stop_mode=early_stop_mode,
-            check_early_stop_every=check_early_stop_every,
-            early_stop_patience=early_stop_patience,
-            accelerator=accelerator,
-            accelerate_kwargs=accelerate_kwargs,
-            output_dir=output_dir,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-            **kwargs,
-        )
+        super().__init__(model, replay_dataset=replay_dataset, config=config, **kwargs)
         self.pairs = pairs
-        self.beta = float(beta)
-        self.loss_type = loss_type
-        self.label_smoothing = float(label_smoothing)
-        self.precompute_ref_logps = bool(precompute_ref_logps)
-        self.ref_adapter = ref_adapter
-        if ref_adapter == "disabled":
+        if self.ref_adapter == "disabled":
             self._adapter_ref_model()  # fail now when the model is not a peft model
         self._given_ref: CausalLM | None = None
         if ref_model is not None:

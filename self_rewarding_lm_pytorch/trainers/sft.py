@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 from ..data import SFTExample, materialize, to_sft_example
 from ..losses import nll_loss
 from .base import BaseTrainer
+from .config import SFTConfig
 
 __all__ = ["SFTTrainer", "evaluate_nll"]
 
@@ -53,12 +53,14 @@ class SFTTrainer(BaseTrainer):
         train_dataset: the training examples.
         valid_dataset: optional; its response NLL is logged as ``valid_nll`` every
             ``eval_every`` steps and at the end.
-        pad_id: trailing ``pad_id`` tokens of dataset items are stripped.
-
-    Defaults follow the paper's SFT: learning rate 5.5e-6 decaying (cosine) to 1.1e-6.
+        config: an :class:`~self_rewarding_lm_pytorch.trainers.config.SFTConfig` (its
+            fields may also be given as keywords; ``pad_id``: trailing pad tokens of
+            dataset items are stripped). Defaults follow the paper's SFT: learning rate
+            5.5e-6 decaying (cosine) to 1.1e-6.
     """
 
     desc = "sft"
+    config_class = SFTConfig
 
     def __init__(
         self,
@@ -66,55 +68,18 @@ class SFTTrainer(BaseTrainer):
         *,
         train_dataset: Any,
         valid_dataset: Any = None,
-        batch_size: int = 16,
-        grad_accum_steps: int = 1,
-        num_epochs: int = 1,
-        num_train_steps: int | None = None,
-        start_learning_rate: float = 5.5e-6,
-        end_learning_rate: float = 1.1e-6,
-        warmup_steps: int = 0,
-        lr_schedule: str = "cosine",
-        weight_decay: float = 0.0,
-        max_grad_norm: float | None = 1.0,
-        dropout: float | None = None,
-        max_seq_len: int | None = None,
-        pad_id: int | None = None,
-        accelerator: Any = None,
-        accelerate_kwargs: dict[str, Any] | None = None,
-        output_dir: str | Path | None = None,
-        checkpoint_every: int | None = None,
-        seed: int | None = None,
+        config: SFTConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        self.pad_id = pad_id
-        convert: Callable[[Any], SFTExample] = partial(to_sft_example, pad_id=pad_id)
+        config = self._resolve_config(config, self._take_overrides(kwargs))
+        convert: Callable[[Any], SFTExample] = partial(to_sft_example, pad_id=config.pad_id)
         self.train_examples = materialize(train_dataset, convert, name="train_dataset")
         self.valid_examples = (
             materialize(valid_dataset, convert, name="valid_dataset")
             if valid_dataset is not None
             else None
         )
-        super().__init__(
-            model,
-            batch_size=batch_size,
-            grad_accum_steps=grad_accum_steps,
-            num_epochs=num_epochs,
-            num_train_steps=num_train_steps,
-            start_learning_rate=start_learning_rate,
-            end_learning_rate=end_learning_rate,
-            warmup_steps=warmup_steps,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-            dropout=dropout,
-            max_seq_len=max_seq_len,
-            accelerator=accelerator,
-            accelerate_kwargs=accelerate_kwargs,
-            output_dir=output_dir,
-            checkpoint_every=checkpoint_every,
-            seed=seed,
-            **kwargs,
-        )
+        super().__init__(model, config=config, **kwargs)
 
     def _num_items(self) -> int:
         return len(self.train_examples)

@@ -24,7 +24,6 @@ The seed's keyword arguments (``sft_dataset``, ``max_seq_len``, ``spin_λ``,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -35,54 +34,13 @@ from torch import Tensor, nn
 
 from ..data import PreferenceExample, SFTExample, materialize, to_sft_example
 from ..generation import GenerationConfig, generate, response_budget
-from ..losses import SPIN_LOSS_TYPES, PreferenceLossOutput, spin_loss
+from ..losses import PreferenceLossOutput, spin_loss
 from ..models import wrap_model
+from .config import SPIN_SCHEDULES, SPINConfig
 from .dpo import PreferenceTrainer
 from .sft import evaluate_nll
 
 __all__ = ["SPIN_SCHEDULES", "SPINTrainer"]
-
-
-SPIN_SCHEDULES: tuple[str, ...] = ("official", "per_epoch")
-_OFFICIAL_EPOCHS_PER_ITERATION = 3  # uclaml/SPIN configs/config*.yaml: num_train_epochs
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _schedule_epochs(
-    schedule: str, epochs: int | None, iterations: int | None, epochs_per_iteration: int | None
-) -> tuple[int, int]:
-    """``(total epochs, epochs per iteration)`` from the SPIN schedule settings."""
-    if schedule not in SPIN_SCHEDULES:
-        raise ValueError(
-            f"unknown SPIN schedule {schedule!r}; choose 'official' (generate once per "
-            "iteration, several epochs on it, mixed with the previous iteration's data) or "
-            "'per_epoch' (generate anew every epoch)"
-        )
-    if schedule == "per_epoch":
-        if epochs_per_iteration not in (None, 1):
-            raise ValueError(
-                f"schedule='per_epoch' trains one epoch per iteration, got "
-                f"epochs_per_iteration={epochs_per_iteration!r}; drop it or use "
-                "schedule='official'"
-            )
-        per_iteration = 1
-    elif epochs_per_iteration is None:
-        per_iteration = _OFFICIAL_EPOCHS_PER_ITERATION
-    else:
-        per_iteration = _positive_int("epochs_per_iteration", epochs_per_iteration)
-    if epochs is not None and iterations is not None:
-        raise ValueError(
-            "pass epochs (passes in all) or iterations (SPIN iterations of "
-            "epochs_per_iteration epochs each), not both"
-        )
-    if iterations is not None:
-        return _positive_int("iterations", iterations) * per_iteration, per_iteration
-    return (2 if epochs is None else _positive_int("epochs", epochs)), per_iteration
 
 
 class SPINTrainer(PreferenceTrainer):
@@ -120,6 +78,8 @@ class SPINTrainer(PreferenceTrainer):
             ``loss_type`` ("sigmoid" or "hinge").
         generate_batch_size: prompts per ``generate`` call (default ``max(batch_size, 32)``).
         seed: seeds the global RNG, data order and sampling.
+        config: a :class:`~self_rewarding_lm_pytorch.trainers.config.SPINConfig` holding
+            the settings above (datasets and folders aside); keywords override it.
 
     Other keyword arguments are those of :class:`~self_rewarding_lm_pytorch.trainers.base.BaseTrainer`.
     """
@@ -128,42 +88,17 @@ class SPINTrainer(PreferenceTrainer):
     pos_name = "real"
     neg_name = "generated"
 
+    config_class = SPINConfig
+
     def __init__(
         self,
         model: nn.Module,
         *,
         sft_dataset: Any = None,
-        max_seq_len: int,
         train_sft_dataset: Any = None,
         valid_sft_dataset: Any = None,
-        valid_every: int | None = None,
-        batch_size: int = 16,
-        grad_accum_steps: int = 2,
-        epochs: int | None = None,
-        iterations: int | None = None,
-        schedule: str = "official",
-        epochs_per_iteration: int | None = None,
-        start_learning_rate: float = 1e-6,
-        end_learning_rate: float = 1e-7,
-        learning_rate_num_decay_steps: int = 1000,
-        dropout: float | None = 0.0,
-        weight_decay: float = 0.0,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        top_k: int = 0,
-        filter_kwargs: dict[str, Any] | None = None,
-        pad_id: int | None = -1,
-        eos_id: int | None = None,
-        checkpoint_every: int | None = None,
         checkpoint_folder: str | Path = "./spin-checkpoints",
-        spin_λ: float = 0.1,  # the seed's keyword
-        spin_kwargs: dict[str, Any] | None = None,
-        generate_batch_size: int | None = None,
-        max_grad_norm: float | None = 1.0,
-        accelerator: Any = None,
-        accelerate_kwargs: dict[str, Any] | None = None,
-        output_dir: str | Path | None = None,
-        seed: int | None = None,
+        config: SPINConfig | None = None,
         **kwargs: Any,
     ) -> None:
         if sft_dataset is not None and train_sft_dataset is not None:
@@ -171,49 +106,15 @@ class SPINTrainer(PreferenceTrainer):
         sft_dataset = sft_dataset if sft_dataset is not None else train_sft_dataset
         if sft_dataset is None:
             raise ValueError("SPINTrainer needs sft_dataset: the SFT examples to self-play on")
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an int >= 2, got {max_seq_len!r}")
-        epochs, per_iteration = _schedule_epochs(schedule, epochs, iterations, epochs_per_iteration)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-        if not math.isfinite(temperature) or temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if filter_kwargs:
-            unknown = set(filter_kwargs) - {"thres"}
-            if unknown:
-                raise ValueError(
-                    f"filter_kwargs only supports 'thres' (the seed's top-p threshold), got "
-                    f"{sorted(unknown)}; use top_p / top_k instead"
-                )
-            top_p = float(filter_kwargs["thres"])
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        lam, loss_type = float(spin_λ), "sigmoid"
-        if spin_kwargs:
-            allowed = {"λ", "lam", "loss_type"}
-            unknown = set(spin_kwargs) - allowed
-            if unknown:
-                raise ValueError(
-                    f"unsupported spin_kwargs {sorted(unknown)}; supported: {sorted(allowed)}"
-                )
-            lam = float(spin_kwargs.get("λ", spin_kwargs.get("lam", lam)))
-            loss_type = spin_kwargs.get("loss_type", loss_type)
-        if loss_type not in SPIN_LOSS_TYPES:
-            raise ValueError(
-                f"unknown SPIN loss_type {loss_type!r}; choose one of {', '.join(SPIN_LOSS_TYPES)}"
+        config = self._resolve_config(config, self._take_overrides(kwargs))
+        max_seq_len = config.max_seq_len
+        if max_seq_len is None:
+            raise TypeError(
+                "SPINTrainer needs max_seq_len: the bound on prompt + response of real and "
+                "generated responses (e.g. max_seq_len=256)"
             )
-        z = torch.zeros(1)
-        spin_loss(z, z, z, z, lam=lam, loss_type=loss_type)  # validates lam
-        if generate_batch_size is not None and (
-            isinstance(generate_batch_size, bool)
-            or not isinstance(generate_batch_size, int)
-            or generate_batch_size < 1
-        ):
-            raise ValueError(
-                f"generate_batch_size must be a positive int, got {generate_batch_size!r}"
-            )
-
-        convert = partial(to_sft_example, pad_id=pad_id)
+        epochs, per_iteration = config.epoch_plan()
+        convert = partial(to_sft_example, pad_id=config.pad_id)
         sft = materialize(sft_dataset, convert, name="sft_dataset")
         limit = min(max_seq_len, getattr(model, "max_seq_len", None) or max_seq_len)
         for i, ex in enumerate(sft):
@@ -228,42 +129,17 @@ class SPINTrainer(PreferenceTrainer):
             if valid_sft_dataset is not None
             else None
         )
-        super().__init__(
-            model,
-            pad_id=pad_id,
-            batch_size=batch_size,
-            grad_accum_steps=grad_accum_steps,
-            num_epochs=epochs,
-            start_learning_rate=start_learning_rate,
-            end_learning_rate=end_learning_rate,
-            lr_schedule="linear",
-            num_decay_steps=learning_rate_num_decay_steps,
-            weight_decay=weight_decay,
-            max_grad_norm=max_grad_norm,
-            dropout=dropout,
-            max_seq_len=max_seq_len,
-            eval_every=valid_every,
-            accelerator=accelerator,
-            accelerate_kwargs=accelerate_kwargs,
-            output_dir=output_dir,
-            checkpoint_every=checkpoint_every,
-            checkpoint_dir=checkpoint_folder if checkpoint_every is not None else None,
-            seed=seed,
-            **kwargs,
-        )
+        checkpoint_dir = kwargs.pop("checkpoint_dir", None)
+        if checkpoint_dir is None and config.checkpoint_every is not None:
+            checkpoint_dir = checkpoint_folder
+        super().__init__(model, config=config, checkpoint_dir=checkpoint_dir, **kwargs)
+        self.num_epochs = epochs
         self.sft_examples: list[SFTExample] = sft
         self.valid_examples = valid
-        self.lam = lam
-        self.loss_type = loss_type
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.top_k = int(top_k)
-        self.eos_id = eos_id
-        self.generate_batch_size = generate_batch_size or max(batch_size, 32)
+        self.generate_batch_size = config.generate_batch_size or max(self.batch_size, 32)
         self.spin_max_seq_len = max_seq_len
-        self.schedule = schedule
         self.epochs_per_iteration = per_iteration
-        self.mix_previous_iteration = schedule == "official"
+        self.mix_previous_iteration = self.schedule == "official"
         self.cycle = 0  # the current SPIN iteration
         self.cycle_finish_reasons: list[str] = []
         # pairs / reference of the current iteration; rebuilt at the start of every one
