@@ -70,7 +70,7 @@ class StageContext:
     def run_spin(self, stage: SPINStage, stage_dir: Path, examples: list[SFTExample]) -> dict:
         """SPIN cycles on ``examples``; the stage's record (checkpoint, metrics)."""
         kwargs = {"progress": self.progress, **stage.trainer}
-        if "epochs" not in kwargs:  # trainer.epochs (passes in all) replaces cycles
+        if not {"epochs", "num_epochs"} & kwargs.keys():  # passes in all replace cycles
             kwargs.setdefault("iterations", stage.cycles)
         max_seq_len = kwargs.pop("max_seq_len", self.preference_max_seq_len)
         trainer = SPINTrainer(
