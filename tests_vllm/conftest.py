@@ -19,9 +19,16 @@ EOS = 2  # "</s>" of build_tiny_model's tokenizer
 
 
 def tiny_folder(out: Path, seed: int = 0) -> Path:
-    return build_tiny_model(
-        out, hidden_size=64, num_heads=2, max_position_embeddings=128, seed=seed
-    )
+    """A tiny Llama whose greedy outputs vary (at the default init scale a random model
+    with tied embeddings mostly repeats the last prompt token)."""
+    build_tiny_model(out, hidden_size=64, num_heads=2, max_position_embeddings=128, seed=seed)
+    model = load_model(out)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(8.0)
+    model.save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -159,6 +159,8 @@ def test_unsupported_settings_and_inputs_raise(backend):
         backend.generate([[7] * 120], GenerationConfig(max_new_tokens=16))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         backend.next_token_logprobs([[7]], [[backend.vocab_size]])
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        backend.load_adapter("adapter")  # this engine was started without LoRA
 
 
 def test_a_folder_that_is_not_a_model_is_refused(tmp_path):

@@ -92,6 +92,8 @@ class VLLMBackend:
     ``VLLM_CPU_KVCACHE_SPACE`` GiB (default here 1).
     """
 
+    max_seq_len: int | None
+
     def __init__(
         self,
         model_path: str | Path,
@@ -127,17 +129,24 @@ class VLLMBackend:
         )
         kwargs.update(engine_kwargs)
         self._vllm = vllm
+        self._kwargs = kwargs
+        self._reload_in_place = not current_platform.is_cpu()
         self.model_path = folder
         self.enable_lora = bool(kwargs["enable_lora"])
         self._max_lora_rank = int(kwargs.get("max_lora_rank") or 16)
-        self.llm = vllm.LLM(**kwargs)
-        model_config = self.llm.llm_engine.model_config
-        self.max_seq_len: int | None = int(model_config.max_model_len)
-        self.vocab_size = int(model_config.get_vocab_size())
+        self.llm: Any = None
         self._lora: Any = None
         self._lora_ids = 0
+        self._start(folder)
         if adapter is not None:
             self.load_adapter(adapter)
+
+    def _start(self, folder: Path) -> None:
+        """Start an engine on the weights in ``folder`` (the tokenizer stays the first one's)."""
+        self.llm = self._vllm.LLM(**{**self._kwargs, "model": str(folder)})
+        model_config = self.llm.llm_engine.model_config
+        self.max_seq_len = int(model_config.max_model_len)
+        self.vocab_size = int(model_config.get_vocab_size())
 
     # ------------------------------------------------------------------ sampling
     def _engine(self) -> Any:
@@ -273,16 +282,21 @@ class VLLMBackend:
                 f"{folder} holds no *.safetensors weights; pass a checkpoint folder written by "
                 "save_checkpoint (or save_pretrained) for this model"
             )
+        engine = self._engine()
+        self._drop_adapter()
         try:
-            self._engine().collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+            if self._reload_in_place:
+                engine.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+                engine.reset_prefix_cache()
+            else:  # vLLM's CPU in-place reload leaves repacked linear kernels on stale memory
+                self.close()
+                self._start(_model_folder(folder))
         except Exception as exc:
             raise ValueError(
-                f"vLLM could not load the weights in {folder} into the served model "
-                f"({self.model_path}): {exc}; the checkpoint must be a Hugging Face model of "
-                "the same architecture (save_checkpoint of the model this backend serves)"
+                f"vLLM could not load the weights in {folder} in place of {self.model_path} "
+                f"({exc}); the checkpoint must be a Hugging Face model of the same architecture "
+                "(save_checkpoint of the model this backend serves)"
             ) from exc
-        self._drop_adapter()
-        self.llm.reset_prefix_cache()
 
     def load_adapter(self, adapter_dir: str | Path) -> None:
         """Serve the PEFT LoRA adapter in ``adapter_dir`` on the base model (a new adapter id
