@@ -45,6 +45,19 @@ def hf_model(folder: Path) -> torch.nn.Module:
     return load_model(folder).eval()
 
 
+def assert_same_as_torch(backend, model: torch.nn.Module, prompts, config) -> None:
+    """Greedy tokens identical to TorchBackend(model)'s, log-probs within 1e-5."""
+    from self_rewarding_lm_pytorch.generation import TorchBackend
+
+    out = backend.generate(prompts, config, return_logprobs=True)
+    ref = TorchBackend(model).generate(prompts, config, return_logprobs=True)
+    assert out.sequences == ref.sequences
+    assert out.finish_reasons == ref.finish_reasons
+    for a, b in zip(out.logprobs, ref.logprobs):
+        assert len(a) == len(b)
+        assert max((abs(x - y) for x, y in zip(a, b)), default=0.0) < 1e-5
+
+
 def ragged_prompts(count: int, seed: int = 0, vocab: int = 119) -> list[list[int]]:
     """Prompts of 1..40 random non-special token ids, some repeated."""
     rng = random.Random(seed)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import EOS, hf_model, ragged_prompts
+from conftest import EOS, assert_same_as_torch, hf_model, ragged_prompts
 
 from self_rewarding_lm_pytorch.generation import (
     GenerationBackend,
@@ -60,14 +60,10 @@ def test_greedy_matches_the_torch_backend_and_hf_generate(backend, torch_backend
         assert seq == [t for t in hf if t != EOS]
 
 
-def test_logprobs_are_the_raw_model_logprobs(backend, torch_backend, model):
-    greedy = GenerationConfig(max_new_tokens=12, temperature=0.0)
-    out = backend.generate(PROMPTS, greedy, return_logprobs=True)
-    ref = torch_backend.generate(PROMPTS, greedy, return_logprobs=True)
-    assert out.sequences == ref.sequences
-    for a, b in zip(out.logprobs, ref.logprobs):
-        assert len(a) == len(b) == 12
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
+def test_logprobs_are_the_raw_model_logprobs(backend, model):
+    assert_same_as_torch(
+        backend, model, PROMPTS, GenerationConfig(max_new_tokens=12, temperature=0)
+    )
     # sampled with temperature and top-k: still log p at temperature 1, before filters
     hot = GenerationConfig(max_new_tokens=10, temperature=0.7, top_k=20)
     out = backend.generate(PROMPTS, hot, generator=3, return_logprobs=True)
