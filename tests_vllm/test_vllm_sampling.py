@@ -135,6 +135,13 @@ def test_per_prompt_limits_match_the_torch_backend(backend, torch_backend):
     assert [len(s) for s in out.sequences] == limits
 
 
+def test_sleep_and_wake_up_keep_the_engine_serving(backend, torch_backend):
+    backend.sleep()  # a no-op on CPU (no vLLM sleep mode there)
+    backend.wake_up()
+    config = GenerationConfig(max_new_tokens=6, temperature=0.0)
+    assert backend.generate(PROMPTS, config) == torch_backend.generate(PROMPTS, config)
+
+
 def test_next_token_logprobs_match_the_torch_backend(backend, torch_backend):
     vocab = list(range(backend.vocab_size))  # more ids than vLLM takes in one request
     ids = [vocab, [2, 3], [50], [7, 7, 8]] * 2
