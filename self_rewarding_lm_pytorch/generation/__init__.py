@@ -1,11 +1,12 @@
-"""Sampling: the backend protocol and its backends (today: the torch KV-cache engine).
+"""Sampling: the backend protocol and its backends (the torch KV-cache engine, vLLM).
 
 Everything that samples (candidates, the LLM judge, prompt generation, SPIN, the CLI)
 talks to a :class:`GenerationBackend`; :class:`TorchBackend` wraps the engine of
 :mod:`.engine`, which also stays callable directly through :func:`generate`.  Modules:
 :mod:`.config` (settings, output, the context rule), :mod:`.sampling` (filters, one
 sampling step, the reference decoder), :mod:`.kv_cache` (the cache paths), :mod:`.engine`
-(planning and the batch loop), :mod:`.backend` (the protocol and :class:`TorchBackend`).
+(planning and the batch loop), :mod:`.backend` (the protocol and :class:`TorchBackend`),
+:mod:`.vllm` (:class:`VLLMBackend`; vLLM itself is imported only when one is built).
 """
 
 from .backend import GenerationBackend, TorchBackend, as_backend
@@ -13,6 +14,7 @@ from .config import GenerationConfig, GenerationOutput, response_budget
 from .engine import generate, generate_text
 from .kv_cache import COMPACT_FRACTION, MIN_SHARED_PREFIX
 from .sampling import filter_logits, reference_generate, sample_next
+from .vllm import VLLMBackend
 
 __all__ = [
     "COMPACT_FRACTION",
@@ -21,6 +23,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationOutput",
     "TorchBackend",
+    "VLLMBackend",
     "as_backend",
     "filter_logits",
     "generate",

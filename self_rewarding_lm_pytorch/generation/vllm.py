@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from .engine import (
+from .config import (
     GenerationConfig,
     GenerationOutput,
     _check_prompts,
     _eos_set,
     _per_prompt_limits,
     _resolve_config,
-    _StopChecker,
 )
+from .engine import _StopChecker
 
 __all__ = ["VLLMBackend"]
 
