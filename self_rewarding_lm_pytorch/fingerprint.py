@@ -177,8 +177,12 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _show(value: Any, width: int = 80) -> str:
+    """A value as JSON; a long list or mapping is shortened, a string or number never (a
+    path or a name must be readable to its end: that is where two of them differ)."""
     text = "<unset>" if value is _UNSET else json.dumps(value, sort_keys=True)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    if len(text) <= width or not isinstance(value, (list, tuple, dict)):
+        return text
+    return text[: width - 3] + "..."
 
 
 _UNSET = object()

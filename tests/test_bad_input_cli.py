@@ -362,7 +362,7 @@ def test_override_of_an_unknown_key(tmp_path, capsys):
         load_run_config(path, overrides=["stages.1.num_candidate=3"])
     msg = str(info.value)
     assert "a stage of kind 'self_reward_dpo' has no key 'num_candidate'" in msg
-    assert "did you mean 'num_candidates'?" in msg and "judge_samples" in msg
+    assert "did you mean 'num_candidates'?" in msg and "judge_settings" in msg
     # a judge's keys: its JudgeSpec fields (JudgeConfig's sampling settings among them)
     with pytest.raises(ConfigError, match=r"JudgeSpec has no key 'num_sample' at 'judges\.big"):
         load_run_config(path, overrides=["judges.big.num_sample=5"])
