@@ -87,7 +87,29 @@ def _check_pairs(prompts: Sequence[str], responses: Sequence[str]) -> None:
             )
 
 
-class CallableJudge:
+class JudgeBase:
+    """The entry point the library's judges share: the pairs are checked, then ``_score``."""
+
+    def score(
+        self,
+        prompts: list[str],
+        responses: list[str],
+        *,
+        generator: torch.Generator | int | None = None,
+    ) -> list[JudgeResult]:
+        """Judge every ``(prompts[i], responses[i])``; one :class:`JudgeResult` each."""
+        _check_pairs(prompts, responses)
+        if not prompts:
+            return []
+        return self._score(list(prompts), list(responses), generator)
+
+    def _score(
+        self, prompts: list[str], responses: list[str], generator: torch.Generator | int | None
+    ) -> list[JudgeResult]:
+        raise NotImplementedError
+
+
+class CallableJudge(JudgeBase):
     """Wrap ``fn(prompt, response) -> float | None`` (an oracle, an API, a rule) as a Judge.
 
     ``None`` or a non-finite number means "no score". Exceptions from ``fn`` propagate.
@@ -98,14 +120,9 @@ class CallableJudge:
             raise TypeError("CallableJudge needs a callable fn(prompt, response) -> float | None")
         self.fn = fn
 
-    def score(
-        self,
-        prompts: list[str],
-        responses: list[str],
-        *,
-        generator: torch.Generator | int | None = None,
+    def _score(
+        self, prompts: list[str], responses: list[str], generator: torch.Generator | int | None
     ) -> list[JudgeResult]:
-        _check_pairs(prompts, responses)
         results = []
         for p, r in zip(prompts, responses):
             raw = self.fn(p, r)

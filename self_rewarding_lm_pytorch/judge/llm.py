@@ -27,7 +27,7 @@ from ..generation import GenerationBackend, GenerationConfig, as_backend, respon
 from ..generation.backend import is_backend
 from ..models import CausalLM, Tokenizer, encode_response, wrap_tokenizer
 from ..utils import chunks, make_generator, with_overrides
-from .base import JudgeResult, _check_pairs
+from .base import JudgeBase, JudgeResult
 from .config import CONFIG_FIELDS, ENGINE_OPTIONS, JudgeConfig
 from .templates import DEFAULT_REWARD_CONFIG, RewardConfig
 
@@ -43,7 +43,7 @@ def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-class LLMJudge:
+class LLMJudge(JudgeBase):
     """Score responses with a language model prompted as a judge (paper section 2.3).
 
     Args:
@@ -237,17 +237,9 @@ class LLMJudge:
         return GenerationConfig(**kwargs)
 
     # ------------------------------------------------------------------ scoring
-    def score(
-        self,
-        prompts: list[str],
-        responses: list[str],
-        *,
-        generator: torch.Generator | int | None = None,
+    def _score(
+        self, prompts: list[str], responses: list[str], generator: torch.Generator | int | None
     ) -> list[JudgeResult]:
-        """Judge every ``(prompts[i], responses[i])``; one :class:`JudgeResult` each."""
-        _check_pairs(prompts, responses)
-        if not prompts:
-            return []
         generator = make_generator(generator, self._device())
         ids, truncated = self._encode_judge_prompts(prompts, responses)
         if self.settings.mode == "mean":

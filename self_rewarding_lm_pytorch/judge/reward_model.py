@@ -11,13 +11,13 @@ from torch import Tensor, nn
 
 from ..models import unwrap_model, wrap_tokenizer
 from ..utils import eval_mode
-from .base import JudgeResult, _check_pairs
+from .base import JudgeBase, JudgeResult
 from .templates import _PROMPT_EXAMPLE, _compile, _render
 
 __all__ = ["RewardModelJudge"]
 
 
-class RewardModelJudge:
+class RewardModelJudge(JudgeBase):
     """Score with a reward model: token ids ``(B, T)`` -> scores.
 
     ``head="scalar"``: the model returns ``(B,)``, ``(B, 1)`` (one score per sequence)
@@ -123,14 +123,9 @@ class RewardModelJudge:
         return probs @ torch.tensor(values, dtype=probs.dtype, device=probs.device), probs
 
     @torch.no_grad()
-    def score(
-        self,
-        prompts: list[str],
-        responses: list[str],
-        *,
-        generator: torch.Generator | int | None = None,
+    def _score(
+        self, prompts: list[str], responses: list[str], generator: torch.Generator | int | None
     ) -> list[JudgeResult]:
-        _check_pairs(prompts, responses)
         encoded = []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             ids = self.tokenizer.encode(_render(self._compiled, "template", prompt=p, response=r))
