@@ -10,10 +10,12 @@ import math
 
 import pytest
 import torch
+from tiny import DelegatingBackend
 from torch import nn
 
 from self_rewarding_lm_pytorch.generation import (
     GenerationConfig,
+    TorchBackend,
     filter_logits,
     generate,
     generate_text,
@@ -525,6 +527,32 @@ def test_generate_text_uses_the_tokenizers_eos():
     tok = char_tokenizer(eos_id=eos)
     texts = generate_text(model, tok, ["hello"], max_new_tokens=10, temperature=0)
     assert texts == [[tok.decode(free[:at])]]
+
+
+def test_generate_text_with_a_backend_equals_generate_text_with_the_model():
+    model = make_xt()
+    tok = char_tokenizer(prompt_format="Q: {prompt}\nA:")
+    prompts = ["hello", "hi there", "x"]
+    kw = dict(max_new_tokens=8, temperature=1.0, num_return_sequences=2)
+    limits = dict(max_new_tokens_per_prompt=[8, 3, 5])
+
+    def run(sampler, **extra):
+        g = torch.Generator().manual_seed(11)
+        return generate_text(sampler, tok, prompts, generator=g, **kw, **limits, **extra)
+
+    want = run(model)
+    recorder = DelegatingBackend(model)
+    assert run(TorchBackend(model)) == run(recorder) == want
+    assert recorder.calls == ["generate"]
+    assert recorder.requests[0]["prompts"] == [tok.encode(tok.format_prompt(p)) for p in prompts]
+    # each prompt's own limit reached the backend (no EOS: every text runs to it)
+    assert [len(t) for texts in want for t in texts] == [8, 8, 3, 3, 5, 5]
+    # engine options belong to the TorchBackend, not to a call on a backend
+    for option in (dict(token_budget=64), dict(use_cache=False), dict(share_prefix=False)):
+        with pytest.raises(TypeError, match=r"options of the torch engine.*TorchBackend\("):
+            run(TorchBackend(model), **option)
+    engine_backend = TorchBackend(model, use_cache=False)
+    assert run(engine_backend) == run(model, use_cache=False)
 
 
 # ---------------------------------------------------------------------- modes, errors, edges

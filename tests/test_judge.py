@@ -17,6 +17,7 @@ import pickle
 import pytest
 import torch
 from jinja2.sandbox import SecurityError
+from tiny import DelegatingBackend
 from torch import nn
 
 from self_rewarding_lm_pytorch.generation import TorchBackend
@@ -653,30 +654,6 @@ def test_reward_model_judge_classes_head():
 
 
 # ------------------------------------------------------------------ backends and settings
-
-
-class DelegatingBackend:
-    """A generation backend that is not a TorchBackend: it answers through one and records
-    which protocol methods the judge called."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.inner = TorchBackend(model)
-        self.max_seq_len = self.inner.max_seq_len
-        self.calls: list[str] = []
-
-    def generate(self, prompts, config, **kw):
-        self.calls.append("generate")
-        return self.inner.generate(prompts, config, **kw)
-
-    def next_token_logprobs(self, sequences, token_ids):
-        self.calls.append("next_token_logprobs")
-        return self.inner.next_token_logprobs(sequences, token_ids)
-
-    def load_weights(self, checkpoint) -> None:
-        self.inner.load_weights(checkpoint)
-
-    def close(self) -> None:
-        pass
 
 
 JUDGED = (["q", "q", "q", "q"], ["aa", "aaab", "", "aaaaa"])

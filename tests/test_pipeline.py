@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import PROMPTS, SFT_DATA, char_tokenizer, make_trainer, scripted_score, tiny_model
+from tiny import (
+    PROMPTS,
+    SFT_DATA,
+    DelegatingBackend,
+    char_tokenizer,
+    make_trainer,
+    scripted_score,
+    tiny_model,
+)
 
 from self_rewarding_lm_pytorch import (
     JudgeParseError,
@@ -382,3 +390,76 @@ def test_spin_stage_with_a_total_epoch_count_trains_that_many_epochs(tmp_path):
     )
     metrics = trainer.run()["stages"][0]["metrics"]
     assert (metrics["epoch"], metrics["step"]) == (0, 1)  # 4 rows, batch 4: one step per epoch
+
+
+def test_every_sampling_call_of_the_pipeline_goes_through_its_backend(tmp_path, monkeypatch):
+    """Prompt generation, candidates and the self judge all sample through the pipeline's
+    one backend: the engine samples no row that the backend was not asked for."""
+    import self_rewarding_lm_pytorch.generation.engine as engine
+    from self_rewarding_lm_pytorch import PromptGenerationStage
+
+    engine_rows: list[int] = []
+    run_batch = engine._run_batch
+
+    def counting_run_batch(backend, prompts, rows, *args, **kwargs):
+        engine_rows.append(len(rows))
+        return run_batch(backend, prompts, rows, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run_batch", counting_run_batch)
+    config = RewardConfig(
+        prompt_template="Rate {{ prompt }} / {{ response }}:",
+        parse_reward=lambda text: float(len(text) % 3),
+    )
+    judge_settings = JudgeConfig(num_samples=2, max_new_tokens=3)
+    stage = PreferenceStage(
+        num_preference_pairs=2,
+        num_candidates=3,
+        max_new_tokens=5,
+        chunk_size=2,
+        temperature=1.0,
+        top_p=1.0,
+        min_parse_rate=0.0,
+        judge_settings=judge_settings,
+        trainer=dict(batch_size=2, num_train_steps=1),
+    )
+    trainer = SelfRewardingTrainer(
+        tiny_model(max_seq_len=256),
+        tokenizer=char_tokenizer(),
+        prompt_dataset=PROMPTS,
+        reward_prompt_config=config,
+        stages=[PromptGenerationStage(num_prompts=2, max_new_tokens=6, max_attempts=3), stage],
+        checkpoints_folder=str(tmp_path),
+        accelerate_kwargs=dict(cpu=True),
+        progress=False,
+    )
+    recorder = DelegatingBackend(trainer.backend)
+    trainer.backend = recorder
+    with pytest.warns(UserWarning, match="generate_prompts made 0 of 2"):
+        trainer.run()
+
+    records = read_jsonl(tmp_path / "02-self-reward-dpo" / "candidates.jsonl")
+    configs = [r["config"] for r in recorder.requests]
+    kinds = [
+        "prompts" if c.stop_strings else "candidates" if c.max_new_tokens == 5 else "judge"
+        for c in configs
+    ]
+    chunks = len({r["chunk"] for r in records})
+    assert kinds == ["prompts"] + ["candidates", "judge"] * chunks
+    assert all(c.num_return_sequences == 3 for c, k in zip(configs, kinds) if k == "candidates")
+    assert all(c.num_return_sequences == 2 for c, k in zip(configs, kinds) if k == "judge")
+    # the judge continues the chunk's random stream: the generator the candidates used
+    for cand, judge in zip(recorder.requests[1::2], recorder.requests[2::2]):
+        assert judge["generator"] is cand["generator"] is not None
+    # every candidate and judgement on record was sampled through the backend
+    assert sum(len(r["responses"]) for r in records) == 3 * len(records)
+    assert all(len(j["samples"]) == 2 for r in records for j in r["judgements"])
+    asked = sum(len(r["prompts"]) * r["config"].num_return_sequences for r in recorder.requests)
+    assert sum(engine_rows) == asked > 0
+
+    # a self judge whose settings configure the torch engine samples the same live module
+    # with an engine of its own; otherwise it shares the pipeline's backend
+    assert trainer._judge_for(stage).backend is recorder
+    budgeted = PreferenceStage(judge_settings=JudgeConfig(token_budget=64))
+    judge = trainer._judge_for(budgeted)
+    assert judge.backend is not recorder and judge.backend.engine_kwargs == {"token_budget": 64}
+    assert judge.lm.module is trainer.model

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from tiny import DelegatingBackend
 from x_transformers import Decoder, TransformerWrapper
 
-import self_rewarding_lm_pytorch.trainers.spin as spin_module
 from self_rewarding_lm_pytorch.data import collate_preference, create_mock_dataset
-from self_rewarding_lm_pytorch.generation import generate
+from self_rewarding_lm_pytorch.generation import TorchBackend, generate
 from self_rewarding_lm_pytorch.losses import sequence_logprobs
 from self_rewarding_lm_pytorch.trainers import SPINTrainer
 
@@ -61,21 +61,22 @@ def test_spin_generates_once_per_cycle_from_the_cycle_start_model(monkeypatch):
     data = [(torch.randint(0, 64, (12,), generator=g), int(1 + i % 3)) for i in range(8)]
 
     calls: list[dict] = []
+    torch_generate = TorchBackend.generate
 
-    def spy(lm, prompts, config, *, generator=None, **kw):
+    def spy(backend, prompts, config, *, generator=None, **kw):  # the default backend's path
         calls.append(
             {
                 "step": trainer.step,
-                "state": copy.deepcopy(lm.module.state_dict()),
+                "state": copy.deepcopy(backend.lm.module.state_dict()),
                 "prompts": [list(p) for p in prompts],
                 "config": config,
                 "rng": generator.get_state() if generator is not None else None,
                 "kw": kw,
             }
         )
-        return generate(lm, prompts, config, generator=generator, **kw)
+        return torch_generate(backend, prompts, config, generator=generator, **kw)
 
-    monkeypatch.setattr(spin_module, "generate", spy)
+    monkeypatch.setattr(TorchBackend, "generate", spy)
     trainer = SPINTrainer(
         model,
         sft_dataset=data,
@@ -188,11 +189,13 @@ def test_spin_official_schedule_reuses_an_iteration_and_mixes_the_previous_one(m
     )
     gen_steps: list[int] = []
 
-    def spy(lm, prompts, config, *, generator=None, **kw):
-        gen_steps.append(trainer.step)
-        return generate(lm, prompts, config, generator=generator, **kw)
+    torch_generate = TorchBackend.generate
 
-    monkeypatch.setattr(spin_module, "generate", spy)
+    def spy(backend, prompts, config, **kw):  # the default backend's path
+        gen_steps.append(trainer.step)
+        return torch_generate(backend, prompts, config, **kw)
+
+    monkeypatch.setattr(TorchBackend, "generate", spy)
     trainer = RecordingSPIN(
         model,
         sft_dataset=_small_spin_data(),
@@ -274,3 +277,29 @@ def test_pipeline_spin_stage_cycles_are_iterations(tmp_path):
     ).run()
     # iteration 0: 4 pairs (1 step); iteration 1: 4 new + 4 previous pairs (2 steps)
     assert report["stages"][0]["metrics"]["step"] == 3
+
+
+def test_spin_samples_through_the_backend_it_is_given():
+    data = _small_spin_data(4)
+    kw = dict(sft_dataset=data, max_seq_len=10, batch_size=2, epochs=1, temperature=1.0,
+              top_p=1.0, pad_id=None, accelerate_kwargs=dict(cpu=True), seed=0,
+              progress=False)  # fmt: skip
+
+    def model():
+        torch.manual_seed(0)
+        return TransformerWrapper(
+            num_tokens=64, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2)
+        )
+
+    default = SPINTrainer(model(), **kw)
+    default.train()
+    policy = model()
+    recorder = DelegatingBackend(policy)
+    given = SPINTrainer(policy, backend=recorder, **kw)
+    assert given.backend is recorder
+    given.train()
+    assert recorder.calls == ["generate"]  # one iteration, 4 prompts in one call
+    assert recorder.requests[0]["prompts"] == [p.prompt_ids for p in given.pairs]
+    # the same sampler and seed: the same responses as the default backend's
+    assert [p.rejected_ids for p in given.pairs] == [p.rejected_ids for p in default.pairs]
+    assert len({tuple(p.rejected_ids) for p in given.pairs}) > 1

@@ -8,6 +8,7 @@ import sys
 import torch
 from x_transformers import Decoder, TransformerWrapper
 
+from self_rewarding_lm_pytorch.generation import as_backend
 from self_rewarding_lm_pytorch.models import CallableTokenizer
 from self_rewarding_lm_pytorch.pipeline import PreferenceStage, SelfRewardingTrainer, SFTStage
 
@@ -19,6 +20,39 @@ def tiny_model(seed: int = 0, dim: int = 32, max_seq_len: int = 96) -> Transform
     return TransformerWrapper(
         num_tokens=128, max_seq_len=max_seq_len, attn_layers=Decoder(dim=dim, depth=1, heads=2)
     )
+
+
+class DelegatingBackend:
+    """A generation backend that is not a TorchBackend: it answers through one (over a
+    model, or the backend given) and records which protocol methods were called
+    (``calls``) and each ``generate`` request (``requests``: prompts, config, generator)."""
+
+    def __init__(self, model_or_backend) -> None:
+        self.inner = as_backend(model_or_backend)
+        self.max_seq_len = self.inner.max_seq_len
+        self.calls: list[str] = []
+        self.requests: list[dict] = []
+
+    def generate(self, prompts, config, **kw):
+        self.calls.append("generate")
+        self.requests.append(
+            {
+                "prompts": [list(p) for p in prompts],
+                "config": config,
+                "generator": kw.get("generator"),
+            }
+        )
+        return self.inner.generate(prompts, config, **kw)
+
+    def next_token_logprobs(self, sequences, token_ids):
+        self.calls.append("next_token_logprobs")
+        return self.inner.next_token_logprobs(sequences, token_ids)
+
+    def load_weights(self, checkpoint) -> None:
+        self.inner.load_weights(checkpoint)
+
+    def close(self) -> None:
+        pass
 
 
 def char_tokenizer() -> CallableTokenizer:

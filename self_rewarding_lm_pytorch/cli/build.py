@@ -165,6 +165,7 @@ def build_judge(
             class_values=spec.class_values,
             batch_size=spec.batch_size or 16,
         )
+    from ..generation import TorchBackend
     from ..hf import ensure_pad_token, load_model
     from ..judge import LLMJudge
 
@@ -173,11 +174,15 @@ def build_judge(
     if device is not None:
         model.to(device)
     model.requires_grad_(False)
+    settings = spec.judge_config()
+    # settings that configure the torch engine (token_budget, use_cache, ...) are given to
+    # the engine the judge builds over the model itself
+    sampler = model if settings.engine_options() else TorchBackend(model)
     return LLMJudge(
-        model,
+        sampler,
         HFTokenizer(tok),
         build_reward_config(spec.reward_config or default_reward_config),
-        **dataclasses.asdict(spec.judge_config()),
+        **dataclasses.asdict(settings),
     )
 
 

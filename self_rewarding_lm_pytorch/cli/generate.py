@@ -71,11 +71,10 @@ def _generate_into(
 ) -> None:
     """Sample the rows ``out`` lacks, in fixed chunks of the input (each seeded by its
     first position), so a resumed run writes what an uninterrupted one would."""
-    import torch
-
-    from ..generation import GenerationConfig, generate_text
+    from ..generation import GenerationConfig, TorchBackend, generate_text
     from ..hf import ensure_pad_token, load_model, load_tokenizer
     from ..models import HFTokenizer
+    from ..utils import make_generator
     from .parser import GENERATE_EXCLUDED
 
     hf_tok = load_tokenizer(
@@ -85,13 +84,14 @@ def _generate_into(
     model = load_model(args.model, dtype=args.dtype)
     ensure_pad_token(hf_tok, model)
     model.to(_device(args.device))
+    backend = TorchBackend(model)
     config = dataclass_from_args(GenerationConfig, args, exclude=GENERATE_EXCLUDED)
     for start in range(0, len(prompts), args.chunk_size):
         idx = list(range(start, min(start + args.chunk_size, len(prompts))))
         if all(keys[i] in out.rows for i in idx):
             continue
-        gen = torch.Generator(device=_device(args.device)).manual_seed(args.seed + start)
-        texts = generate_text(model, tok, [prompts[i] for i in idx], config, generator=gen)
+        gen = make_generator(args.seed + start, _device(args.device))
+        texts = generate_text(backend, tok, [prompts[i] for i in idx], config, generator=gen)
         out.extend(
             [
                 out.keyed({"id": str(i), "prompt": prompts[i], "responses": r}, keys[i])

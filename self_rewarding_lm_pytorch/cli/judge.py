@@ -147,7 +147,7 @@ def _score_rows(
     JSONL as they are made, and a rerun reuses the rows made with the same settings from
     the same input rows (see :class:`KeyedJsonlStore`). ``make_judge()`` builds the judge,
     only when some row needs scoring. Returns the rows and how many were scored now."""
-    import torch
+    from ..utils import make_generator
 
     checked = [_responses(row, args, i) for i, row in enumerate(rows)]  # all, before any work
     ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
@@ -178,7 +178,7 @@ def _score_rows(
                 prompts.append(rows[i][args.prompt_field])
                 responses.append(r)
                 owners.append(i)
-        gen = torch.Generator().manual_seed(args.seed + start)
+        gen = make_generator(args.seed + start)  # on the CPU, whatever the judge's device
         scored = judge.score(prompts, responses, generator=gen)
         new = []
         for i in idx:

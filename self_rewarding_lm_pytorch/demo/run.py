@@ -59,11 +59,18 @@ from .. import (
     SFTStage,
     load_checkpoint,
 )
-from ..generation import GenerationConfig, generate_text
+from ..generation import (
+    GenerationBackend,
+    GenerationConfig,
+    TorchBackend,
+    as_backend,
+    generate_text,
+)
 from ..judge import JudgeConfig, LLMJudge, ScoreRange
 from ..metrics import reward_metrics, verdict_accuracy
 from ..pipeline import JudgeParseError, NotEnoughPairsError
 from ..store import atomic_write_json, atomic_write_text, read_jsonl
+from ..utils import make_generator
 from . import task
 from .model import DemoModelConfig, build_demo_model, count_parameters
 from .tokenizer import DemoTokenizer
@@ -285,22 +292,25 @@ def _cached(path: Path, n: int) -> list[dict] | None:
 
 
 def evaluate_task(
-    model: torch.nn.Module,
+    model: torch.nn.Module | GenerationBackend,
     tokenizer: DemoTokenizer,
     prompts: Sequence[str],
     path: Path,
     *,
     max_new_tokens: int = 16,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """Greedy responses to ``prompts`` scored by the oracle; records go to ``path`` (JSONL:
-    prompt, response, verdicts, score) and are reused if the file is complete.
+    """Greedy responses of ``model`` (or a backend) to ``prompts`` scored by the oracle;
+    records go to ``path`` (JSONL: prompt, response, verdicts, score) and are reused if the
+    file is complete.
 
     Returns the records and :func:`~.task.instruction_metrics` of them.
     """
     records = _cached(path, len(prompts))
     if records is None or [r["prompt"] for r in records] != list(prompts):
         config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-        responses = generate_text(model, tokenizer, list(prompts), config, progress=True)
+        responses = generate_text(
+            as_backend(model), tokenizer, list(prompts), config, progress=True
+        )
         records = [
             {
                 "prompt": p,
@@ -335,7 +345,7 @@ def judge_metrics(records: Sequence[dict]) -> dict[str, Any]:
 
 
 def evaluate_judge(
-    model: torch.nn.Module,
+    model: torch.nn.Module | GenerationBackend,
     tokenizer: DemoTokenizer,
     examples: Sequence[task.JudgeEvalExample],
     path: Path,
@@ -343,7 +353,8 @@ def evaluate_judge(
     reward_config: RewardConfig | None = None,
     max_new_tokens: int = 16,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """The model as a greedy judge (one judgement each) of the held-out judge set.
+    """The model (or a backend) as a greedy judge (one judgement each) of the held-out
+    judge set.
 
     Records (prompt, response, gold score/verdicts, group, judgement text, parsed score)
     go to ``path`` and are reused if the file is complete.  Returns them and
@@ -352,7 +363,7 @@ def evaluate_judge(
     records = _cached(path, len(examples))
     if records is None:
         judge = LLMJudge(
-            model,
+            as_backend(model),
             tokenizer,
             reward_config or demo_reward_config(),
             num_samples=1,
@@ -396,7 +407,7 @@ def headroom_metrics(records: Sequence[dict]) -> dict[str, Any]:
 
 
 def evaluate_headroom(
-    model: torch.nn.Module,
+    model: torch.nn.Module | GenerationBackend,
     tokenizer: DemoTokenizer,
     prompts: Sequence[str],
     path: Path,
@@ -406,8 +417,9 @@ def evaluate_headroom(
     max_new_tokens: int,
     seed: int,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """Sample ``num_samples`` responses per prompt at ``temperature`` (as the iterations
-    do) and measure pass@1 and pass@N (:func:`headroom_metrics`)."""
+    """Sample ``num_samples`` responses per prompt from ``model`` (or a backend) at
+    ``temperature`` (as the iterations do) and measure pass@1 and pass@N
+    (:func:`headroom_metrics`)."""
     records = _cached(path, len(prompts))
     if records is None:
         config = GenerationConfig(
@@ -415,9 +427,13 @@ def evaluate_headroom(
             temperature=temperature,
             num_return_sequences=num_samples,
         )
-        generator = torch.Generator().manual_seed(seed)
         samples = generate_text(
-            model, tokenizer, list(prompts), config, generator=generator, progress=True
+            as_backend(model),
+            tokenizer,
+            list(prompts),
+            config,
+            generator=make_generator(seed),  # on the CPU, whatever the model's device
+            progress=True,
         )
         records = [{"prompt": p, "responses": rs} for p, rs in zip(prompts, samples)]
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -630,15 +646,16 @@ def _evaluate_model(
     out: Path,
 ) -> dict[str, Any]:
     folder = out / "eval" / name.replace("/", "-")
+    backend = TorchBackend(model)
     _, task_m = evaluate_task(
-        model,
+        backend,
         tokenizer,
         data.eval_prompts,
         folder / "task.jsonl",
         max_new_tokens=cfg.max_new_tokens,
     )
     _, judge_m = evaluate_judge(
-        model,
+        backend,
         tokenizer,
         data.judge_eval,
         folder / "judge.jsonl",

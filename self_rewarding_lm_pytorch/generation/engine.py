@@ -361,23 +361,28 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def generate_text(
-    model: nn.Module | CausalLM,
+    model_or_backend: Any,
     tokenizer: Any,
     prompts: list[str],
     config: GenerationConfig | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     apply_format: bool = True,
     **kw: Any,
 ) -> list[list[str]]:
     """Generate text continuations: ``num_return_sequences`` texts per prompt.
 
-    Applies ``tokenizer.format_prompt`` (chat template) when ``apply_format``, encodes,
-    generates (EOS defaults to ``tokenizer.eos_id``), decodes, and cuts each text at the
-    first stop string.  ``**kw`` are :class:`GenerationConfig` fields or keyword arguments
-    of :func:`generate` (``token_budget``, ``use_cache``, ``progress``, ``share_prefix``,
-    ``max_new_tokens_per_prompt``; ``return_logprobs`` is not accepted here).
+    ``model_or_backend`` is a model (sampled with the torch engine) or a
+    :class:`~.backend.GenerationBackend`. Applies ``tokenizer.format_prompt`` (chat
+    template) when ``apply_format``, encodes, generates (EOS defaults to
+    ``tokenizer.eos_id``), decodes, and cuts each text at the first stop string.  ``**kw``
+    are :class:`GenerationConfig` fields, the backend options ``progress`` and
+    ``max_new_tokens_per_prompt``, and (with a model only) the torch-engine options
+    ``token_budget``, ``use_cache`` and ``share_prefix``; ``return_logprobs`` is not
+    accepted here.
     """
+    from .backend import as_backend, is_backend
+
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     if not all(isinstance(p, str) for p in prompts):
@@ -385,24 +390,33 @@ def generate_text(
     tok = wrap_tokenizer(tokenizer)
     cfg_kw = {k: v for k, v in kw.items() if k in _CONFIG_FIELDS}
     gen_kw = {k: v for k, v in kw.items() if k not in _CONFIG_FIELDS}
-    allowed = {
-        "token_budget",
-        "use_cache",
-        "progress",
-        "share_prefix",
-        "max_new_tokens_per_prompt",
-    }
-    bad = sorted(set(gen_kw) - allowed)
+    backend_options = {"progress", "max_new_tokens_per_prompt"}
+    engine_options = {"token_budget", "use_cache", "share_prefix"}
+    bad = sorted(set(gen_kw) - backend_options - engine_options)
     if bad:
         raise TypeError(
             f"unknown argument(s) {bad}; generate_text takes GenerationConfig fields "
-            f"{list(_CONFIG_FIELDS)} and {sorted(allowed)}"
+            f"{list(_CONFIG_FIELDS)} and {sorted(backend_options | engine_options)}"
         )
+    engine_kw = {k: v for k, v in gen_kw.items() if k in engine_options}
+    if engine_kw and is_backend(model_or_backend):
+        raise TypeError(
+            f"generate_text: {sorted(engine_kw)} are options of the torch engine, but it was "
+            "given a generation backend; set them on the backend instead (e.g. "
+            "TorchBackend(model, use_cache=...)) or pass the model"
+        )
+    backend = as_backend(model_or_backend, **engine_kw)
     cfg = _resolve_config(config, cfg_kw)
     if cfg.eos_token_id is None and tok.eos_id is not None:
         cfg = replace(cfg, eos_token_id=tok.eos_id)
     ids = [tok.encode(tok.format_prompt(p) if apply_format else p) for p in prompts]
-    out = generate(model, ids, cfg, generator=generator, decode=tok.decode, **gen_kw)
+    out = backend.generate(
+        ids,
+        cfg,
+        generator=generator,
+        decode=tok.decode,
+        **{k: v for k, v in gen_kw.items() if k in backend_options},
+    )
     n = cfg.num_return_sequences
     texts = [_cut_at_stop(tok.decode(s), cfg.stop_strings) for s in out.sequences]
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

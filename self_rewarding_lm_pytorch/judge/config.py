@@ -72,6 +72,13 @@ class JudgeConfig:
         },
     )
 
+    def engine_options(self) -> list[str]:
+        """The settings that configure the torch engine of a judge handed a model:
+        ``token_budget`` and the engine keys of ``generation_kwargs`` (a judge handed a
+        backend samples in chunks of ``token_budget`` instead, and refuses the others)."""
+        engine = sorted(set(self.generation_kwargs or {}) & ENGINE_OPTIONS)
+        return (["token_budget"] if self.token_budget is not None else []) + engine
+
     def validate(self, where: str = "judge") -> None:
         """Raise :class:`ConfigError` naming the key, the problem and the fix."""
 

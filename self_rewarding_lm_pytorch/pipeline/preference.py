@@ -9,21 +9,19 @@ interrupted stage resumes without losing or repeating one). It stops with
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from ..generation import GenerationConfig, generate_text, response_budget
+from ..generation import GenerationBackend, GenerationConfig, generate_text, response_budget
 from ..models import Tokenizer
 from ..pairs import select_pairs
 from ..store import JsonlStore, atomic_write_json
+from ..utils import derive_seed, make_generator
 from .report import candidate_stats
 from .stages import START_AFRESH, PreferenceStage, _stage_slug
 
@@ -70,12 +68,6 @@ def _parse_failure_message(
     )
 
 
-def seed_for(*parts: Any) -> int:
-    """A 60-bit seed derived from ``parts`` (run seed, stage, chunk, ...)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
-    return int(digest[:15], 16)
-
-
 def prompt_budgets(
     name: str,
     stage: PreferenceStage,
@@ -116,13 +108,14 @@ def prompt_budgets(
 @dataclass
 class PairBuilder:
     """Builds one preference stage's pairs in ``stage_dir`` (``name`` is its plan name,
-    ``index`` its position: both seed the chunks and name the records)."""
+    ``index`` its position: both seed the chunks and name the records). Candidates are
+    sampled through ``backend``; each chunk's generator lives on ``device``."""
 
     name: str
     index: int
     stage: PreferenceStage
     stage_dir: Path
-    model: nn.Module
+    backend: GenerationBackend
     device: Any
     tokenizer: Tokenizer
     judge: Any
@@ -258,10 +251,9 @@ class PairBuilder:
         stage = self.stage
         positions = [int(i.rsplit("-", 1)[1]) for i in ids]
         chunk_prompts = [prompts[i] for i in positions]
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed_for(self.seed, self.index, chunk_index))
+        generator = make_generator(derive_seed(self.seed, self.index, chunk_index), self.device)
         responses = generate_text(
-            self.model,
+            self.backend,
             self.tokenizer,
             chunk_prompts,
             gen_config,

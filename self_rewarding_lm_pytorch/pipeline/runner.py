@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
+from ..generation import TorchBackend
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from ..models import CausalLM, wrap_model, wrap_tokenizer
 from ..store import (
@@ -102,6 +103,9 @@ class SelfRewardingTrainer:
     ) -> None:
         self.lm: CausalLM = wrap_model(model)
         self.model = self.lm.module
+        #: samples the live policy for every stage (candidates, the self judge, prompt
+        #: generation, SPIN): training updates the module it reads
+        self.backend = TorchBackend(self.lm)
         self.tokenizer = wrap_tokenizer(
             tokenizer,
             encode=tokenizer_encode,
@@ -375,6 +379,7 @@ class SelfRewardingTrainer:
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
         ctx = StageContext(
             model=self.model,
+            backend=self.backend,
             tokenizer=self.tokenizer,
             accelerator=self.accelerator,
             run_dir=self.run_dir,
@@ -389,8 +394,8 @@ class SelfRewardingTrainer:
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
         dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
         if isinstance(stage, PromptGenerationStage):
-            model = (
-                self.model
+            sampler = (
+                self.backend
                 if stage.generator_model == "self"
                 else self.models[stage.generator_model]
             )
@@ -398,7 +403,7 @@ class SelfRewardingTrainer:
                 index,
                 stage,
                 stage_dir,
-                model,
+                sampler,
                 self._inputs.prompts(stage.seed_dataset),
                 generated_prompts(self.stages, dirs, index, latest=False),
             )
@@ -413,7 +418,7 @@ class SelfRewardingTrainer:
             index=index,
             stage=stage,
             stage_dir=stage_dir,
-            model=self.model,
+            backend=self.backend,
             device=self.lm.device,
             tokenizer=self.tokenizer,
             judge=self._judge_for(stage),
@@ -431,11 +436,15 @@ class SelfRewardingTrainer:
         if stage.judge != "self":
             judge = self.judges[stage.judge]
             return judge if hasattr(judge, "score") else CallableJudge(judge)
+        settings = stage.judge_settings
+        # settings that configure the torch engine need a judge engine of their own, over
+        # the same live module
+        sampler = self.lm if settings.engine_options() else self.backend
         return LLMJudge(
-            self.model,
+            sampler,
             self.tokenizer,
             self.reward_config,
-            **dataclasses.asdict(stage.judge_settings),
+            **dataclasses.asdict(settings),
         )
 
     def _config_yaml(self) -> str:

@@ -10,16 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..data import SFTExample, preference_example
-from ..models import Tokenizer, wrap_model
+from ..generation import GenerationBackend
+from ..models import Tokenizer
 from ..prompts import generate_prompts
 from ..store import JsonlStore, atomic_write_json, read_jsonl
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from ..trainers.checkpoint import save_checkpoint
-from .preference import seed_for
+from ..utils import derive_seed
 from .report import plain
 from .stages import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage, Stage
 
@@ -28,10 +28,11 @@ __all__ = ["StageContext", "generated_prompts"]
 
 @dataclass
 class StageContext:
-    """What every stage's work shares: the policy, its tokenizer, the accelerator, the run
-    directory and the run-wide settings."""
+    """What every stage's work shares: the policy, the backend that samples it, its
+    tokenizer, the accelerator, the run directory and the run-wide settings."""
 
     model: nn.Module
+    backend: GenerationBackend
     tokenizer: Tokenizer
     accelerator: Any
     run_dir: Path
@@ -79,6 +80,7 @@ class StageContext:
             max_seq_len=max_seq_len,
             eos_id=self.tokenizer.eos_id,
             accelerator=self.accelerator,
+            backend=self.backend,
             checkpoint_folder=str(stage_dir / "spin-checkpoints"),
             **kwargs,
         )
@@ -91,16 +93,15 @@ class StageContext:
         index: int,
         stage: PromptGenerationStage,
         stage_dir: Path,
-        model: nn.Module,
+        model_or_backend: nn.Module | GenerationBackend,
         seed_prompts: list[str],
         earlier: list[str],
     ) -> dict:
-        """New prompts from ``model`` few-shot prompted with ``seed_prompts`` (``earlier``:
-        prompts earlier stages made, not made again) to ``prompts.jsonl``; the record."""
-        generator = torch.Generator(device=wrap_model(model).device)
-        generator.manual_seed(seed_for(self.seed, index, "prompts"))
+        """New prompts from ``model_or_backend`` few-shot prompted with ``seed_prompts``
+        (``earlier``: prompts earlier stages made, not made again) to ``prompts.jsonl``; the
+        record."""
         result = generate_prompts(
-            model,
+            model_or_backend,
             self.tokenizer,
             seed_prompts,
             stage.num_prompts,
@@ -110,7 +111,7 @@ class StageContext:
             top_p=stage.top_p,
             max_new_tokens=stage.max_new_tokens,
             max_attempts=stage.max_attempts,
-            generator=generator,
+            generator=derive_seed(self.seed, index, "prompts"),  # seeded on the model's device
             progress=self.progress,
             generated_prompts=earlier,
         )

@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from ..data import PreferenceExample, SFTExample, materialize, to_sft_example
-from ..generation import GenerationConfig, generate, response_budget
+from ..generation import GenerationBackend, GenerationConfig, TorchBackend, response_budget
 from ..losses import PreferenceLossOutput, spin_loss
 from ..models import wrap_model
+from ..utils import make_generator
 from .config import SPIN_SCHEDULES, SPINConfig
 from .dpo import PreferenceTrainer
 from .sft import evaluate_nll
@@ -78,6 +79,9 @@ class SPINTrainer(PreferenceTrainer):
             ``loss_type`` ("sigmoid" or "hinge").
         generate_batch_size: prompts per ``generate`` call (default ``max(batch_size, 32)``).
         seed: seeds the global RNG, data order and sampling.
+        backend: samples the opponent's responses; it must serve the live policy (default:
+            a :class:`~self_rewarding_lm_pytorch.generation.TorchBackend` over the bare
+            module, so a DDP wrapper does not hide its KV cache).
         config: a :class:`~self_rewarding_lm_pytorch.trainers.config.SPINConfig` holding
             the settings above (datasets and folders aside); keywords override it.
 
@@ -99,6 +103,7 @@ class SPINTrainer(PreferenceTrainer):
         valid_sft_dataset: Any = None,
         checkpoint_folder: str | Path = "./spin-checkpoints",
         config: SPINConfig | None = None,
+        backend: GenerationBackend | None = None,
         **kwargs: Any,
     ) -> None:
         if sft_dataset is not None and train_sft_dataset is not None:
@@ -133,6 +138,12 @@ class SPINTrainer(PreferenceTrainer):
         if checkpoint_dir is None and config.checkpoint_every is not None:
             checkpoint_dir = checkpoint_folder
         super().__init__(model, config=config, checkpoint_dir=checkpoint_dir, **kwargs)
+        if backend is None:
+            # the bare module: a DDP wrapper would hide its KV cache, and the CausalLM that
+            # accelerate prepared may run under autocast
+            bare = wrap_model(self.unwrapped_model(), max_seq_len=self.lm.max_seq_len)
+            backend = TorchBackend(bare)
+        self.backend: GenerationBackend = backend
         self.num_epochs = epochs
         self.sft_examples: list[SFTExample] = sft
         self.valid_examples = valid
@@ -162,10 +173,8 @@ class SPINTrainer(PreferenceTrainer):
         n = len(self.sft_examples)
         rank, world = self.accelerator.process_index, self.num_processes
         mine = list(range(rank, n, world))
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=self.lm.device)
-            generator.manual_seed(self.seed * 1_000_003 + self.cycle * 1_009 + rank)
+        seed = None if self.seed is None else self.seed * 1_000_003 + self.cycle * 1_009 + rank
+        generator = make_generator(seed, self.lm.device)
         was_training = self.lm.training
         self.lm.eval()
         local: list[tuple[int, list[int], str]] = []
@@ -179,7 +188,7 @@ class SPINTrainer(PreferenceTrainer):
                     response_budget(
                         ex.prompt_len,
                         self._budget(ex),
-                        self.lm.max_seq_len,
+                        self.backend.max_seq_len,
                         cap=True,
                         where=f"sft_dataset[{i}]: its prompt",
                         fix="shorten the prompt",
@@ -193,10 +202,7 @@ class SPINTrainer(PreferenceTrainer):
                     top_k=self.top_k,
                     eos_token_id=self.eos_id,
                 )
-                # the bare module, so a DDP wrapper does not hide its KV cache
-                bare = wrap_model(self.unwrapped_model(), max_seq_len=self.lm.max_seq_len)
-                out = generate(
-                    bare,
+                out = self.backend.generate(
                     [ex.prompt_ids for ex in exs],
                     config,
                     generator=generator,
