@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from ..config import ConfigError, from_dict, renamed_key
 from ..judge import JudgeConfig
-from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, build_config
+from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
 
 __all__ = [
     "PYTHON_PLAN",
@@ -47,6 +47,9 @@ class SFTStage:
     datasets: list[str] = field(default_factory=lambda: ["sft"])
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTTrainer keyword arguments
 
+    def __post_init__(self) -> None:
+        _plain_trainer(self)
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
         _check_types(self)
@@ -66,6 +69,9 @@ class SPINStage:
     dataset: str = "sft"
     cycles: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)  # SPINTrainer keyword arguments
+
+    def __post_init__(self) -> None:
+        _plain_trainer(self)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
@@ -182,6 +188,7 @@ class PreferenceStage:
     }
 
     def __post_init__(self) -> None:
+        _plain_trainer(self)
         if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
             self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
 
@@ -289,6 +296,27 @@ STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage:
 
 #: how a run that cannot resume starts afresh (one spelling in every message that says so)
 START_AFRESH = "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
+
+
+def _plain_trainer(stage: Any) -> None:
+    """``trainer=SFTConfig(batch_size=8)`` stored as ``{"batch_size": 8}``: the plain dict of
+    the config's non-default fields (what fingerprints and config.yaml hold)."""
+    config = stage.trainer
+    if not isinstance(config, TrainingConfig):
+        return
+    expected = STAGE_TRAINERS[type(stage)].config_class
+    if type(config) is not expected:
+        raise ConfigError(
+            f"{type(stage).__name__}: trainer must be {expected.__name__}(...) or a dict of "
+            f"its fields, got {type(config).__name__}(...); the stage's trainer is "
+            f"{STAGE_TRAINERS[type(stage)].__name__}"
+        )
+    defaults = expected()
+    stage.trainer = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(defaults, f.name)
+    }
 
 
 def _stage_slug(stage: Stage) -> str:
