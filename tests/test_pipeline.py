@@ -262,7 +262,7 @@ def test_bad_configuration_is_rejected_before_work(tmp_path):
         checkpoints_folder=str(tmp_path),
         accelerate_kwargs=dict(cpu=True),
     )
-    with pytest.raises(ValueError, match="needs dataset 'prompts'"):
+    with pytest.raises(ValueError, match="prompts: dataset 'prompts' is not given in datasets="):
         SelfRewardingTrainer(tiny_model(), stages=[PreferenceStage()], **common)
     with pytest.raises(ValueError, match="is empty"):
         SelfRewardingTrainer(tiny_model(), prompt_dataset=[], stages=[PreferenceStage()], **common)
@@ -273,7 +273,7 @@ def test_bad_configuration_is_rejected_before_work(tmp_path):
             stages=[PreferenceStage(trainer={"bta": 1})],
             **common,
         )
-    with pytest.raises(ValueError, match="not in judges"):
+    with pytest.raises(ValueError, match="judge: judge 'gpt' is not given in judges="):
         SelfRewardingTrainer(
             tiny_model(),
             prompt_dataset=PROMPTS,
