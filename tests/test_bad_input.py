@@ -421,7 +421,9 @@ def test_stage_names_unknown_dataset_or_judge(tmp_path):
         ValueError, match=r"prompts: dataset 'prompts' is not given in datasets=.*datasets=\{"
     ):
         trainer(tmp_path, [preference()], datasets={"sft": SFT_DATA})
-    with pytest.raises(ValueError, match=r"judge: judge 'gpt' is not given in judges=.*judges=\{'gpt'"):
+    with pytest.raises(
+        ValueError, match=r"judge: judge 'gpt' is not given in judges=.*judges=\{'gpt'"
+    ):
         trainer(tmp_path, [preference(judge="gpt")])
     with pytest.raises(ValueError, match=r"num_candidates must be at least 2"):
         trainer(tmp_path, [preference(num_candidates=1)])
