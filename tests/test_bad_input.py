@@ -417,9 +417,13 @@ def test_config_error_from_the_cli_exits_2_without_traceback(tmp_path, capsys):
 
 
 def test_stage_names_unknown_dataset_or_judge(tmp_path):
-    with pytest.raises(ValueError, match=r"needs dataset 'prompts', which was not given"):
+    with pytest.raises(
+        ValueError, match=r"prompts: dataset 'prompts' is not given in datasets=.*datasets=\{"
+    ):
         trainer(tmp_path, [preference()], datasets={"sft": SFT_DATA})
-    with pytest.raises(ValueError, match=r"judge 'gpt', which is not in judges=.*judges=\{'gpt'"):
+    with pytest.raises(
+        ValueError, match=r"judge: judge 'gpt' is not given in judges=.*judges=\{'gpt'"
+    ):
         trainer(tmp_path, [preference(judge="gpt")])
     with pytest.raises(ValueError, match=r"num_candidates must be at least 2"):
         trainer(tmp_path, [preference(num_candidates=1)])

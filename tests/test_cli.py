@@ -417,7 +417,8 @@ def test_xtransformers_model_with_bytes_tokenizer_from_config(workdir):
                     }
                 },
                 "tokenizer": {"kind": "bytes"},
-                "stages": [{"kind": "sft", "datasets": []}],
+                "data": {"sft": {"path": str(workdir / "sft.jsonl")}},
+                "stages": [{"kind": "sft"}],
             }
         )
 

@@ -53,7 +53,7 @@ def add_dataclass_args(
     """Add one ``--{prefix}{field-name}`` flag per field of dataclass ``cls``: the type
     from the annotation (``int | None`` accepts ``none``), the default from the field,
     the help from ``metadata["help"]``, ``Literal`` as choices, ``bool`` as
-    ``--x/--no-x`` and ``list[...]`` as several values. ``aliases`` maps a field name to
+    ``--x/--no-x``, ``list[...]`` as several values and ``dict[...]`` as a YAML mapping. ``aliases`` maps a field name to
     extra flag spellings; ``defaults`` / ``helps`` replace a field's default / help for
     this command. Returns the ``argparse`` dests added."""
     hints = typing.get_type_hints(cls)
@@ -73,6 +73,8 @@ def add_dataclass_args(
         elif get_origin(tp) is list or tp is list:
             inner = (get_args(tp) or (str,))[0]
             kw.update(nargs="+", type=inner)
+        elif get_origin(tp) is dict or tp is dict:
+            kw.update(type=_mapping, metavar="YAML")
         elif tp in (int, float, str):
             kw["type"] = _none_or(tp) if optional else tp
         text += f" (default: {default})" if default is not None or optional else ""
@@ -87,6 +89,21 @@ def _none_or(tp: type) -> Any:
 
     parse.__name__ = tp.__name__  # argparse names the type in its errors
     return parse
+
+
+def _mapping(text: str) -> dict[str, Any] | None:
+    """A ``dict`` field's flag value: a YAML mapping (``'{top_k: 5}'``) or ``none``."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid YAML ({exc})") from None
+    if value is not None and not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"expected a mapping such as '{{top_k: 5}}' (or none), got {text!r}"
+        )
+    return value
 
 
 def flag_dests(cls: type, *, prefix: str = "", exclude: Iterable[str] = ()) -> list[str]:

@@ -143,72 +143,26 @@ def _check_trackers(acc: AccelerateConfig, *, installed: bool) -> None:
 
 
 def _check_names(cfg: RunConfig) -> None:
-    from ..pairs import PAIR_STRATEGIES
-    from ..pipeline import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage
+    """The names and order of the stages (:func:`~..pipeline.stages.check_plan`, in the
+    words of a YAML file), after the rules only a ``srlm run`` file has."""
+    from ..pipeline.stages import YAML_PLAN, PromptGenerationStage, check_plan
 
-    data = set(cfg.data)
-
-    def need(name: str, where: str) -> None:
-        if name not in data:
-            close = difflib.get_close_matches(name, sorted(data), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{where}: dataset {name!r} is not defined under data:{hint} "
-                f"(defined: {', '.join(sorted(data)) or 'none'})"
-            )
-
-    seen_prompt_gen = False
     for i, stage in enumerate(cfg.stage_objects):
-        where = f"stages[{i}]"
-        if isinstance(stage, SFTStage):
-            for name in stage.datasets:
-                need(name, f"{where}.datasets")
-        elif isinstance(stage, SPINStage):
-            need(stage.dataset, f"{where}.dataset")
-        elif isinstance(stage, PromptGenerationStage):
-            need(stage.seed_dataset, f"{where}.seed_dataset")
-            if stage.generator_model != "self":
-                raise ConfigError(
-                    f"{where}.generator_model: srlm run supports only 'self' (the policy) "
-                    "as the prompt generator"
-                )
-            seen_prompt_gen = True
-        elif isinstance(stage, PreferenceStage):
-            if stage.prompts == "generated":
-                if not seen_prompt_gen:
-                    raise ConfigError(
-                        f"{where}.prompts: 'generated' needs a prompt_generation stage before it"
-                    )
-            else:
-                need(stage.prompts, f"{where}.prompts")
-            if stage.replay is not None:
-                need(stage.replay, f"{where}.replay")
-            if stage.kind == "self_reward_dpo" and stage.judge != "self":
-                raise ConfigError(
-                    f"{where}.judge: a self_reward_dpo stage judges with the model itself "
-                    "(judge: self); use kind: external_reward_dpo for the judge "
-                    f"{stage.judge!r}"
-                )
-            if stage.kind == "external_reward_dpo":
-                if stage.judge not in cfg.judges:
-                    close = difflib.get_close_matches(stage.judge, sorted(cfg.judges), n=1)
-                    hint = f"; did you mean {close[0]!r}?" if close else ""
-                    raise ConfigError(
-                        f"{where}.judge: judge {stage.judge!r} is not defined under judges:{hint} "
-                        f"(defined: {', '.join(sorted(cfg.judges)) or 'none'})"
-                    )
-            if (
-                not isinstance(stage.pair_strategy, str)
-                or stage.pair_strategy not in PAIR_STRATEGIES
-            ):
-                close = difflib.get_close_matches(
-                    str(stage.pair_strategy), list(PAIR_STRATEGIES), n=1
-                )
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(
-                    f"{where}.pair_strategy: {stage.pair_strategy!r} is not a pair strategy{hint} "
-                    f"(valid: {', '.join(PAIR_STRATEGIES)})"
-                )
+        # YAML-only: a srlm run file has one model (model:) and no models: section, so the
+        # only prompt generator it can name is the policy itself
+        if isinstance(stage, PromptGenerationStage) and stage.generator_model != "self":
+            raise ConfigError(
+                f"stages[{i}].generator_model: srlm run supports only 'self' (the policy) "
+                f"as the prompt generator, got {stage.generator_model!r}; remove the key "
+                "(another generator model needs the Python API's models=)"
+            )
+    check_plan(
+        cfg.stage_objects,
+        datasets=set(cfg.data),
+        judges=set(cfg.judges),
+        models=set(),
+        vocabulary=YAML_PLAN,
+    )
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> None:

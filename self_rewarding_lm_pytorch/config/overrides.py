@@ -3,8 +3,8 @@
 A key is a dotted path into the mapping; list entries are numbered from 0
 (``stages.1.beta``) and a value is read as YAML (``x=null``, ``x=[1, 2]``, ``x=0.5``).
 Each path is checked against the config dataclass at that place (a stage against the
-dataclass of its ``kind``), so a misspelt key is refused, naming the valid keys, before
-the file is parsed.
+dataclass of its ``kind``, a stage's ``trainer:`` against its trainer's config class), so a
+misspelt key is refused, naming the valid keys, before the file is parsed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .core import ConfigError
 
 __all__ = ["apply_overrides", "parse_override"]
 
-_ANY = object()  # a place whose keys no dataclass describes (trainer:, xtransformers:)
+_ANY = object()  # a place whose keys no dataclass describes (xtransformers:, adam_kwargs:)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -68,6 +68,28 @@ def _stage_schema(stage: Any) -> Any:
     return STAGE_TYPES.get(kind, _ANY) if isinstance(kind, str) else _ANY
 
 
+def _trainer_schema(stage_schema: Any) -> Any:
+    """The config class of a stage dataclass's trainer (its ``trainer:`` keys), if it has one."""
+    from ..pipeline.stages import STAGE_TRAINERS
+
+    trainer = STAGE_TRAINERS.get(stage_schema)
+    return trainer.config_class if trainer is not None else _ANY
+
+
+def _keys(schema: type) -> list[str]:
+    """The keys a config dataclass takes: its fields, or a trainer config's accepted keys
+    (its fields and their aliases)."""
+    accepted = getattr(schema, "accepted_keys", None)
+    return accepted() if accepted else [f.name for f in dataclasses.fields(schema) if f.init]
+
+
+def _field_schema(schema: type, key: str) -> Any:
+    """What describes the value of ``key`` in dataclass ``schema`` (an alias: its field's)."""
+    name = getattr(schema, "aliases", {}).get(key, key)
+    hints = typing.get_type_hints(schema)
+    return _strip_optional(hints[name]) if name in hints else _ANY
+
+
 def _refuse_key(text: str, where: str, key: str, valid: Sequence[str], what: str) -> None:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -81,6 +103,7 @@ def _apply(data: dict, path: list[str], value: Any, text: str, root: type) -> No
     node: Any = data
     schema: Any = root
     stage_list = in_stage = False
+    trainer_of: str | None = None  # the kind of the stage whose trainer: this is
     for depth, key in enumerate(path):
         where = ".".join(path[: depth + 1])
         last = depth == len(path) - 1
@@ -109,14 +132,18 @@ def _apply(data: dict, path: list[str], value: Any, text: str, root: type) -> No
                 f"override {text!r}: {parent} is a value ({node!r}), not a mapping with keys"
             )
         if dataclasses.is_dataclass(schema):
-            fields = {f.name: f for f in dataclasses.fields(schema) if f.init}
-            if key not in fields:
+            valid = _keys(schema)
+            if key not in valid:
                 what = f"a stage of kind {node.get('kind')!r}" if in_stage else schema.__name__
-                _refuse_key(text, where, key, list(fields), what)
-            hints = typing.get_type_hints(schema)
+                if trainer_of is not None:
+                    what = f"the trainer: of a stage of kind {trainer_of!r} ({schema.__name__})"
+                _refuse_key(text, where, key, valid, what)
             stage_list = schema is root and key == "stages"
-            in_stage = False
-            schema = _strip_optional(hints[key])
+            trainer_of = node.get("kind") if in_stage and key == "trainer" else None
+            stage_schema, in_stage = (schema if in_stage else None), False
+            schema = _field_schema(schema, key)
+            if trainer_of is not None:
+                schema = _trainer_schema(stage_schema)
         elif get_origin(schema) is dict:
             if key not in node and not last:
                 defined = ", ".join(sorted(map(str, node))) or "none"

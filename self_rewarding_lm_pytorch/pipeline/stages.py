@@ -3,13 +3,16 @@
 Each stage is a config dataclass (SFT, SPIN, prompt generation, preference/DPO);
 :func:`check_trainer_kwargs` checks a stage's values and trainer arguments, and
 :func:`check_plan` checks that the datasets, judges and models a list of stages names
-exist and that the stages come in a workable order.
+exist and that the stages come in a workable order, in the words of the Python API or of
+a ``srlm run`` file (:class:`PlanVocabulary`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
+import json
 import math
 import typing
 from collections.abc import Sequence
@@ -18,11 +21,14 @@ from typing import Any, ClassVar, Literal
 
 from ..config import ConfigError, from_dict, renamed_key
 from ..judge import JudgeConfig
-from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, build_config
+from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
 
 __all__ = [
+    "PYTHON_PLAN",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
+    "YAML_PLAN",
+    "PlanVocabulary",
     "PreferenceStage",
     "PromptGenerationStage",
     "SFTStage",
@@ -40,6 +46,9 @@ class SFTStage:
     kind: Literal["sft"] = "sft"
     datasets: list[str] = field(default_factory=lambda: ["sft"])
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTTrainer keyword arguments
+
+    def __post_init__(self) -> None:
+        _plain_trainer(self)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
@@ -60,6 +69,9 @@ class SPINStage:
     dataset: str = "sft"
     cycles: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)  # SPINTrainer keyword arguments
+
+    def __post_init__(self) -> None:
+        _plain_trainer(self)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
@@ -176,6 +188,7 @@ class PreferenceStage:
     }
 
     def __post_init__(self) -> None:
+        _plain_trainer(self)
         if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
             self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
 
@@ -256,7 +269,8 @@ class PreferenceStage:
                     ),
                     "pair_strategy",
                     f"be one of {', '.join(PAIR_STRATEGIES)} or a callable",
-                    "use e.g. best_worst (the paper's rule)",
+                    _did_you_mean(self.pair_strategy, PAIR_STRATEGIES)
+                    or "use e.g. best_worst (the paper's rule)",
                 ),
             ],
         )
@@ -284,6 +298,27 @@ STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage:
 START_AFRESH = "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
 
 
+def _plain_trainer(stage: Any) -> None:
+    """``trainer=SFTConfig(batch_size=8)`` stored as ``{"batch_size": 8}``: the plain dict of
+    the config's non-default fields (what fingerprints and config.yaml hold)."""
+    config = stage.trainer
+    if not isinstance(config, TrainingConfig):
+        return
+    expected = STAGE_TRAINERS[type(stage)].config_class
+    if type(config) is not expected:
+        raise ConfigError(
+            f"{type(stage).__name__}: trainer must be {expected.__name__}(...) or a dict of "
+            f"its fields, got {type(config).__name__}(...); the stage's trainer is "
+            f"{STAGE_TRAINERS[type(stage)].__name__}"
+        )
+    defaults = expected()
+    stage.trainer = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(defaults, f.name)
+    }
+
+
 def _stage_slug(stage: Stage) -> str:
     return stage.kind.replace("_", "-")
 
@@ -302,6 +337,12 @@ def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) ->
         (_non_negative(temperature), t_key, "be a finite number >= 0 (0 = greedy)", "use e.g. 0.7"),
         (0 < top_p <= 1, p_key, "lie in (0, 1] (1 disables it)", "use e.g. 0.9"),
     ]
+
+
+def _did_you_mean(value: Any, valid: Sequence[str]) -> str:
+    """``"did you mean 'x'?"`` for the valid name closest to ``value``, or ``""``."""
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""
 
 
 def _non_negative(x: float) -> bool:
@@ -349,6 +390,53 @@ def datasets_of(stage: Stage) -> list[str]:
     return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
 
 
+@dataclass(frozen=True)
+class PlanVocabulary:
+    """How the user of a plan defines its names, for the messages of :func:`check_plan`:
+    the Python API (``datasets=`` keywords, a stage named ``02-self-reward-dpo``) or a
+    ``srlm run`` YAML file (``data:`` sections, a stage named ``stages[1]``)."""
+
+    datasets: str = "datasets="
+    judges: str = "judges="
+    models: str = "models="
+    yaml: bool = False
+
+    @property
+    def defined(self) -> str:
+        """How a name comes to exist: ``given in`` (a keyword) or ``defined under`` (a section)."""
+        return "defined under" if self.yaml else "given in"
+
+    def stage(self, index: int, name: str) -> str:
+        """A stage as the user names it: ``stage 02-self-reward-dpo`` or ``stages[1]``."""
+        return f"stages[{index}]" if self.yaml else f"stage {name}"
+
+    def key(self, index: int, name: str, key: str) -> str:
+        """A key of a stage: ``stage 01-sft, datasets`` or ``stages[0].datasets``."""
+        return f"stages[{index}].{key}" if self.yaml else f"stage {name}, {key}"
+
+    def setting(self, key: str, value: Any) -> str:
+        """``key='value'`` (Python) or ``key: value`` (YAML)."""
+        if not self.yaml:
+            return f"{key}={value!r}"
+        return f"{key}: {value if isinstance(value, str) else json.dumps(value)}"
+
+    def undefined(self, where: str, what: str, name: str, known: set[str], section: str) -> str:
+        """The message for a ``what`` (dataset, judge, model) ``name`` not defined in ``section``."""
+        close = _did_you_mean(name, sorted(known))
+        hint = f"; {close}" if close else ""
+        define = f"define it under {section}" if self.yaml else f"pass {section}{{{name!r}: ...}}"
+        return (
+            f"{where}: {what} {name!r} is not {self.defined} {section}{hint} "
+            f"(known: {', '.join(sorted(known)) or 'none'}); {define} or use a known name"
+        )
+
+
+#: the names of the Python API (``SelfRewardingTrainer(datasets=..., judges=..., models=...)``)
+PYTHON_PLAN = PlanVocabulary()
+#: the names of a ``srlm run`` YAML file (its ``data:`` and ``judges:`` sections)
+YAML_PLAN = PlanVocabulary(datasets="data:", judges="judges:", models="models:", yaml=True)
+
+
 def check_plan(
     stages: Sequence[Stage],
     *,
@@ -356,63 +444,70 @@ def check_plan(
     judges: set[str],
     models: set[str],
     where: str = "",
+    vocabulary: PlanVocabulary = PYTHON_PLAN,
 ) -> None:
     """Check the names and order of a list of stages, before any data is read.
 
     Every dataset a stage names (SFT ``datasets``, SPIN ``dataset``, ``seed_dataset``,
-    ``prompts``, ``replay``) must be in ``datasets``; an external judge in ``judges``; a
-    prompt generator other than ``"self"`` in ``models``; a ``self_reward_dpo`` stage
-    judges with ``"self"``; ``prompts="generated"`` needs an earlier prompt-generation
-    stage. Raises :class:`ValueError` (a :class:`ConfigError` for an empty SFT list)
-    naming the stage, the key, the problem and the fix; ``where`` prefixes the message.
+    ``prompts``, ``replay``) must be in ``datasets``; an ``external_reward_dpo`` stage's
+    judge in ``judges``; a prompt generator other than ``"self"`` in ``models``; a
+    ``self_reward_dpo`` stage judges with ``"self"``; ``prompts="generated"`` needs an
+    earlier prompt-generation stage. Raises :class:`ConfigError` naming the stage, the key,
+    the problem and the fix, in the words of ``vocabulary`` (the Python API by default,
+    :data:`YAML_PLAN` for a ``srlm run`` file); ``where`` prefixes the message.
     """
+    v = vocabulary
     pre = f"{where}: " if where else ""
-    known_data = sorted(datasets)
 
-    def need(name: str, stage: Stage) -> None:
+    def need(name: str, i: int, stage_name: str, key: str) -> None:
         if name not in datasets:
-            raise ValueError(
-                f"{pre}stage {stage.kind} needs dataset {name!r}, which was not given "
-                f"(known datasets: {known_data})"
-            )
+            at = v.key(i, stage_name, key)
+            raise ConfigError(pre + v.undefined(at, "dataset", name, datasets, v.datasets))
 
     seen_prompt_generation = False
-    for stage, name in zip(stages, plan_names(stages)):
+    for i, (stage, name) in enumerate(zip(stages, plan_names(stages))):
         if isinstance(stage, SFTStage):
             if not stage.datasets:
                 raise ConfigError(
-                    f"{pre}stage {name}: datasets is empty; name the SFT data, e.g. ['sft']"
+                    f"{pre}{v.key(i, name, 'datasets')}: the list is empty; name the SFT data, "
+                    f"e.g. {v.setting('datasets', ['sft'])}"
                 )
             for ds in stage.datasets:
-                need(ds, stage)
+                need(ds, i, name, "datasets")
         elif isinstance(stage, SPINStage):
-            need(stage.dataset, stage)
+            need(stage.dataset, i, name, "dataset")
         elif isinstance(stage, PromptGenerationStage):
-            need(stage.seed_dataset, stage)
-            if stage.generator_model != "self" and stage.generator_model not in models:
-                raise ValueError(
-                    f"{pre}prompt_generation uses model {stage.generator_model!r}, which is "
-                    f"not in models= (known: {sorted(models)})"
-                )
+            need(stage.seed_dataset, i, name, "seed_dataset")
+            gen = stage.generator_model
+            if gen != "self" and gen not in models:
+                at = v.key(i, name, "generator_model")
+                raise ConfigError(pre + v.undefined(at, "model", gen, models, v.models))
             seen_prompt_generation = True
         elif isinstance(stage, PreferenceStage):
             if stage.prompts == "generated":
                 if not seen_prompt_generation:
-                    raise ValueError(
-                        f"{pre}stage {name}: prompts='generated' needs a prompt_generation "
-                        "stage before this stage; add one or name a prompt dataset"
+                    raise ConfigError(
+                        f"{pre}{v.stage(i, name)}: {v.setting('prompts', 'generated')} needs a "
+                        "prompt_generation stage before this stage; add one or name a prompt "
+                        "dataset"
                     )
             else:
-                need(stage.prompts, stage)
+                need(stage.prompts, i, name, "prompts")
             if stage.replay is not None:
-                need(stage.replay, stage)
-            if stage.judge != "self" and stage.judge not in judges:
-                raise ValueError(
-                    f"{pre}{stage.kind} uses judge {stage.judge!r}, which is not in judges= "
-                    f"(known: {sorted(judges)}); pass judges={{{stage.judge!r}: ...}}"
-                )
+                need(stage.replay, i, name, "replay")
             if stage.kind == "self_reward_dpo" and stage.judge != "self":
-                raise ValueError(
-                    f"{pre}a self_reward_dpo stage judges with the model itself "
-                    "(judge='self'); use kind='external_reward_dpo' for an external judge"
+                raise ConfigError(
+                    f"{pre}{v.stage(i, name)}: a self_reward_dpo stage judges with the model "
+                    f"itself ({v.setting('judge', 'self')}), not {stage.judge!r}; use "
+                    f"{v.setting('kind', 'external_reward_dpo')} for an external judge"
                 )
+            if stage.kind == "external_reward_dpo" and stage.judge not in judges:
+                at = v.key(i, name, "judge")
+                if stage.judge == "self":  # the default judge: none was named
+                    raise ConfigError(
+                        f"{pre}{at}: an external_reward_dpo stage needs an external judge, "
+                        f"not 'self'; name one {v.defined} {v.judges} (known: "
+                        f"{', '.join(sorted(judges)) or 'none'}) or use "
+                        f"{v.setting('kind', 'self_reward_dpo')}"
+                    )
+                raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
