@@ -209,8 +209,8 @@ def test_chunked_path_matches_unchunked(monkeypatch: pytest.MonkeyPatch) -> None
     full = sequence_logprobs(logits, input_ids, mask)
     (g_full,) = torch.autograd.grad(full.sum(), logits)
     # force chunks of 2 positions (and uneven last chunk) through forward and backward
-    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 2 * VOCAB)
-    assert len(losses._chunks(27, VOCAB)) == 14
+    monkeypatch.setattr(losses.logprobs, "_CHUNK_ELEMENTS", 2 * VOCAB)
+    assert len(losses.logprobs._chunks(27, VOCAB)) == 14
     chunked = sequence_logprobs(logits, input_ids, mask)
     (g_chunked,) = torch.autograd.grad(chunked.sum(), logits)
     torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)

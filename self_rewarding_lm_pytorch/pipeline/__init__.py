@@ -11,7 +11,7 @@ Stages (each a config dataclass, :mod:`.stages`) run in the order listed:
 
 The pipeline owns ordering, the run directory, checkpoints and resume
 (:class:`SelfRewardingTrainer`, :mod:`.runner`); trainers own the training loops and
-``losses.py`` the math. Every generated record is appended to JSONL as it is made
+``losses/`` the math. Every generated record is appended to JSONL as it is made
 (:mod:`.preference`), and ``state.json`` (written atomically, :mod:`.rundir`) says which
 stages finished, so running the same command again resumes where it stopped without
 losing or duplicating a record.
