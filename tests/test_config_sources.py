@@ -30,7 +30,8 @@ from self_rewarding_lm_pytorch.generation import GenerationConfig
 from self_rewarding_lm_pytorch.judge import JudgeConfig
 from self_rewarding_lm_pytorch.pairs import PAIR_STRATEGIES
 from self_rewarding_lm_pytorch.pipeline import STAGE_TRAINERS, STAGE_TYPES, check_plan
-from self_rewarding_lm_pytorch.pipeline.stages import YAML_PLAN, check_trainer_kwargs
+from self_rewarding_lm_pytorch.pipeline.plan import YAML_PLAN
+from self_rewarding_lm_pytorch.pipeline.stages import check_trainer_kwargs
 from self_rewarding_lm_pytorch.trainers import build_config
 
 NOT_A_KEY = "not_a_setting"

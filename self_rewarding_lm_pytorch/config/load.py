@@ -145,7 +145,8 @@ def _check_trackers(acc: AccelerateConfig, *, installed: bool) -> None:
 def _check_names(cfg: RunConfig) -> None:
     """The names and order of the stages (:func:`~..pipeline.stages.check_plan`, in the
     words of a YAML file), after the rules only a ``srlm run`` file has."""
-    from ..pipeline.stages import YAML_PLAN, PromptGenerationStage, check_plan
+    from ..pipeline.plan import YAML_PLAN, check_plan
+    from ..pipeline.stages import PromptGenerationStage
 
     for i, stage in enumerate(cfg.stage_objects):
         # YAML-only: a srlm run file has one model (model:) and no models: section, so the

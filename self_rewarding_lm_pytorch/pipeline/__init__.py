@@ -23,6 +23,7 @@ Modules: :mod:`.stages` (stage configs and plan rules), :mod:`.runner` (the entr
 """
 
 from ..data import preference_example, tokenize_sft_item
+from .plan import check_plan
 from .preference import MIN_TIED_PROMPTS, JudgeParseError, NotEnoughPairsError
 from .report import candidate_stats, render_report_md
 from .runner import SelfRewardingTrainer
@@ -34,7 +35,6 @@ from .stages import (
     SFTStage,
     SPINStage,
     Stage,
-    check_plan,
     check_trainer_kwargs,
 )
 

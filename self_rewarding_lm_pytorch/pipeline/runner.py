@@ -27,6 +27,7 @@ from ..store import (
 )
 from ..trainers.checkpoint import load_checkpoint
 from .inputs import StageInputs
+from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
 from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
@@ -39,10 +40,7 @@ from .stages import (
     SPINStage,
     Stage,
     _stage_slug,
-    check_plan,
     check_trainer_kwargs,
-    datasets_of,
-    plan_names,
 )
 from .steps import StageContext, generated_prompts
 

@@ -1,10 +1,8 @@
-"""The stage configs of the pipeline, their validation rules and the plan's name rules.
+"""The stage configs of the pipeline and their validation rules.
 
 Each stage is a config dataclass (SFT, SPIN, prompt generation, preference/DPO);
-:func:`check_trainer_kwargs` checks a stage's values and trainer arguments, and
-:func:`check_plan` checks that the datasets, judges and models a list of stages names
-exist and that the stages come in a workable order, in the words of the Python API or of
-a ``srlm run`` file (:class:`PlanVocabulary`).
+:func:`check_trainer_kwargs` checks a stage's values and trainer arguments. The names a
+list of stages uses are checked by :func:`~.plan.check_plan`.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import json
 import math
 import typing
 from collections.abc import Sequence
@@ -24,17 +21,13 @@ from ..judge import JudgeConfig
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
 
 __all__ = [
-    "PYTHON_PLAN",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
-    "YAML_PLAN",
-    "PlanVocabulary",
     "PreferenceStage",
     "PromptGenerationStage",
     "SFTStage",
     "SPINStage",
     "Stage",
-    "check_plan",
     "check_trainer_kwargs",
 ]
 
@@ -372,142 +365,3 @@ def check_trainer_kwargs(stage: Stage) -> None:
     if trainer_cls is None or not kwargs:
         return
     build_config(trainer_cls, kwargs, "trainer")
-
-
-def plan_names(stages: Sequence[Stage]) -> list[str]:
-    """Each stage's folder name in the run directory: ``01-sft``, ``02-self-reward-dpo``, ..."""
-    return [f"{i + 1:02d}-{_stage_slug(s)}" for i, s in enumerate(stages)]
-
-
-def datasets_of(stage: Stage) -> list[str]:
-    """The datasets a stage reads (``prompts="generated"`` is not one)."""
-    if isinstance(stage, SFTStage):
-        return list(stage.datasets)
-    if isinstance(stage, SPINStage):
-        return [stage.dataset]
-    if isinstance(stage, PromptGenerationStage):
-        return [stage.seed_dataset]
-    return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
-
-
-@dataclass(frozen=True)
-class PlanVocabulary:
-    """How the user of a plan defines its names, for the messages of :func:`check_plan`:
-    the Python API (``datasets=`` keywords, a stage named ``02-self-reward-dpo``) or a
-    ``srlm run`` YAML file (``data:`` sections, a stage named ``stages[1]``)."""
-
-    datasets: str = "datasets="
-    judges: str = "judges="
-    models: str = "models="
-    yaml: bool = False
-
-    @property
-    def defined(self) -> str:
-        """How a name comes to exist: ``given in`` (a keyword) or ``defined under`` (a section)."""
-        return "defined under" if self.yaml else "given in"
-
-    def stage(self, index: int, name: str) -> str:
-        """A stage as the user names it: ``stage 02-self-reward-dpo`` or ``stages[1]``."""
-        return f"stages[{index}]" if self.yaml else f"stage {name}"
-
-    def key(self, index: int, name: str, key: str) -> str:
-        """A key of a stage: ``stage 01-sft, datasets`` or ``stages[0].datasets``."""
-        return f"stages[{index}].{key}" if self.yaml else f"stage {name}, {key}"
-
-    def setting(self, key: str, value: Any) -> str:
-        """``key='value'`` (Python) or ``key: value`` (YAML)."""
-        if not self.yaml:
-            return f"{key}={value!r}"
-        return f"{key}: {value if isinstance(value, str) else json.dumps(value)}"
-
-    def undefined(self, where: str, what: str, name: str, known: set[str], section: str) -> str:
-        """The message for a ``what`` (dataset, judge, model) ``name`` not defined in ``section``."""
-        close = _did_you_mean(name, sorted(known))
-        hint = f"; {close}" if close else ""
-        define = f"define it under {section}" if self.yaml else f"pass {section}{{{name!r}: ...}}"
-        return (
-            f"{where}: {what} {name!r} is not {self.defined} {section}{hint} "
-            f"(known: {', '.join(sorted(known)) or 'none'}); {define} or use a known name"
-        )
-
-
-#: the names of the Python API (``SelfRewardingTrainer(datasets=..., judges=..., models=...)``)
-PYTHON_PLAN = PlanVocabulary()
-#: the names of a ``srlm run`` YAML file (its ``data:`` and ``judges:`` sections)
-YAML_PLAN = PlanVocabulary(datasets="data:", judges="judges:", models="models:", yaml=True)
-
-
-def check_plan(
-    stages: Sequence[Stage],
-    *,
-    datasets: set[str],
-    judges: set[str],
-    models: set[str],
-    where: str = "",
-    vocabulary: PlanVocabulary = PYTHON_PLAN,
-) -> None:
-    """Check the names and order of a list of stages, before any data is read.
-
-    Every dataset a stage names (SFT ``datasets``, SPIN ``dataset``, ``seed_dataset``,
-    ``prompts``, ``replay``) must be in ``datasets``; an ``external_reward_dpo`` stage's
-    judge in ``judges``; a prompt generator other than ``"self"`` in ``models``; a
-    ``self_reward_dpo`` stage judges with ``"self"``; ``prompts="generated"`` needs an
-    earlier prompt-generation stage. Raises :class:`ConfigError` naming the stage, the key,
-    the problem and the fix, in the words of ``vocabulary`` (the Python API by default,
-    :data:`YAML_PLAN` for a ``srlm run`` file); ``where`` prefixes the message.
-    """
-    v = vocabulary
-    pre = f"{where}: " if where else ""
-
-    def need(name: str, i: int, stage_name: str, key: str) -> None:
-        if name not in datasets:
-            at = v.key(i, stage_name, key)
-            raise ConfigError(pre + v.undefined(at, "dataset", name, datasets, v.datasets))
-
-    seen_prompt_generation = False
-    for i, (stage, name) in enumerate(zip(stages, plan_names(stages))):
-        if isinstance(stage, SFTStage):
-            if not stage.datasets:
-                raise ConfigError(
-                    f"{pre}{v.key(i, name, 'datasets')}: the list is empty; name the SFT data, "
-                    f"e.g. {v.setting('datasets', ['sft'])}"
-                )
-            for ds in stage.datasets:
-                need(ds, i, name, "datasets")
-        elif isinstance(stage, SPINStage):
-            need(stage.dataset, i, name, "dataset")
-        elif isinstance(stage, PromptGenerationStage):
-            need(stage.seed_dataset, i, name, "seed_dataset")
-            gen = stage.generator_model
-            if gen != "self" and gen not in models:
-                at = v.key(i, name, "generator_model")
-                raise ConfigError(pre + v.undefined(at, "model", gen, models, v.models))
-            seen_prompt_generation = True
-        elif isinstance(stage, PreferenceStage):
-            if stage.prompts == "generated":
-                if not seen_prompt_generation:
-                    raise ConfigError(
-                        f"{pre}{v.stage(i, name)}: {v.setting('prompts', 'generated')} needs a "
-                        "prompt_generation stage before this stage; add one or name a prompt "
-                        "dataset"
-                    )
-            else:
-                need(stage.prompts, i, name, "prompts")
-            if stage.replay is not None:
-                need(stage.replay, i, name, "replay")
-            if stage.kind == "self_reward_dpo" and stage.judge != "self":
-                raise ConfigError(
-                    f"{pre}{v.stage(i, name)}: a self_reward_dpo stage judges with the model "
-                    f"itself ({v.setting('judge', 'self')}), not {stage.judge!r}; use "
-                    f"{v.setting('kind', 'external_reward_dpo')} for an external judge"
-                )
-            if stage.kind == "external_reward_dpo" and stage.judge not in judges:
-                at = v.key(i, name, "judge")
-                if stage.judge == "self":  # the default judge: none was named
-                    raise ConfigError(
-                        f"{pre}{at}: an external_reward_dpo stage needs an external judge, "
-                        f"not 'self'; name one {v.defined} {v.judges} (known: "
-                        f"{', '.join(sorted(judges)) or 'none'}) or use "
-                        f"{v.setting('kind', 'self_reward_dpo')}"
-                    )
-                raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
