@@ -16,14 +16,14 @@ import torch
 
 from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
 from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
-from self_rewarding_lm_pytorch.demo.report import aggregate, render_aggregate, render_table
-from self_rewarding_lm_pytorch.demo.run import (
+from self_rewarding_lm_pytorch.demo.config import (
     ARMS,
     RandomJudge,
     demo_reward_config,
-    main,
     quick_config,
 )
+from self_rewarding_lm_pytorch.demo.report import aggregate, render_aggregate, render_table
+from self_rewarding_lm_pytorch.demo.run import main
 from self_rewarding_lm_pytorch.generation import GenerationConfig, generate_text
 from self_rewarding_lm_pytorch.store import read_jsonl
 

@@ -63,33 +63,12 @@ from ..pipeline import JudgeParseError, NotEnoughPairsError
 from ..store import atomic_write_json, read_jsonl
 from . import task
 from .cli import main
-from .config import (
-    ARMS,
-    DemoConfig,
-    DemoSetupError,
-    IterationConfig,
-    RandomJudge,
-    demo_reward_config,
-    quick_config,
-)
+from .config import ARMS, DemoConfig, DemoSetupError, RandomJudge, demo_reward_config, quick_config
 from .evaluate import evaluate_headroom, evaluate_judge, evaluate_task, iteration_metrics
 from .model import build_demo_model, count_parameters
 from .tokenizer import DemoTokenizer
 
-__all__ = [
-    "ARMS",
-    "DemoConfig",
-    "DemoSetupError",
-    "IterationConfig",
-    "RandomJudge",
-    "demo_reward_config",
-    "evaluate_judge",
-    "evaluate_task",
-    "iteration_metrics",
-    "main",
-    "quick_config",
-    "run_demo",
-]
+__all__ = ["main", "run_demo"]  # main: the command line (demo/cli.py), `srlm demo` calls it here
 
 
 # ====================================================================== timing

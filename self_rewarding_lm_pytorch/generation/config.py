@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,3 +220,26 @@ def _check_prompts(
         response_budget(len(ids), max_new[i], ctx, where=f"prompt {i}")
         out.append(ids)
     return out
+
+
+def prepare_request(
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig | None,
+    overrides: dict[str, Any],
+    max_new_tokens_per_prompt: Sequence[int] | None,
+    model: Any,
+    decode: Callable[[Sequence[int]], str] | None,
+) -> tuple[GenerationConfig, list[list[int]], list[int]]:
+    """What every backend checks before it samples: the settings (``config`` with
+    ``overrides``), each prompt's limit on new tokens, the prompts against ``model``'s
+    vocabulary and context (``vocab_size``, ``max_seq_len``), and a ``decode`` for stop
+    strings. Returns ``(settings, prompt token ids, limits)``."""
+    cfg = _resolve_config(config, overrides)
+    max_new = _per_prompt_limits(prompts, cfg, max_new_tokens_per_prompt)
+    prompt_ids = _check_prompts(prompts, model, max_new)
+    if cfg.stop_strings and decode is None:
+        raise ValueError(
+            "stop_strings need a decode function to read the generated text; pass "
+            "decode=tokenizer.decode (or use generate_text)"
+        )
+    return cfg, prompt_ids, max_new

@@ -60,10 +60,9 @@ from .config import (
     _CONFIG_FIELDS,
     GenerationConfig,
     GenerationOutput,
-    _check_prompts,
     _eos_set,
-    _per_prompt_limits,
     _resolve_config,
+    prepare_request,
 )
 from .kv_cache import _make_backend
 from .sampling import sample_next
@@ -297,15 +296,10 @@ def generate(
     Returns:
         :class:`GenerationOutput` with ``len(prompts) * num_return_sequences`` rows.
     """
-    cfg = _resolve_config(config, overrides)
     lm = wrap_model(model)
-    max_new = _per_prompt_limits(prompts, cfg, max_new_tokens_per_prompt)
-    prompt_ids = _check_prompts(prompts, lm, max_new)
-    if cfg.stop_strings and decode is None:
-        raise ValueError(
-            "stop_strings need a decode function to read the generated text; pass "
-            "decode=tokenizer.decode (or use generate_text)"
-        )
+    cfg, prompt_ids, max_new = prepare_request(
+        prompts, config, overrides, max_new_tokens_per_prompt, lm, decode
+    )
     if token_budget is not None and (
         not isinstance(token_budget, int) or isinstance(token_budget, bool) or token_budget < 1
     ):

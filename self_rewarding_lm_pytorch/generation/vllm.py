@@ -25,8 +25,7 @@ from .config import (
     GenerationOutput,
     _check_prompts,
     _eos_set,
-    _per_prompt_limits,
-    _resolve_config,
+    prepare_request,
 )
 from .engine import _StopChecker
 
@@ -182,21 +181,16 @@ class VLLMBackend:
         that vLLM's own detokenizer stopped at a stop string that ``decode`` does not show
         still ends with reason ``"stop"``.
         """
-        cfg = _resolve_config(config, {})
+        shape = SimpleNamespace(vocab_size=self.vocab_size, max_seq_len=self.max_seq_len)
+        cfg, prompt_ids, max_new = prepare_request(
+            prompts, config, {}, max_new_tokens_per_prompt, shape, decode
+        )
         if cfg.min_p > 0 and cfg.temperature > 0 and (cfg.top_k > 0 or cfg.top_p < 1):
             raise ValueError(
                 f"min_p={cfg.min_p} with top_k={cfg.top_k}, top_p={cfg.top_p}: vLLM applies "
                 "min-p before top-k/top-p while the torch engine applies it after, so the two "
                 "backends would sample differently; use min_p alone, or top_k/top_p without min_p"
             )
-        if cfg.stop_strings and decode is None:
-            raise ValueError(
-                "stop_strings need a decode function to read the generated text; pass "
-                "decode=tokenizer.decode (or use generate_text)"
-            )
-        max_new = _per_prompt_limits(prompts, cfg, max_new_tokens_per_prompt)
-        shape = SimpleNamespace(vocab_size=self.vocab_size, max_seq_len=self.max_seq_len)
-        prompt_ids = _check_prompts(prompts, shape, max_new)  # type: ignore[arg-type]
         n = cfg.num_return_sequences
         sampled = cfg.temperature > 0
         seeds = _request_seeds(generator, len(prompt_ids)) if sampled else None
