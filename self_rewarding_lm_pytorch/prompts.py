@@ -227,30 +227,16 @@ class PromptFilter:
 
 
 def filter_prompts(
-    candidates: Sequence[str],
-    existing: Sequence[str] = (),
-    *,
-    min_words: int = 4,
-    max_words: int = 150,
-    max_rouge_l: float = 0.7,
-    banned_keywords: Sequence[str] = DEFAULT_BANNED_KEYWORDS,
-    banned_prefixes: Sequence[str] = DEFAULT_BANNED_PREFIXES,
-    ascii_start: bool = True,
+    candidates: Sequence[str], existing: Sequence[str] = (), **settings: Any
 ) -> FilteredPrompts:
     """Candidates that pass the Self-Instruct filters against ``existing`` and each other
-    (in order: an accepted candidate joins the pool). Returns a list of the accepted,
-    stripped prompts with ``.reasons``, the rejections counted by reason."""
+    (in order: an accepted candidate joins the pool). ``settings`` are those of
+    :class:`PromptFilter` (``min_words``, ``max_words``, ``max_rouge_l``, ``banned_keywords``,
+    ``banned_prefixes``, ``ascii_start``). Returns a list of the accepted, stripped prompts
+    with ``.reasons``, the rejections counted by reason."""
     if isinstance(candidates, str) or isinstance(existing, str):
         raise TypeError("candidates and existing must be lists of strings, not a single string")
-    f = PromptFilter(
-        existing,
-        min_words=min_words,
-        max_words=max_words,
-        max_rouge_l=max_rouge_l,
-        banned_keywords=banned_keywords,
-        banned_prefixes=banned_prefixes,
-        ascii_start=ascii_start,
-    )
+    f = PromptFilter(existing, **settings)
     accepted = [c.strip() for c in candidates if f(c)]
     return FilteredPrompts(accepted, dict(f.reasons))
 
