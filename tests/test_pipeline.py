@@ -384,22 +384,6 @@ def test_check_plan_checks_names_and_order_without_data():
         assert str(info.value).startswith("run.yaml: ") and message in str(info.value)
 
 
-def test_spin_stage_with_a_total_epoch_count_trains_that_many_epochs(tmp_path):
-    """``trainer: {num_epochs: k}`` (passes in all) replaces ``cycles`` as ``epochs`` does."""
-    stage = SPINStage(cycles=3, trainer=dict(batch_size=4, max_seq_len=24, num_epochs=1))
-    trainer = SelfRewardingTrainer(
-        tiny_model(),
-        tokenizer=char_tokenizer(),
-        datasets={"sft": SFT_DATA[:4]},
-        stages=[stage],
-        checkpoints_folder=str(tmp_path),
-        accelerate_kwargs=dict(cpu=True),
-        progress=False,
-    )
-    metrics = trainer.run()["stages"][0]["metrics"]
-    assert (metrics["epoch"], metrics["step"]) == (0, 1)  # 4 rows, batch 4: one step per epoch
-
-
 def test_every_sampling_call_of_the_pipeline_goes_through_its_backend(tmp_path, monkeypatch):
     """Prompt generation, candidates and the self judge all sample through the pipeline's
     one backend: the engine samples no row that the backend was not asked for."""

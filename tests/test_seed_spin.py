@@ -260,12 +260,10 @@ def test_spin_schedule_settings_are_checked():
     assert (t.num_epochs, t.epochs_per_iteration, t.mix_previous_iteration) == (3, 1, False)
 
 
-def test_pipeline_spin_stage_cycles_are_iterations(tmp_path):
-    from self_rewarding_lm_pytorch.pipeline import SelfRewardingTrainer, SPINStage
+def _spin_stage_metrics(tmp_path, stage) -> dict:
+    from self_rewarding_lm_pytorch.pipeline import SelfRewardingTrainer
     from tests.tiny import SFT_DATA, char_tokenizer, tiny_model
 
-    spin = dict(batch_size=4, grad_accum_steps=1, epochs_per_iteration=1, max_seq_len=24)
-    stage = SPINStage(cycles=2, trainer=spin)
     report = SelfRewardingTrainer(
         tiny_model(),
         tokenizer=char_tokenizer(),
@@ -275,8 +273,25 @@ def test_pipeline_spin_stage_cycles_are_iterations(tmp_path):
         accelerate_kwargs=dict(cpu=True),
         progress=False,
     ).run()
+    return report["stages"][0]["metrics"]
+
+
+def test_pipeline_spin_stage_cycles_are_iterations(tmp_path):
+    from self_rewarding_lm_pytorch.pipeline import SPINStage
+
+    spin = dict(batch_size=4, grad_accum_steps=1, epochs_per_iteration=1, max_seq_len=24)
+    metrics = _spin_stage_metrics(tmp_path, SPINStage(cycles=2, trainer=spin))
     # iteration 0: 4 pairs (1 step); iteration 1: 4 new + 4 previous pairs (2 steps)
-    assert report["stages"][0]["metrics"]["step"] == 3
+    assert metrics["step"] == 3
+
+
+def test_spin_stage_with_a_total_epoch_count_trains_that_many_epochs(tmp_path):
+    """``trainer: {num_epochs: k}`` (passes in all) replaces ``cycles`` as ``epochs`` does."""
+    from self_rewarding_lm_pytorch.pipeline import SPINStage
+
+    trainer = dict(batch_size=4, max_seq_len=24, num_epochs=1)
+    metrics = _spin_stage_metrics(tmp_path, SPINStage(cycles=3, trainer=trainer))
+    assert (metrics["epoch"], metrics["step"]) == (0, 1)  # 4 rows, batch 4: one step per epoch
 
 
 def test_spin_samples_through_the_backend_it_is_given():
