@@ -230,16 +230,15 @@ def prepare_request(
     model: Any,
     decode: Callable[[Sequence[int]], str] | None,
 ) -> tuple[GenerationConfig, list[list[int]], list[int]]:
-    """What every backend checks before it samples: the settings (``config`` with
-    ``overrides``), each prompt's limit on new tokens, the prompts against ``model``'s
-    vocabulary and context (``vocab_size``, ``max_seq_len``), and a ``decode`` for stop
-    strings. Returns ``(settings, prompt token ids, limits)``."""
+    """What every backend checks before it samples, settings first: the settings
+    (``config`` with ``overrides``) and a ``decode`` for stop strings, then each prompt's
+    limit on new tokens and the prompts against ``model``'s vocabulary and context
+    (``vocab_size``, ``max_seq_len``). Returns ``(settings, prompt token ids, limits)``."""
     cfg = _resolve_config(config, overrides)
-    max_new = _per_prompt_limits(prompts, cfg, max_new_tokens_per_prompt)
-    prompt_ids = _check_prompts(prompts, model, max_new)
     if cfg.stop_strings and decode is None:
         raise ValueError(
             "stop_strings need a decode function to read the generated text; pass "
             "decode=tokenizer.decode (or use generate_text)"
         )
-    return cfg, prompt_ids, max_new
+    max_new = _per_prompt_limits(prompts, cfg, max_new_tokens_per_prompt)
+    return cfg, _check_prompts(prompts, model, max_new), max_new

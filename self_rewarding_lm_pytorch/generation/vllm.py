@@ -181,16 +181,18 @@ class VLLMBackend:
         that vLLM's own detokenizer stopped at a stop string that ``decode`` does not show
         still ends with reason ``"stop"``.
         """
+        wanted = config or GenerationConfig()  # a setting vLLM cannot honour is refused first
+        if wanted.min_p > 0 and wanted.temperature > 0 and (wanted.top_k > 0 or wanted.top_p < 1):
+            raise ValueError(
+                f"min_p={wanted.min_p} with top_k={wanted.top_k}, top_p={wanted.top_p}: vLLM "
+                "applies min-p before top-k/top-p while the torch engine applies it after, so the "
+                "two backends would sample differently; use min_p alone, or top_k/top_p without "
+                "min_p"
+            )
         shape = SimpleNamespace(vocab_size=self.vocab_size, max_seq_len=self.max_seq_len)
         cfg, prompt_ids, max_new = prepare_request(
             prompts, config, {}, max_new_tokens_per_prompt, shape, decode
         )
-        if cfg.min_p > 0 and cfg.temperature > 0 and (cfg.top_k > 0 or cfg.top_p < 1):
-            raise ValueError(
-                f"min_p={cfg.min_p} with top_k={cfg.top_k}, top_p={cfg.top_p}: vLLM applies "
-                "min-p before top-k/top-p while the torch engine applies it after, so the two "
-                "backends would sample differently; use min_p alone, or top_k/top_p without min_p"
-            )
         n = cfg.num_return_sequences
         sampled = cfg.temperature > 0
         seeds = _request_seeds(generator, len(prompt_ids)) if sampled else None
