@@ -1,8 +1,23 @@
 """Self-Rewarding Language Models (Yuan et al., 2024) with SPIN and DPO, in PyTorch."""
 
 from .data import create_mock_dataset
-from .generation import GenerationConfig, GenerationOutput, generate, generate_text
-from .judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig, RewardModelJudge
+from .generation import (
+    GenerationBackend,
+    GenerationConfig,
+    GenerationOutput,
+    TorchBackend,
+    VLLMBackend,
+    generate,
+    generate_text,
+)
+from .judge import (
+    DEFAULT_REWARD_CONFIG,
+    CallableJudge,
+    JudgeConfig,
+    LLMJudge,
+    RewardConfig,
+    RewardModelJudge,
+)
 from .losses import (
     PreferenceLossOutput,
     dpo_loss,
@@ -28,9 +43,25 @@ from .pipeline import (
     SFTStage,
     SPINStage,
 )
-from .trainers import DPOTrainer, SFTTrainer, SPINTrainer, load_checkpoint, save_checkpoint
+from .trainers import (
+    DPOConfig,
+    DPOTrainer,
+    SFTConfig,
+    SFTTrainer,
+    SPINConfig,
+    SPINTrainer,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = [
+    "VLLMBackend",
+    "TorchBackend",
+    "SPINConfig",
+    "SFTConfig",
+    "JudgeConfig",
+    "GenerationBackend",
+    "DPOConfig",
     "DEFAULT_REWARD_CONFIG",
     "CallableJudge",
     "CallableTokenizer",
