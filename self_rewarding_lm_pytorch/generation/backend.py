@@ -101,13 +101,21 @@ class TorchBackend:
     ) -> list[list[float]]:
         if len(sequences) != len(token_ids):
             raise ValueError(f"{len(sequences)} sequences but {len(token_ids)} lists of token ids")
-        out: list[list[float]] = []
+        if not sequences:
+            return []
+        # one right-padded forward for the whole call (the caller sizes the batch)
+        device = self.lm.device
+        width = max(len(seq) for seq in sequences)
+        input_ids = torch.zeros(len(sequences), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(input_ids)
+        for b, seq in enumerate(sequences):
+            input_ids[b, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+            mask[b, : len(seq)] = 1
         with eval_mode(self.lm):
-            for seq, ids in zip(sequences, token_ids):
-                x = torch.tensor([list(seq)], dtype=torch.long, device=self.lm.device)
-                last = self.lm(x)[0, -1].float()
-                out.append(torch.log_softmax(last, dim=-1)[list(ids)].tolist())
-        return out
+            logits = self.lm(input_ids, attention_mask=mask)
+        last = logits[torch.arange(len(sequences), device=device), mask.sum(1) - 1].float()
+        logprobs = torch.log_softmax(last, dim=-1)
+        return [logprobs[b, list(ids)].tolist() for b, ids in enumerate(token_ids)]
 
     def load_weights(self, checkpoint: str | Path) -> None:
         from ..trainers.checkpoint import load_checkpoint
