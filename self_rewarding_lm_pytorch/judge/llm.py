@@ -31,7 +31,7 @@ from .base import JudgeBase, JudgeResult
 from .config import CONFIG_FIELDS, ENGINE_OPTIONS, JudgeConfig
 from .templates import DEFAULT_REWARD_CONFIG, RewardConfig
 
-__all__ = ["LLMJudge"]
+__all__ = ["LLMJudge", "SampledJudge"]
 
 
 def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -43,7 +43,104 @@ def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-class LLMJudge(JudgeBase):
+class SampledJudge:
+    """What the LLM judges share: the sampling settings (a :class:`JudgeConfig`), the
+    backend they sample from, and the chunked ``generate`` loop (``batch_size`` prompts and
+    ``token_budget`` tokens per call at most)."""
+
+    def _setup(
+        self,
+        model_or_backend: nn.Module | CausalLM | GenerationBackend,
+        tokenizer: Any,
+        config: JudgeConfig | None,
+        overrides: dict[str, Any],
+        *,
+        owner: str,
+    ) -> None:
+        settings = with_overrides(JudgeConfig, config, overrides, owner=owner)
+        settings.generation_kwargs = dict(settings.generation_kwargs or {})
+        settings.validate(owner)
+        extra = settings.generation_kwargs
+        self._config_kwargs = {k: v for k, v in extra.items() if k in CONFIG_FIELDS}
+        self._generate_kwargs = {
+            k: v for k, v in extra.items() if k not in CONFIG_FIELDS and k not in ENGINE_OPTIONS
+        }
+        engine_kwargs = {k: v for k, v in extra.items() if k in ENGINE_OPTIONS}
+        # a model gets a torch engine that micro-batches to the judge's token budget itself;
+        # a backend is sampled in chunks of at most token_budget tokens
+        self._chunk_budget = settings.token_budget
+        if is_backend(model_or_backend):
+            if engine_kwargs:
+                raise ValueError(
+                    f"{owner}: generation_kwargs {sorted(engine_kwargs)} are options of the "
+                    "torch engine, but the judge was given a generation backend; configure "
+                    "them on the backend (e.g. TorchBackend(model, use_cache=...)) instead"
+                )
+            self.backend: GenerationBackend = model_or_backend
+        else:
+            if settings.token_budget is not None and "token_budget" in ENGINE_OPTIONS:
+                engine_kwargs["token_budget"], self._chunk_budget = settings.token_budget, None
+            self.backend = as_backend(model_or_backend, **engine_kwargs)
+        #: the wrapped model of a torch backend (None for other backends)
+        self.lm: CausalLM | None = getattr(self.backend, "lm", None)
+        self.tokenizer: Tokenizer = wrap_tokenizer(tokenizer)
+        self.settings = settings
+
+    @property
+    def max_seq_len(self) -> int | None:
+        """The judge's context: prompt + ``max_new_tokens`` must fit it, per judgement."""
+        return self.backend.max_seq_len
+
+    def _device(self) -> torch.device:
+        return self.lm.device if self.lm is not None else torch.device("cpu")
+
+    def _prompt_limit(self) -> int | None:
+        """The most tokens a judge prompt may have (None: no limit)."""
+        max_len = self.max_seq_len
+        limit = None if max_len is None else max_len - self.settings.max_new_tokens
+        if limit is not None and limit < 1:
+            raise ValueError(
+                f"max_new_tokens={self.settings.max_new_tokens} leaves no room for the judge prompt in "
+                f"the model's context of {max_len} tokens; lower max_new_tokens"
+            )
+        return limit
+
+    def _gen_config(self, **overrides: Any) -> GenerationConfig:
+        s = self.settings
+        kwargs = dict(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            eos_token_id=self.tokenizer.eos_id,
+        )
+        kwargs.update(self._config_kwargs)
+        kwargs.update(overrides)
+        return GenerationConfig(**kwargs)
+
+    def _generate(
+        self, ids: list[list[int]], config: GenerationConfig, generator
+    ) -> list[list[int]]:
+        k = config.num_return_sequences
+        costs = [(len(x) + self.settings.max_new_tokens) * k for x in ids]
+        seqs: list[list[int]] = []
+        for chunk in chunks(costs, self.settings.batch_size, self._chunk_budget):
+            out = self.backend.generate(
+                [ids[i] for i in chunk],
+                config,
+                generator=generator,
+                decode=self.tokenizer.decode,
+                **self._generate_kwargs,
+            )
+            if len(out.sequences) != len(chunk) * k:
+                raise RuntimeError(
+                    f"generate returned {len(out.sequences)} sequences for {len(chunk)} prompts "
+                    f"x {k} samples"
+                )
+            seqs.extend(out.sequences)
+        return seqs
+
+
+class LLMJudge(JudgeBase, SampledJudge):
     """Score responses with a language model prompted as a judge (paper section 2.3).
 
     Args:
@@ -84,46 +181,11 @@ class LLMJudge(JudgeBase):
             raise TypeError(
                 f"reward_config must be a RewardConfig, got {type(reward_config).__name__}"
             )
-        settings = with_overrides(JudgeConfig, config, overrides, owner="LLMJudge")
-        settings.generation_kwargs = dict(settings.generation_kwargs or {})
-        settings.validate("LLMJudge")
-        extra = settings.generation_kwargs
-        self._config_kwargs = {k: v for k, v in extra.items() if k in CONFIG_FIELDS}
-        self._generate_kwargs = {
-            k: v for k, v in extra.items() if k not in CONFIG_FIELDS and k not in ENGINE_OPTIONS
-        }
-        engine_kwargs = {k: v for k, v in extra.items() if k in ENGINE_OPTIONS}
-        # a model gets a torch engine that micro-batches to the judge's token budget itself;
-        # a backend is sampled in chunks of at most token_budget tokens
-        self._chunk_budget = settings.token_budget
-        if is_backend(model_or_backend):
-            if engine_kwargs:
-                raise ValueError(
-                    f"LLMJudge: generation_kwargs {sorted(engine_kwargs)} are options of the "
-                    "torch engine, but the judge was given a generation backend; configure "
-                    "them on the backend (e.g. TorchBackend(model, use_cache=...)) instead"
-                )
-            self.backend: GenerationBackend = model_or_backend
-        else:
-            if settings.token_budget is not None and "token_budget" in ENGINE_OPTIONS:
-                engine_kwargs["token_budget"], self._chunk_budget = settings.token_budget, None
-            self.backend = as_backend(model_or_backend, **engine_kwargs)
-        #: the wrapped model of a torch backend (None for other backends)
-        self.lm: CausalLM | None = getattr(self.backend, "lm", None)
-        self.tokenizer: Tokenizer = wrap_tokenizer(tokenizer)
+        self._setup(model_or_backend, tokenizer, config, overrides, owner="LLMJudge")
         self.reward_config = reward_config
         self.config = reward_config  # the name the seed and the pipeline read
-        self.settings = settings
-        if settings.mode == "expected":
+        if self.settings.mode == "expected":
             self._check_expected_mode()
-
-    @property
-    def max_seq_len(self) -> int | None:
-        """The judge's context: prompt + ``max_new_tokens`` must fit it, per judgement."""
-        return self.backend.max_seq_len
-
-    def _device(self) -> torch.device:
-        return self.lm.device if self.lm is not None else torch.device("cpu")
 
     # ------------------------------------------------------------------ checks
     def _check_expected_mode(self) -> None:
@@ -172,12 +234,7 @@ class LLMJudge(JudgeBase):
     ) -> tuple[list[list[int]], list[bool]]:
         tok = self.tokenizer
         max_len = self.max_seq_len
-        limit = None if max_len is None else max_len - self.settings.max_new_tokens
-        if limit is not None and limit < 1:
-            raise ValueError(
-                f"max_new_tokens={self.settings.max_new_tokens} leaves no room for the judge prompt in "
-                f"the model's context of {max_len} tokens; lower max_new_tokens"
-            )
+        limit = self._prompt_limit()
         all_ids, truncated = [], []
         for i, (p, r) in enumerate(zip(prompts, responses)):
             ids = tok.encode(tok.format_prompt(self.reward_config.render(p, r)))
@@ -224,18 +281,6 @@ class LLMJudge(JudgeBase):
             "prompt or the judge template, or lower max_new_tokens"
         )
 
-    def _gen_config(self, **overrides: Any) -> GenerationConfig:
-        s = self.settings
-        kwargs = dict(
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            eos_token_id=self.tokenizer.eos_id,
-        )
-        kwargs.update(self._config_kwargs)
-        kwargs.update(overrides)
-        return GenerationConfig(**kwargs)
-
     # ------------------------------------------------------------------ scoring
     def _score(
         self, prompts: list[str], responses: list[str], generator: torch.Generator | int | None
@@ -249,28 +294,6 @@ class LLMJudge(JudgeBase):
         for res, cut in zip(results, truncated):
             res.truncated = cut
         return results
-
-    def _generate(
-        self, ids: list[list[int]], config: GenerationConfig, generator
-    ) -> list[list[int]]:
-        k = config.num_return_sequences
-        costs = [(len(x) + self.settings.max_new_tokens) * k for x in ids]
-        seqs: list[list[int]] = []
-        for chunk in chunks(costs, self.settings.batch_size, self._chunk_budget):
-            out = self.backend.generate(
-                [ids[i] for i in chunk],
-                config,
-                generator=generator,
-                decode=self.tokenizer.decode,
-                **self._generate_kwargs,
-            )
-            if len(out.sequences) != len(chunk) * k:
-                raise RuntimeError(
-                    f"generate returned {len(out.sequences)} sequences for {len(chunk)} prompts "
-                    f"x {k} samples"
-                )
-            seqs.extend(out.sequences)
-        return seqs
 
     def _score_mean(self, ids: list[list[int]], generator) -> list[JudgeResult]:
         k = self.settings.num_samples
