@@ -3,12 +3,20 @@
 Modules: :mod:`.templates` (sandboxed Jinja2, :class:`RewardConfig`, score parsing, the
 default prompt), :mod:`.base` (:class:`JudgeResult`, the :class:`Judge` protocol,
 :class:`CallableJudge`), :mod:`.config` (:class:`JudgeConfig`), :mod:`.llm`
-(:class:`LLMJudge`), :mod:`.reward_model` (:class:`RewardModelJudge`).
+(:class:`LLMJudge`), :mod:`.pairwise` (:class:`PairwiseJudge`, two responses compared in
+both orders), :mod:`.reward_model` (:class:`RewardModelJudge`).
 """
 
 from .base import CallableJudge, Judge, JudgeResult
 from .config import JudgeConfig
 from .llm import LLMJudge
+from .pairwise import (
+    DEFAULT_PAIRWISE_PROMPT,
+    DEFAULT_PAIRWISE_TEMPLATE,
+    PairwiseJudge,
+    PairwiseResult,
+    PairwiseTemplate,
+)
 from .reward_model import RewardModelJudge
 from .templates import (
     DEFAULT_JUDGE_PROMPT,
@@ -22,6 +30,8 @@ from .templates import (
 )
 
 __all__ = [
+    "DEFAULT_PAIRWISE_PROMPT",
+    "DEFAULT_PAIRWISE_TEMPLATE",
     "DEFAULT_JUDGE_PROMPT",
     "DEFAULT_REWARD_CONFIG",
     "DEFAULT_REWARD_REGEX_TEMPLATE",
@@ -31,6 +41,9 @@ __all__ = [
     "JudgeConfig",
     "JudgeResult",
     "LLMJudge",
+    "PairwiseJudge",
+    "PairwiseResult",
+    "PairwiseTemplate",
     "RewardConfig",
     "RewardModelJudge",
     "ScoreRange",

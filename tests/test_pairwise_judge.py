@@ -1,0 +1,258 @@
+"""The pairwise judge: both orders, verdicts mapped back, aggregation, context handling.
+
+A scripted backend (a real class implementing the backend protocol that answers each judge
+prompt with chosen judgement texts) checks the ordering and the aggregation against hand
+computations; a tiny x-transformers model through the torch backend checks that greedy
+comparisons equal a hand-written greedy loop on the same rendered prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+
+import pytest
+import torch
+from tiny import char_tokenizer, tiny_model
+
+from self_rewarding_lm_pytorch import PairwiseJudge, PairwiseTemplate
+from self_rewarding_lm_pytorch.config import ConfigError
+from self_rewarding_lm_pytorch.generation import GenerationOutput, TorchBackend
+from self_rewarding_lm_pytorch.judge import DEFAULT_PAIRWISE_TEMPLATE
+from self_rewarding_lm_pytorch.models import CallableTokenizer
+
+SHORT = PairwiseTemplate("Q={{ prompt }} A=[{{ response_a }}] B=[{{ response_b }}]")
+TOK = CallableTokenizer(
+    lambda s: [ord(c) for c in s], lambda ids: "".join(chr(int(i)) for i in ids), eos_id=0
+)
+
+
+class ScriptedBackend:
+    """Answers judge prompt ``text``'s sample ``j`` with ``script(shown_a, shown_b, j)``,
+    where ``shown_a`` / ``shown_b`` are the responses the prompt shows as A and B; records
+    the decoded prompts and the size of each generate call."""
+
+    def __init__(self, script, max_seq_len: int | None = None) -> None:
+        self.script, self.max_seq_len = script, max_seq_len
+        self.prompts: list[str] = []
+        self.calls: list[int] = []
+
+    def generate(self, prompts, config, *, generator=None, decode=None, **kw):
+        texts = [TOK.decode(p) for p in prompts]
+        self.prompts.extend(texts)
+        self.calls.append(len(prompts))
+        seqs = []
+        for text in texts:
+            shown = re.fullmatch(r"Q=.* A=\[(.*)\] B=\[(.*)\]", text, re.S)
+            a, b = shown.groups() if shown else ("", "")  # a prompt cut from the left
+            for j in range(config.num_return_sequences):
+                seqs.append(TOK.encode(self.script(a, b, j)))
+        return GenerationOutput(sequences=seqs, finish_reasons=["eos"] * len(seqs))
+
+    def next_token_logprobs(self, sequences, token_ids):
+        raise NotImplementedError("the pairwise judge samples verdicts only")
+
+    def load_weights(self, checkpoint) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def judge_with(script, **kw) -> tuple[PairwiseJudge, ScriptedBackend]:
+    backend = ScriptedBackend(script, max_seq_len=kw.pop("max_seq_len", None))
+    kw.setdefault("num_samples", 2)
+    return PairwiseJudge(backend, TOK, SHORT, **kw), backend
+
+
+def prefers_good(a: str, b: str, j: int) -> str:
+    return "A looks right. Verdict: A" if a == "good" else "B looks right. Verdict: B"
+
+
+def test_consistent_judge_picks_the_better_response_in_both_orders():
+    judge, _ = judge_with(prefers_good)
+    first, second = judge.compare(["q", "q"], ["good", "bad"], ["bad", "good"])
+    assert (first.preference, first.winner, first.consistent) == (1.0, "a", True)
+    assert first.verdicts_ab == first.verdicts_ba == ["a", "a"]
+    assert (second.preference, second.winner, second.consistent) == (0.0, "b", True)
+    assert second.verdicts_ab == second.verdicts_ba == ["b", "b"]
+    assert first.samples_ab == ["A looks right. Verdict: A"] * 2
+    assert first.samples_ba == ["B looks right. Verdict: B"] * 2  # "good" was shown second
+    assert first.failures_ab == first.failures_ba == [None, None]
+
+
+def test_position_biased_judge_cancels_out_to_an_inconsistent_tie():
+    judge, _ = judge_with(lambda a, b, j: "Verdict: A")
+    (res,) = judge.compare(["q"], ["good"], ["bad"])
+    assert res.verdicts_ab == ["a", "a"] and res.verdicts_ba == ["b", "b"]
+    assert (res.preference, res.winner, res.consistent) == (0.5, "tie", False)
+
+
+def test_mixed_samples_give_the_exact_mean_and_the_last_verdict_counts():
+    by_order = {
+        "x": ["Verdict: A", "Verdict: tie", "Verdict: A, no: **verdict:** b"],  # x shown first
+        "y": ["verdict: a", "I cannot decide", "Verdict: A"],  # y shown first
+    }
+    judge, _ = judge_with(lambda a, b, j: by_order[a][j], num_samples=3)
+    (res,) = judge.compare(["q"], ["x"], ["y"])
+    assert res.verdicts_ab == ["a", "tie", "b"]
+    assert res.verdicts_ba == ["b", None, "b"]  # "A" meant y, the original B
+    assert res.preference == pytest.approx((1 + 0.5 + 0 + 0 + 0) / 5)
+    assert res.winner == "b"
+    assert res.consistent is False  # A first: a tie on average; B first: b
+    assert res.failures_ab == [None, None, None]
+    assert res.failures_ba[0] is None and res.failures_ba[2] is None
+    assert "no verdict found" in res.failures_ba[1] and "'Verdict: tie'" in res.failures_ba[1]
+
+
+def test_unparsable_judgements_give_no_preference_and_say_why():
+    judge, _ = judge_with(lambda a, b, j: "Verdict: Apple" if j else "both are fine")
+    (res,) = judge.compare(["q"], ["x"], ["y"])
+    assert (res.preference, res.winner, res.consistent) == (None, None, None)
+    assert res.verdicts_ab == res.verdicts_ba == [None, None]
+    expected = "no verdict found (expected one of 'Verdict: A', 'Verdict: B', 'Verdict: tie')"
+    assert res.failures_ab == res.failures_ba == [expected, expected]
+    one_order = {"x": "Verdict: B", "y": "?"}
+    judge, _ = judge_with(lambda a, b, j: one_order[a])
+    (res,) = judge.compare(["q"], ["x"], ["y"])
+    assert (res.preference, res.winner, res.consistent) == (0.0, "b", None)
+
+
+def test_both_orders_are_rendered_with_the_responses_swapped_in_one_pass():
+    judge, backend = judge_with(prefers_good)
+    prompts, a, b = ["p0", "p1"], ["a0", "a1"], ["b0", "b1"]
+    batched = judge.compare(prompts, a, b)
+    assert backend.calls == [4]  # both orders of both items in one generate call
+    assert backend.prompts == [
+        "Q=p0 A=[a0] B=[b0]",
+        "Q=p0 A=[b0] B=[a0]",
+        "Q=p1 A=[a1] B=[b1]",
+        "Q=p1 A=[b1] B=[a1]",
+    ]
+    one_by_one, backend = judge_with(prefers_good, batch_size=1)
+    assert one_by_one.compare(prompts, a, b) == batched
+    assert backend.calls == [1, 1, 1, 1]
+    budget = 2 * (len("Q=p0 A=[a0] B=[b0]") + 8) * 2  # two rows of (prompt + new) x 2 samples
+    chunked, backend = judge_with(prefers_good, max_new_tokens=8, token_budget=budget)
+    assert chunked.compare(prompts, a, b) == batched
+    assert backend.calls == [2, 2]
+
+
+def test_too_long_items_error_or_cut_the_longer_response():
+    fixed = len(SHORT.render("q", "", ""))
+    short, long = "y" * 10, "x" * 40
+    limit = fixed + 30  # the prompt fits 30 response tokens beside max_new_tokens
+    kw = dict(max_seq_len=limit + 10, max_new_tokens=10, num_samples=1)
+    strict, _ = judge_with(prefers_good, **kw)
+    n = fixed + 50
+    with pytest.raises(
+        ValueError,
+        match=rf"item 1: the pairwise judge prompt is {n} tokens long; with max_new_tokens=10 "
+        rf"it needs {n + 10} positions, more than the judge model's context of {limit + 10}; "
+        r".*on_too_long='truncate_response'",
+    ):
+        strict.compare(["q", "q"], ["ok", long], ["fine", short])
+    cut, backend = judge_with(prefers_good, on_too_long="truncate_response", **kw)
+    res = cut.compare(["q", "q"], ["ok", long], ["fine", short])
+    assert [r.truncated for r in res] == [False, True]
+    assert backend.prompts[2:] == [
+        SHORT.render("q", "x" * 20, short),  # only the longer response lost its tail
+        SHORT.render("q", short, "x" * 20),
+    ]
+    cut.compare(["q"], [long], [long])  # as long as each other: both are cut
+    assert backend.prompts[-2:] == [SHORT.render("q", "x" * 15, "x" * 15)] * 2
+    left, backend = judge_with(prefers_good, on_too_long="truncate_left", **kw)
+    assert left.compare(["q"], [long], [short])[0].truncated
+    assert backend.prompts == [
+        SHORT.render("q", long, short)[-limit:],
+        SHORT.render("q", short, long)[-limit:],
+    ]
+    with pytest.raises(ValueError, match="max_new_tokens=10 leaves no room"):
+        judge_with(prefers_good, max_seq_len=10, max_new_tokens=10)[0].compare(["q"], ["a"], ["b"])
+
+
+def test_greedy_compare_through_the_torch_backend_equals_a_hand_greedy_loop():
+    model = tiny_model(seed=3, max_seq_len=160).eval()
+    tok = char_tokenizer()
+    template = PairwiseTemplate(
+        "{{ prompt }}|{{ response_a }}|{{ response_b }}:",
+        verdict_template="{{ verdict }}",
+        labels=("!", "?", "~"),
+    )
+    prompts, a, b = ["sum 2 3", "hi"], ["5", "hello there"], ["six", "hey"]
+    kw = dict(temperature=0.0, num_samples=1, max_new_tokens=24)
+    judge = PairwiseJudge(model, tok, template, **kw)
+    results = judge.compare(prompts, a, b)
+    assert judge.compare(prompts, a, b) == results
+    backend_judge = PairwiseJudge(TorchBackend(model), tok, template, batch_size=1, **kw)
+    assert backend_judge.compare(prompts, a, b) == results
+
+    def greedy(text: str) -> str:
+        ids = tok.encode(tok.format_prompt(text))
+        new: list[int] = []
+        with torch.no_grad():
+            for _ in range(24):
+                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+                if nxt == tok.eos_id:
+                    break
+                new.append(nxt)
+        return tok.decode(new)
+
+    swap = {"a": "b", "b": "a", "tie": "tie", None: None}
+    for res, p, x, y in zip(results, prompts, a, b):
+        ab, ba = greedy(template.render(p, x, y)), greedy(template.render(p, y, x))
+        assert (res.samples_ab, res.samples_ba) == ([ab], [ba])
+        assert res.verdicts_ab == [template.parse(ab)]
+        assert res.verdicts_ba == [swap[template.parse(ba)]]
+    assert any(v is not None for r in results for v in r.verdicts_ab + r.verdicts_ba)
+
+
+def test_template_validation_names_the_problem():
+    with pytest.raises(ValueError, match=r"missing the variable \{\{ response_b \}\}"):
+        PairwiseTemplate("{{ prompt }} {{ response_a }}")
+    with pytest.raises(ValueError, match=r"unknown variable\(s\) \['response'\]"):
+        PairwiseTemplate("{{ prompt }} {{ response_a }} {{ response_b }} {{ response }}")
+    with pytest.raises(ValueError, match=r"verdict_template is missing the variable"):
+        PairwiseTemplate(verdict_template="Verdict:")
+    with pytest.raises(ValueError, match=r"labels must differ \(ignoring case\)"):
+        PairwiseTemplate(labels=("A", "a", "tie"))
+    with pytest.raises(ValueError, match="labels must be three non-empty strings"):
+        PairwiseTemplate(labels=("A", "B"))
+    with pytest.raises(TypeError, match="template must be a PairwiseTemplate"):
+        PairwiseJudge(ScriptedBackend(prefers_good), TOK, "{{ prompt }}")
+    with pytest.raises(ConfigError, match="PairwiseJudge: mode must be 'mean'"):
+        PairwiseJudge(ScriptedBackend(prefers_good), TOK, mode="expected")
+    with pytest.raises(TypeError, match=r"PairwiseJudge got unknown setting\(s\) \['sample'\]"):
+        PairwiseJudge(ScriptedBackend(prefers_good), TOK, sample=3)
+
+
+def test_custom_labels_and_default_template():
+    template = PairwiseTemplate(
+        SHORT.prompt_template, verdict_template="[[{{ verdict }}]]", labels=("1", "2", "0")
+    )
+    assert [template.parse(t) for t in ("[[1]]", "x [[ 2 ]]", "[[0]] then [[1]]", "[[12]]")] == [
+        "a",
+        "b",
+        "a",
+        None,
+    ]
+    assert pickle.loads(pickle.dumps(template)) == template
+    rendered = DEFAULT_PAIRWISE_TEMPLATE.render("PROMPT", "FIRST", "SECOND")
+    assert rendered.index("PROMPT") < rendered.index("FIRST") < rendered.index("SECOND")
+    assert DEFAULT_PAIRWISE_TEMPLATE.parse("Both fine.\n**Verdict:** B") == "b"
+    assert DEFAULT_PAIRWISE_TEMPLATE.parse("Verdict: AB") is None
+
+
+def test_compare_checks_its_inputs_and_results_are_json_ready():
+    judge, backend = judge_with(prefers_good)
+    assert judge.compare([], [], []) == [] and backend.calls == []
+    with pytest.raises(ValueError, match="got 2 prompts, 1 responses_a and 2 responses_b"):
+        judge.compare(["p", "q"], ["a"], ["b", "c"])
+    with pytest.raises(TypeError, match="responses_b must be a list of strings"):
+        judge.compare(["p"], ["a"], "b")
+    with pytest.raises(TypeError, match=r"response_a \(int\) must be strings"):
+        judge.compare(["p"], [1], ["b"])
+    (res,) = judge.compare(["q"], ["good"], ["bad"])
+    assert json.loads(json.dumps(res.to_dict())) == res.to_dict()
+    assert res.to_dict()["verdicts_ba"] == ["a", "a"]
