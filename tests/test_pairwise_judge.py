@@ -9,12 +9,13 @@ comparisons equal a hand-written greedy loop on the same rendered prompts.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 
 import pytest
 import torch
-from tiny import char_tokenizer, tiny_model
+from tiny import EOS, char_tokenizer, tiny_model
 
 from self_rewarding_lm_pytorch import PairwiseJudge, PairwiseTemplate
 from self_rewarding_lm_pytorch.config import ConfigError
@@ -37,11 +38,15 @@ class ScriptedBackend:
         self.script, self.max_seq_len = script, max_seq_len
         self.prompts: list[str] = []
         self.calls: list[int] = []
+        self.configs: list = []
+        self.scored: list[str] = []  # the sequences next_token_logprobs was asked about
+        self.label_probs: dict[str, dict[str, float]] = {}  # shown-A response -> label -> p
 
     def generate(self, prompts, config, *, generator=None, decode=None, **kw):
         texts = [TOK.decode(p) for p in prompts]
         self.prompts.extend(texts)
         self.calls.append(len(prompts))
+        self.configs.append(config)
         seqs = []
         for text in texts:
             shown = re.fullmatch(r"Q=.* A=\[(.*)\] B=\[(.*)\]", text, re.S)
@@ -51,7 +56,13 @@ class ScriptedBackend:
         return GenerationOutput(sequences=seqs, finish_reasons=["eos"] * len(seqs))
 
     def next_token_logprobs(self, sequences, token_ids):
-        raise NotImplementedError("the pairwise judge samples verdicts only")
+        out = []
+        for seq, ids in zip(sequences, token_ids):
+            text = TOK.decode(seq)
+            self.scored.append(text)
+            probs = self.label_probs[re.match(r"Q=.* A=\[(.*?)\]", text)[1]]
+            out.append([math.log(probs[chr(i)]) for i in ids])
+        return out
 
     def load_weights(self, checkpoint) -> None:
         pass
@@ -172,6 +183,18 @@ def test_too_long_items_error_or_cut_the_longer_response():
         judge_with(prefers_good, max_seq_len=10, max_new_tokens=10)[0].compare(["q"], ["a"], ["b"])
 
 
+def greedy_ids(model, ids: list[int], max_new_tokens: int, eos: int = EOS) -> list[int]:
+    """The new tokens of a hand-written greedy loop (one full forward per token)."""
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if nxt == eos:
+                break
+            new.append(nxt)
+    return new
+
+
 def test_greedy_compare_through_the_torch_backend_equals_a_hand_greedy_loop():
     model = tiny_model(seed=3, max_seq_len=160).eval()
     tok = char_tokenizer()
@@ -189,15 +212,7 @@ def test_greedy_compare_through_the_torch_backend_equals_a_hand_greedy_loop():
     assert backend_judge.compare(prompts, a, b) == results
 
     def greedy(text: str) -> str:
-        ids = tok.encode(tok.format_prompt(text))
-        new: list[int] = []
-        with torch.no_grad():
-            for _ in range(24):
-                nxt = int(model(torch.tensor([ids + new]))[0, -1].argmax())
-                if nxt == tok.eos_id:
-                    break
-                new.append(nxt)
-        return tok.decode(new)
+        return tok.decode(greedy_ids(model, tok.encode(tok.format_prompt(text)), 24))
 
     swap = {"a": "b", "b": "a", "tie": "tie", None: None}
     for res, p, x, y in zip(results, prompts, a, b):
@@ -221,8 +236,10 @@ def test_template_validation_names_the_problem():
         PairwiseTemplate(labels=("A", "B"))
     with pytest.raises(TypeError, match="template must be a PairwiseTemplate"):
         PairwiseJudge(ScriptedBackend(prefers_good), TOK, "{{ prompt }}")
-    with pytest.raises(ConfigError, match="PairwiseJudge: mode must be 'mean'"):
+    with pytest.raises(ValueError, match=r"mode='expected' needs every label .* 'tie' is 3 tokens"):
         PairwiseJudge(ScriptedBackend(prefers_good), TOK, mode="expected")
+    with pytest.raises(ConfigError, match="PairwiseJudge: num_samples must be an int >= 1"):
+        PairwiseJudge(ScriptedBackend(prefers_good), TOK, num_samples=0)
     with pytest.raises(TypeError, match=r"PairwiseJudge got unknown setting\(s\) \['sample'\]"):
         PairwiseJudge(ScriptedBackend(prefers_good), TOK, sample=3)
 
@@ -256,3 +273,57 @@ def test_compare_checks_its_inputs_and_results_are_json_ready():
     (res,) = judge.compare(["q"], ["good"], ["bad"])
     assert json.loads(json.dumps(res.to_dict())) == res.to_dict()
     assert res.to_dict()["verdicts_ba"] == ["a", "a"]
+
+
+EXPECTED = PairwiseTemplate(SHORT.prompt_template, labels=("A", "B", "T"))
+
+
+def test_expected_mode_weighs_the_label_probabilities_of_both_orders():
+    texts = {"x": "Think. Verdict: A", "y": "Verdict: T", "u": "verdict: a", "v": "no idea"}
+    backend = ScriptedBackend(lambda a, b, j: texts[a])
+    backend.label_probs = {  # not normalised: the judge renormalises over the labels
+        "x": {"A": 0.3, "B": 0.05, "T": 0.15},
+        "y": {"A": 0.2, "B": 0.5, "T": 0.3},
+    }
+    judge = PairwiseJudge(backend, TOK, EXPECTED, mode="expected", num_samples=3)
+    res, unweighed = judge.compare(["q", "q"], ["x", "u"], ["y", "v"])
+    assert backend.configs[0].temperature == 0 and backend.configs[0].num_return_sequences == 1
+    assert backend.scored == ["Q=q A=[x] B=[y]Think. Verdict: ", "Q=q A=[y] B=[x]Verdict: "]
+    assert res.verdicts_ab == ["a"] and res.verdicts_ba == ["tie"]
+    assert res.distribution_ab == pytest.approx({"a": 0.6, "b": 0.1, "tie": 0.3})
+    assert res.distribution_ba == pytest.approx({"a": 0.5, "b": 0.2, "tie": 0.3})  # y was A
+    assert res.preference == pytest.approx(((0.6 + 0.3 / 2) + (0.5 + 0.3 / 2)) / 2)
+    assert (res.winner, res.consistent) == ("a", True)
+    assert (unweighed.preference, unweighed.winner, unweighed.distribution_ab) == (None, None, None)
+    assert "not one of the single-token labels" in unweighed.failures_ab[0]
+    assert "no verdict found" in unweighed.failures_ba[0]
+
+
+def test_expected_mode_on_a_tiny_model_equals_a_hand_computation():
+    model = tiny_model(seed=3, max_seq_len=160).eval()
+    tok = char_tokenizer()
+    template = PairwiseTemplate(
+        "{{ prompt }}|{{ response_a }}|{{ response_b }}:",
+        verdict_template="{{ verdict }}",
+        labels=("!", "?", "~"),
+    )
+    judge = PairwiseJudge(model, tok, template, mode="expected", max_new_tokens=24)
+    (res,) = judge.compare(["sum 2 3"], ["5"], ["six"])
+    swap = {"a": "b", "b": "a", "tie": "tie"}
+    per_order = []
+    for text, (x, y), dist, flip in [
+        (res.samples_ab[0], ("5", "six"), res.distribution_ab, False),
+        (res.samples_ba[0], ("six", "5"), res.distribution_ba, True),
+    ]:
+        ids = tok.encode(template.render("sum 2 3", x, y))
+        gen = greedy_ids(model, ids, 24)
+        assert tok.decode(gen) == text
+        n = template.find_verdict(text).start(1)  # one character per token
+        with torch.no_grad():
+            logits = model(torch.tensor([ids + gen[:n]]))[0, -1].double()
+        probs = logits[[ord(c) for c in template.labels]].softmax(-1).tolist()
+        hand = dict(zip(("a", "b", "tie"), probs))
+        hand = {swap[k]: p for k, p in hand.items()} if flip else hand
+        assert dist == pytest.approx(hand, abs=1e-6)
+        per_order.append(hand["a"] + hand["tie"] / 2)
+    assert res.preference == pytest.approx(sum(per_order) / 2, abs=1e-6)

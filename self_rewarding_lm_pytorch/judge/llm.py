@@ -43,6 +43,18 @@ def _plain_token_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+def _single_token_ids(tokenizer: Tokenizer, gap: str, words: Sequence[str]) -> list[int] | None:
+    """The token id of each of ``words`` written after ``gap``, or None if one of them is
+    not a single token there."""
+    out = []
+    for word in words:
+        ids = _plain_token_ids(tokenizer, gap + word)
+        if len(ids) != 1:
+            return None
+        out.append(ids[0])
+    return out
+
+
 class SampledJudge:
     """What the LLM judges share: the sampling settings (a :class:`JudgeConfig`), the
     backend they sample from, and the chunked ``generate`` loop (``batch_size`` prompts and
@@ -104,6 +116,36 @@ class SampledJudge:
                 f"the model's context of {max_len} tokens; lower max_new_tokens"
             )
         return limit
+
+    def _align(self, gen: list[int], text: str, start: int) -> tuple[int, str] | None:
+        """Largest ``n`` whose decoded prefix ends at or before character ``start``."""
+        decode = self.tokenizer.decode
+        lo, hi = 0, len(gen)
+        while lo < hi:  # bounded binary search: largest n with len(decode(gen[:n])) <= start
+            mid = (lo + hi + 1) // 2
+            if len(decode(gen[:mid])) <= start:
+                lo = mid
+            else:
+                hi = mid - 1
+        prefix = decode(gen[:lo])
+        if lo >= len(gen) or not text.startswith(prefix):
+            return None
+        return lo, text[len(prefix) : start]
+
+    def _next_token_logprobs(
+        self, sequences: list[list[int]], token_ids: list[list[int]]
+    ) -> list[list[float]]:
+        """``backend.next_token_logprobs`` in chunks of ``batch_size`` rows and
+        ``token_budget`` tokens."""
+        out: list[list[float]] = []
+        costs = [len(x) for x in sequences]
+        for chunk in chunks(costs, self.settings.batch_size, self.settings.token_budget):
+            out.extend(
+                self.backend.next_token_logprobs(
+                    [sequences[j] for j in chunk], [token_ids[j] for j in chunk]
+                )
+            )
+        return out
 
     def _gen_config(self, **overrides: Any) -> GenerationConfig:
         s = self.settings
@@ -351,46 +393,24 @@ class LLMJudge(JudgeBase, SampledJudge):
         self._fill_expected(results, pending)
         return results
 
-    def _align(self, gen: list[int], text: str, start: int) -> tuple[int, str] | None:
-        """Largest ``n`` whose decoded prefix ends at or before character ``start``."""
-        decode = self.tokenizer.decode
-        lo, hi = 0, len(gen)
-        while lo < hi:  # bounded binary search: largest n with len(decode(gen[:n])) <= start
-            mid = (lo + hi + 1) // 2
-            if len(decode(gen[:mid])) <= start:
-                lo = mid
-            else:
-                hi = mid - 1
-        prefix = decode(gen[:lo])
-        if lo >= len(gen) or not text.startswith(prefix):
-            return None
-        return lo, text[len(prefix) : start]
-
     def _score_token_ids(self, gap: str) -> dict[int, int] | None:
-        out: dict[int, int] = {}
-        for v in self.reward_config.score_values or ():
-            ids = _plain_token_ids(self.tokenizer, gap + str(v))
-            if len(ids) != 1:
-                return None
-            out[v] = ids[0]
-        return out
+        values = self.reward_config.score_values or ()
+        ids = _single_token_ids(self.tokenizer, gap, [str(v) for v in values])
+        return None if ids is None else dict(zip(values, ids))
 
     def _fill_expected(
         self, results: list[JudgeResult], pending: list[tuple[int, list[int], dict[int, int]]]
     ) -> None:
-        costs = [len(x) for _, x, _ in pending]
-        for chunk in chunks(costs, self.settings.batch_size, self.settings.token_budget):
-            rows = [pending[j] for j in chunk]
-            logprobs = self.backend.next_token_logprobs(
-                [x for _, x, _ in rows], [list(cand.values()) for _, _, cand in rows]
-            )
-            for (i, _, cand), row in zip(rows, logprobs):
-                values = list(cand)
-                lp = torch.tensor(row, dtype=torch.float32)
-                mass = float(lp.exp().sum())
-                probs = torch.softmax(lp, dim=-1)  # p(v) / sum_v p(v)
-                dist = {v: float(p) for v, p in zip(values, probs)}
-                res = results[i]
-                res.score = float(sum(p * v for v, p in dist.items()))
-                res.score_distribution = dist
-                res.score_mass = mass
+        logprobs = self._next_token_logprobs(
+            [x for _, x, _ in pending], [list(cand.values()) for _, _, cand in pending]
+        )
+        for (i, _, cand), row in zip(pending, logprobs):
+            values = list(cand)
+            lp = torch.tensor(row, dtype=torch.float32)
+            mass = float(lp.exp().sum())
+            probs = torch.softmax(lp, dim=-1)  # p(v) / sum_v p(v)
+            dist = {v: float(p) for v, p in zip(values, probs)}
+            res = results[i]
+            res.score = float(sum(p * v for v, p in dist.items()))
+            res.score_distribution = dist
+            res.score_mass = mass

@@ -20,12 +20,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import ConfigError
 from ..generation import GenerationBackend, response_budget
 from ..models import CausalLM
 from ..utils import make_generator
 from .config import JudgeConfig
-from .llm import SampledJudge, _plain_token_ids
+from .llm import SampledJudge, _plain_token_ids, _single_token_ids
 from .templates import _GAP, _compile, _find_score, _flexible_pattern, _render
 
 __all__ = [
@@ -155,11 +154,15 @@ class PairwiseTemplate:
             raise TypeError(f"{', '.join(bad)} must be strings; decode token ids first")
         return _render(self._compiled, "prompt_template", **values)
 
+    def find_verdict(self, text: str) -> re.Match | None:
+        """The regex match of the verdict chosen by ``match`` (group 1 is the label)."""
+        return _find_score(self._verdict_regex, self.match, text)
+
     def parse_with_reason(self, text: str) -> tuple[Verdict | None, str | None]:
         """``("a" | "b" | "tie", None)`` for the verdict in ``text``, or ``(None, reason)``."""
         if not isinstance(text, str):
             raise TypeError(f"parse expects the judgement text (str), got {type(text).__name__}")
-        found = _find_score(self._verdict_regex, self.match, text)
+        found = self.find_verdict(text)
         if found is None:
             return None, f"no verdict found (expected one of {', '.join(self._examples)})"
         word = found.group(1).lower()
@@ -196,6 +199,11 @@ class PairwiseResult:
     ``"tie"`` at 0.5. ``consistent`` says whether the two orders, each on its own, favour
     the same side (None if an order has no parsable verdict). ``truncated``: a response
     was shortened to fit the judge's context.
+
+    In expected mode (one greedy judgement per order) ``distribution_ab`` /
+    ``distribution_ba`` are the judge's probabilities of the three labels at the verdict,
+    renormalised and keyed by the original labels; each order's preference is
+    ``p(a) + p(tie) / 2`` and ``preference`` is the mean over the orders that have one.
     """
 
     preference: float | None
@@ -208,6 +216,8 @@ class PairwiseResult:
     failures_ab: list[str | None]
     failures_ba: list[str | None]
     truncated: bool = False
+    distribution_ab: dict[str, float] | None = None
+    distribution_ba: dict[str, float] | None = None
 
     @classmethod
     def from_verdicts(
@@ -216,9 +226,17 @@ class PairwiseResult:
         verdicts_ba: list[Verdict | None],
         **rest: Any,
     ) -> PairwiseResult:
-        """The aggregate of per-order verdicts (already in the original labels)."""
-        preference = _mean(verdicts_ab + verdicts_ba)
-        ab, ba = _side(_mean(verdicts_ab)), _side(_mean(verdicts_ba))
+        """The aggregate of per-order verdicts and, in expected mode, distributions (all in
+        the original labels)."""
+        dists = [rest.get("distribution_ab"), rest.get("distribution_ba")]
+        if any(d is not None for d in dists):  # expected mode
+            per_order = [None if d is None else d["a"] + 0.5 * d["tie"] for d in dists]
+            known = [p for p in per_order if p is not None]
+            preference = math.fsum(known) / len(known)
+        else:
+            per_order = [_mean(verdicts_ab), _mean(verdicts_ba)]
+            preference = _mean(verdicts_ab + verdicts_ba)
+        ab, ba = map(_side, per_order)
         consistent = None if ab is None or ba is None else ab == ba
         return cls(preference, _side(preference), consistent, verdicts_ab, verdicts_ba, **rest)
 
@@ -257,7 +275,9 @@ class PairwiseJudge(SampledJudge):
             call (both orders of every item share the calls), ``generation_kwargs``, and
             ``on_too_long``: ``"error"``, ``"truncate_response"`` (cut the tail of the
             longer response until both orders fit; ``truncated=True``) or
-            ``"truncate_left"``. Only ``mode="mean"``.
+            ``"truncate_left"``; ``mode``: ``"mean"`` (count sampled verdicts) or
+            ``"expected"`` (one greedy judgement per order, weighed by the label
+            probabilities at its verdict: every label must be a single token).
     """
 
     def __init__(
@@ -272,12 +292,16 @@ class PairwiseJudge(SampledJudge):
         if not isinstance(template, PairwiseTemplate):
             raise TypeError(f"template must be a PairwiseTemplate, got {type(template).__name__}")
         self._setup(model_or_backend, tokenizer, config, overrides, owner="PairwiseJudge")
-        if self.settings.mode != "mean":
-            raise ConfigError(
-                f"PairwiseJudge: mode must be 'mean' (got {self.settings.mode!r}); the pairwise "
-                "judge counts sampled verdicts: use mode='mean' and set num_samples"
-            )
         self.template = template
+        if self.settings.mode == "expected":
+            for label in template.labels:
+                n = len(_plain_token_ids(self.tokenizer, label))
+                if n != 1:
+                    raise ValueError(
+                        f"PairwiseJudge: mode='expected' needs every label to be a single token "
+                        f"in the judge's tokenizer, but {label!r} is {n} tokens; use "
+                        "mode='mean' or single-token labels (PairwiseTemplate(labels=...))"
+                    )
 
     def compare(
         self,
@@ -298,26 +322,73 @@ class PairwiseJudge(SampledJudge):
             rows, cut = self._encode_item(i, *item)
             ids.extend(rows)
             truncated.append(cut)
-        k = self.settings.num_samples
-        seqs = self._generate(ids, self._gen_config(num_return_sequences=k), generator)
+        expected = self.settings.mode == "expected"
+        k = 1 if expected else self.settings.num_samples
+        config = self._gen_config(
+            num_return_sequences=k, **({"temperature": 0.0} if expected else {})
+        )
+        seqs = self._generate(ids, config, generator)
         texts = [self.tokenizer.decode(s) for s in seqs]
+        parsed = [self.template.parse_with_reason(t) for t in texts]
+        dists = self._distributions(ids, seqs, texts, parsed) if expected else [None] * len(ids)
         results = []
         for i, cut in enumerate(truncated):
-            ab, ba = texts[2 * i * k : (2 * i + 1) * k], texts[(2 * i + 1) * k : (2 * i + 2) * k]
-            parsed_ab = [self.template.parse_with_reason(t) for t in ab]
-            parsed_ba = [self.template.parse_with_reason(t) for t in ba]
+            ab, ba = range(2 * i * k, (2 * i + 1) * k), range((2 * i + 1) * k, (2 * i + 2) * k)
+            d_ab, d_ba = dists[2 * i], dists[2 * i + 1]
             results.append(
                 PairwiseResult.from_verdicts(
-                    [v for v, _ in parsed_ab],
-                    [_SWAP[v] for v, _ in parsed_ba],
-                    samples_ab=ab,
-                    samples_ba=ba,
-                    failures_ab=[r for _, r in parsed_ab],
-                    failures_ba=[r for _, r in parsed_ba],
+                    [parsed[r][0] for r in ab],
+                    [_SWAP[parsed[r][0]] for r in ba],
+                    samples_ab=[texts[r] for r in ab],
+                    samples_ba=[texts[r] for r in ba],
+                    failures_ab=[parsed[r][1] for r in ab],
+                    failures_ba=[parsed[r][1] for r in ba],
                     truncated=cut,
+                    distribution_ab=d_ab,
+                    distribution_ba=None
+                    if d_ba is None
+                    else {_SWAP[v]: p for v, p in d_ba.items()},
                 )
             )
         return results
+
+    def _distributions(
+        self,
+        ids: list[list[int]],
+        seqs: list[list[int]],
+        texts: list[str],
+        parsed: list[tuple[Verdict | None, str | None]],
+    ) -> list[dict[str, float] | None]:
+        """Expected mode: the label probabilities at each greedy judgement's verdict (one
+        judgement per row); a verdict that cannot be weighed becomes a failure in ``parsed``."""
+        pending: list[tuple[int, list[int], list[int]]] = []  # (row, input, label ids)
+        label_ids: dict[str, list[int] | None] = {}
+        for r, (gen, text) in enumerate(zip(seqs, texts)):
+            found = self.template.find_verdict(text) if parsed[r][0] is not None else None
+            if found is None:
+                continue
+            aligned = self._align(gen, text, found.start(1))
+            if aligned is None:
+                parsed[r] = (None, "could not align the verdict with the judgement's tokens")
+                continue
+            n, gap = aligned
+            if gap not in label_ids:
+                label_ids[gap] = _single_token_ids(self.tokenizer, gap, self.template.labels)
+            cand = label_ids[gap]
+            if cand is None or gen[n] not in cand:
+                parsed[r] = (
+                    None,
+                    "the verdict token is not one of the single-token labels (as written in "
+                    "the template); use mode='mean' for this tokenizer",
+                )
+                continue
+            pending.append((r, ids[r] + gen[:n], cand))
+        dists: list[dict[str, float] | None] = [None] * len(seqs)
+        logprobs = self._next_token_logprobs([x for _, x, _ in pending], [c for *_, c in pending])
+        for (r, _, _), row in zip(pending, logprobs):
+            probs = torch.softmax(torch.tensor(row, dtype=torch.float64), dim=-1)
+            dists[r] = dict(zip(("a", "b", "tie"), map(float, probs)))
+        return dists
 
     # ------------------------------------------------------------------ context
     def _encode_orders(self, prompt: str, a: str, b: str) -> list[list[int]]:
