@@ -268,8 +268,8 @@ def test_compare_checks_its_inputs_and_results_are_json_ready():
         judge.compare(["p", "q"], ["a"], ["b", "c"])
     with pytest.raises(TypeError, match="responses_b must be a list of strings"):
         judge.compare(["p"], ["a"], "b")
-    with pytest.raises(TypeError, match=r"response_a \(int\) must be strings"):
-        judge.compare(["p"], [1], ["b"])
+    with pytest.raises(TypeError, match=r"compare: item 1: response_a \(int\) must be strings"):
+        judge.compare(["p", "q"], ["a", 1], ["b", "c"])
     (res,) = judge.compare(["q"], ["good"], ["bad"])
     assert json.loads(json.dumps(res.to_dict())) == res.to_dict()
     assert res.to_dict()["verdicts_ba"] == ["a", "a"]

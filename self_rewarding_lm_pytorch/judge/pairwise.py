@@ -3,7 +3,8 @@
 Each item is judged ``num_samples`` times with response A shown first and ``num_samples``
 times with the two swapped, so a judge that favours a position cancels out; the verdicts
 of the swapped order are mapped back to the original labels. ``preference`` is P(A better)
-over every parsable verdict of both orders (a tie counts 0.5). Judgements are sampled
+over every parsable verdict of both orders (a tie counts 0.5); ``mode="expected"`` weighs
+one greedy verdict per order by the judge's label probabilities instead. Judgements are sampled
 through any :class:`~self_rewarding_lm_pytorch.generation.GenerationBackend`, with the same
 settings (:class:`~.config.JudgeConfig`) and chunking as :class:`~.llm.LLMJudge`.
 """
@@ -311,7 +312,7 @@ class PairwiseJudge(SampledJudge):
         *,
         generator: torch.Generator | int | None = None,
     ) -> list[PairwiseResult]:
-        """Judge ``responses_a[i]`` against ``responses_b[i]`` for ``prompts[i]``, in both orders."""
+        """Judge ``responses_a[i]`` against ``responses_b[i]`` for ``prompts[i]``, both orders."""
         _check_items(prompts, responses_a, responses_b)
         if not prompts:
             return []
@@ -399,7 +400,10 @@ class PairwiseJudge(SampledJudge):
         ]
 
     def _encode_item(self, i: int, prompt: str, a: str, b: str) -> tuple[list[list[int]], bool]:
-        rows = self._encode_orders(prompt, a, b)
+        try:
+            rows = self._encode_orders(prompt, a, b)
+        except TypeError as e:
+            raise TypeError(f"compare: item {i}: {e}") from None
         limit = self._prompt_limit()
         longest = max(rows, key=len)
         if limit is None or len(longest) <= limit:
