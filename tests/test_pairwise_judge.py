@@ -327,3 +327,16 @@ def test_expected_mode_on_a_tiny_model_equals_a_hand_computation():
         assert dist == pytest.approx(hand, abs=1e-6)
         per_order.append(hand["a"] + hand["tie"] / 2)
     assert res.preference == pytest.approx(sum(per_order) / 2, abs=1e-6)
+
+
+def test_sampled_compare_is_seeded():
+    judge = PairwiseJudge(
+        tiny_model(seed=1), char_tokenizer(), SHORT, temperature=1.0, max_new_tokens=8
+    )
+    args = (["q1", "q2"], ["a", "bb"], ["ccc", "d"])
+    first = judge.compare(*args, generator=0)
+    assert judge.compare(*args, generator=0) == first
+    texts = [t for r in first for t in r.samples_ab + r.samples_ba]
+    assert len(texts) == 2 * 2 * 3 and len(set(texts)) > 1  # 3 samples per order, they vary
+    other = judge.compare(*args, generator=torch.Generator().manual_seed(1))
+    assert [r.samples_ab for r in other] != [r.samples_ab for r in first]
