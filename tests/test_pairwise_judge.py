@@ -195,14 +195,19 @@ def greedy_ids(model, ids: list[int], max_new_tokens: int, eos: int = EOS) -> li
     return new
 
 
-def test_greedy_compare_through_the_torch_backend_equals_a_hand_greedy_loop():
-    model = tiny_model(seed=3, max_seq_len=160).eval()
-    tok = char_tokenizer()
+def tiny_judge_parts() -> tuple[torch.nn.Module, CallableTokenizer, PairwiseTemplate]:
+    """A tiny random model, the character tokenizer, and a template with one-character
+    labels that a random model writes now and then (so some verdicts parse)."""
     template = PairwiseTemplate(
         "{{ prompt }}|{{ response_a }}|{{ response_b }}:",
         verdict_template="{{ verdict }}",
         labels=("!", "?", "~"),
     )
+    return tiny_model(seed=3, max_seq_len=160).eval(), char_tokenizer(), template
+
+
+def test_greedy_compare_through_the_torch_backend_equals_a_hand_greedy_loop():
+    model, tok, template = tiny_judge_parts()
     prompts, a, b = ["sum 2 3", "hi"], ["5", "hello there"], ["six", "hey"]
     kw = dict(temperature=0.0, num_samples=1, max_new_tokens=24)
     judge = PairwiseJudge(model, tok, template, **kw)
@@ -300,13 +305,7 @@ def test_expected_mode_weighs_the_label_probabilities_of_both_orders():
 
 
 def test_expected_mode_on_a_tiny_model_equals_a_hand_computation():
-    model = tiny_model(seed=3, max_seq_len=160).eval()
-    tok = char_tokenizer()
-    template = PairwiseTemplate(
-        "{{ prompt }}|{{ response_a }}|{{ response_b }}:",
-        verdict_template="{{ verdict }}",
-        labels=("!", "?", "~"),
-    )
+    model, tok, template = tiny_judge_parts()
     judge = PairwiseJudge(model, tok, template, mode="expected", max_new_tokens=24)
     (res,) = judge.compare(["sum 2 3"], ["5"], ["six"])
     swap = {"a": "b", "b": "a", "tie": "tie"}
