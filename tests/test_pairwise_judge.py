@@ -179,6 +179,15 @@ def test_too_long_items_error_or_cut_the_longer_response():
         SHORT.render("q", long, short)[-limit:],
         SHORT.render("q", short, long)[-limit:],
     ]
+    tight, _ = judge_with(
+        prefers_good, on_too_long="truncate_response", max_seq_len=fixed + 5, max_new_tokens=10
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"item 0: even with the responses truncated .* more "
+        rf"than the {fixed - 5} tokens",
+    ):
+        tight.compare(["q"], [long], [short])
     with pytest.raises(ValueError, match="max_new_tokens=10 leaves no room"):
         judge_with(prefers_good, max_seq_len=10, max_new_tokens=10)[0].compare(["q"], ["a"], ["b"])
 

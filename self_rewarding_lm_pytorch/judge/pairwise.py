@@ -59,6 +59,7 @@ _PROMPT_EXAMPLE = "User: {{ prompt }}\nA: {{ response_a }}\nB: {{ response_b }}"
 _SENTINEL = "\x00VERDICT\x00"
 _SWAP: dict[Any, Any] = {"a": "b", "b": "a", "tie": "tie", None: None}
 _VALUE = {"a": 1.0, "b": 0.0, "tie": 0.5}
+_INIT_FIELDS = ("prompt_template", "verdict_template", "labels", "match", "auto_dedent")
 
 
 def _label_pattern(label: str) -> str:
@@ -139,10 +140,7 @@ class PairwiseTemplate:
         self._verdict_regex = re.compile(pattern, re.IGNORECASE)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("prompt_template", "verdict_template", "labels")} | {
-            "match": self.match,
-            "auto_dedent": self.auto_dedent,
-        }
+        return {k: getattr(self, k) for k in _INIT_FIELDS}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -181,6 +179,10 @@ def _side(p: float | None) -> Verdict | None:
     if p is None:
         return None
     return "a" if p > 0.5 else "b" if p < 0.5 else "tie"
+
+
+def _swapped(distribution: dict[str, float]) -> dict[str, float]:
+    return {_SWAP[v]: p for v, p in distribution.items()}
 
 
 def _mean(verdicts: Sequence[Verdict | None]) -> float | None:
@@ -346,9 +348,7 @@ class PairwiseJudge(SampledJudge):
                     failures_ba=[parsed[r][1] for r in ba],
                     truncated=cut,
                     distribution_ab=d_ab,
-                    distribution_ba=None
-                    if d_ba is None
-                    else {_SWAP[v]: p for v, p in d_ba.items()},
+                    distribution_ba=None if d_ba is None else _swapped(d_ba),
                 )
             )
         return results
