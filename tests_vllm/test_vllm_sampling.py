@@ -202,3 +202,26 @@ def test_judge_and_generate_text_through_vllm_equal_the_torch_backend(tiny, back
     assert generate_text(backend, tok, prompts, config) == generate_text(
         torch_backend, tok, prompts, config
     )
+
+
+def test_pairwise_judge_through_vllm_equals_the_torch_backend(tiny, backend, torch_backend):
+    """Both orders of each pair go through the backend: greedy pairwise verdicts and the
+    expected-mode label distributions through vLLM are the torch engine's."""
+    from self_rewarding_lm_pytorch.hf import load_tokenizer
+    from self_rewarding_lm_pytorch.judge import PairwiseJudge, PairwiseTemplate
+    from self_rewarding_lm_pytorch.models import HFTokenizer
+
+    tok = HFTokenizer(load_tokenizer(tiny))
+    words = tok.decode(list(range(7, 60)))
+    prompts = [words[: 8 + 5 * i] for i in range(4)]
+    a = [words[-(4 + 2 * i) :] for i in range(4)]
+    b = [words[10 : 14 + 3 * i] for i in range(4)]
+    template = PairwiseTemplate(
+        prompt_template="Q: {{ prompt }} 1: {{ response_a }} 2: {{ response_b }} Verdict:",
+        verdict_template="Verdict: {{ verdict }}",
+    )
+    greedy = dict(num_samples=1, temperature=0.0, max_new_tokens=10)
+    via_vllm = PairwiseJudge(backend, tok, template, **greedy).compare(prompts, a, b)
+    via_torch = PairwiseJudge(torch_backend, tok, template, **greedy).compare(prompts, a, b)
+    assert [r.to_dict() for r in via_vllm] == [r.to_dict() for r in via_torch]
+    assert all(r.samples_ab[0] and r.samples_ba[0] for r in via_torch)
