@@ -224,7 +224,9 @@ def model_states(
     """ZeRO's partitioning over ``gpus``: DDP replicates everything; ZeRO-2 (FSDP
     SHARD_GRAD_OP) partitions optimizer state and gradients; ZeRO-3 (FSDP FULL_SHARD)
     partitions the weights too and gathers two layers at a time (one prefetched) in the
-    compute dtype. DDP on more than one GPU copies the gradients into its buckets."""
+    compute dtype. Buffers: DDP on more than one GPU copies the gradients into its
+    buckets; fp32 weights under 16-bit autocast (DDP, ZeRO-2) get a 16-bit copy each,
+    kept for the backward pass."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     frozen = shape.num_params - trainable
@@ -232,10 +234,11 @@ def model_states(
     grads = trainable * prec.grad
     optim = trainable * prec.optimizer
     n = gpus
+    copies = shape.num_params * prec.compute if prec.compute < prec.param else 0
     if strategy == "ddp":
-        return ModelStates(params, grads, optim, grads if n > 1 else 0)
+        return ModelStates(params, grads, optim, copies + (grads if n > 1 else 0))
     if strategy == "zero2":
-        return ModelStates(params, math.ceil(grads / n), math.ceil(optim / n), 0)
+        return ModelStates(params, math.ceil(grads / n), math.ceil(optim / n), copies)
     gathered = 2 * shape.layer_params * prec.compute if n > 1 else 0
     return ModelStates(math.ceil(params / n), math.ceil(grads / n), math.ceil(optim / n), gathered)
 
@@ -290,7 +293,7 @@ def _sft_len(trainer: dict[str, Any], shape: ModelShape, default: int | None) ->
     return min(limits) if limits else 2048
 
 
-def run_phases(cfg: Any, shape: ModelShape, compute: int) -> list[Phase]:
+def run_phases(cfg: Any, shape: ModelShape, prec: Precision) -> list[Phase]:
     """The phases of every stage of a :class:`~.config.RunConfig` (``stage_objects``).
 
     SFT: ``batch_size`` rows of ``max_seq_len`` (default: the model's context). DPO and
@@ -299,11 +302,13 @@ def run_phases(cfg: Any, shape: ModelShape, compute: int) -> list[Phase]:
     Preference stages sample ``chunk_size x num_candidates`` rows of prompt + response
     (at most ``preference_max_seq_len``), and the self judge ``num_samples`` judgements of
     each (judge prompt + response + the judge's ``max_new_tokens``), ``batch_size`` at once.
+    Training runs in the compute dtype, sampling (no autocast) in the weights' dtype.
     """
     from .pipeline.stages import PreferenceStage, SFTStage, SPINStage
     from .trainers.config import DPOConfig, SFTConfig, SPINConfig
 
     pref_len = cfg.preference_max_seq_len
+    compute, kv = prec.compute, prec.param
     out: list[Phase] = []
     for i, stage in enumerate(cfg.stage_objects):
         name = f"{i + 1}:{stage.kind}"
@@ -326,18 +331,14 @@ def run_phases(cfg: Any, shape: ModelShape, compute: int) -> list[Phase]:
         if isinstance(stage, PreferenceStage):
             rows = stage.chunk_size * stage.num_candidates
             out.append(
-                Phase(
-                    name, "sampling", rows, pref_len, kv_cache_bytes(shape, rows, pref_len, compute)
-                )
+                Phase(name, "sampling", rows, pref_len, kv_cache_bytes(shape, rows, pref_len, kv))
             )
             if stage.judge == "self":
                 js = stage.judge_settings
                 judged = (js.batch_size or rows) * js.num_samples
                 jlen = pref_len + JUDGE_TEMPLATE_TOKENS + js.max_new_tokens
                 out.append(
-                    Phase(
-                        name, "sampling", judged, jlen, kv_cache_bytes(shape, judged, jlen, compute)
-                    )
+                    Phase(name, "sampling", judged, jlen, kv_cache_bytes(shape, judged, jlen, kv))
                 )
     return out
 

@@ -93,7 +93,7 @@ def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     dtype = shape.storage_dtype if cfg.model.dtype == "auto" else cfg.model.dtype
     mixed = cfg.accelerate.mixed_precision
     prec = precision_for(dtype, mixed, "adamw", lora=False)
-    phases = run_phases(cfg, shape, prec.compute)
+    phases = run_phases(cfg, shape, prec)
     fraction = vllm_fraction(generation)
     rows = plan(
         shape,
