@@ -243,3 +243,11 @@ def test_xtransformers_shape_counts_the_real_model():
     )
     assert shape.num_params == sum(p.numel() for p in real.parameters())
     assert (shape.layers, shape.hidden, shape.intermediate, shape.glu) == (2, 32, 128, False)
+
+
+def test_plan_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: srlm plan") and "--gpu-memory" in out
