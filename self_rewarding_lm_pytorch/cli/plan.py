@@ -71,7 +71,9 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     if not (Path(str(m.path)) / "config.json").is_file():
         raise ConfigError(
             f"model.path: {m.path} has no config.json; srlm plan reads the model's shape from "
-            "it (no weights needed: examples/shapes/ holds Llama configs to point at)"
+            "it (no weights needed): point it at a folder with the model's config.json, e.g. "
+            "srlm plan CONFIG model.path=examples/shapes/llama-3.1-8b (relative to CONFIG's "
+            "folder)"
         )
     return shape_from_hf(str(m.path))
 
