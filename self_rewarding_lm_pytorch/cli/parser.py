@@ -220,4 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the built-in miniature task (srlm demo --help for its options)",
         add_help=False,
     )
+    from .plan import add_plan_parser  # srlm plan: per-GPU memory of a config
+
+    add_plan_parser(sub)
     return parser
