@@ -102,7 +102,7 @@ class OasstConfig:
         if not 0 <= self.heldout_fraction < 1:
             raise ConfigError(
                 f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}; "
-                "0 holds nothing out"
+                "give a fraction such as 0.1 (0 holds nothing out)"
             )
         if self.min_responses < 2:
             raise ConfigError(
