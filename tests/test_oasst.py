@@ -9,7 +9,7 @@ t01 three ranked replies + a multi-turn continuation (2 deeper messages), and on
     t05 t01's prompt again (other whitespace); t06 its rank-0 reply failed review;
     t07 one ranked reply with text + an empty one; t08 deleted prompt; t09 prompt failed
     review; t10 two replies tied at rank 0 (listed against message_id order);
-    t11 ordinary; t12 four replies listed out of rank order; t13 prompt without text;
+    t11 a reply not reviewed yet (review_result null); t12 four replies listed out of rank order; t13 prompt without text;
     t14 German.
 """
 
@@ -122,7 +122,7 @@ def test_languages_and_an_export_without_reviews():
 
 def test_summary_counts_each_drop_reason():
     s = prepare_oasst(fixture_rows(), OasstConfig(heldout_fraction=0.0, ift_count=4)).summary
-    assert s["input_rows"] == 46
+    assert s["input_rows"] == 47
     assert s["messages_dropped"] == {"duplicate message": 1, "not first turn": 2}
     assert s["prompts"]["candidates"] == 14 and s["prompts"]["kept"] == 8
     assert s["prompts"]["dropped"] == {
@@ -132,13 +132,13 @@ def test_summary_counts_each_drop_reason():
         "empty text": 1,  # t13
         "duplicate prompt": 1,  # t05
     }
-    # the replies of the 8 prompts kept: 3 + 3 + 2 + 3 + 2 + 2 + 2 + 4
-    assert s["replies"]["candidates"] == 21 and s["replies"]["kept"] == 16
+    # the replies of the 8 prompts kept: 3 + 3 + 2 + 3 + 2 + 2 + 3 + 4
+    assert s["replies"]["candidates"] == 22 and s["replies"]["kept"] == 16
     assert s["replies"]["dropped"] == {
-        "deleted": 1,
-        "failed review": 1,
-        "empty text": 1,
-        "unranked": 2,
+        "deleted": 1,  # t02-a2
+        "failed review": 2,  # t06-a1, t11-a3 (not reviewed, in an export with reviews)
+        "empty text": 1,  # t07-a2
+        "unranked": 2,  # t04-a1, t04-a2
     }
     assert s["ift"] == {
         "train": 4,
@@ -165,6 +165,8 @@ def test_heldout_split_is_by_tree_and_reproducible_from_the_seed():
         assert by_tree(data.ift + data.ift_heldout) == ift  # nothing lost, nothing added
         assert by_tree(data.eft + data.eft_heldout) == eft
         assert data.summary["trees"] == {"kept": 8, "heldout": 2}  # round(0.25 * 8)
+        fifth = prepare_oasst(rows, OasstConfig(heldout_fraction=0.2, seed=seed)).summary
+        assert fifth["trees"]["heldout"] == 2  # round(1.6)
         shuffled = rows[:]
         random.Random(seed).shuffle(shuffled)
         assert prepare_oasst(shuffled, config) == data  # the input order does not matter
@@ -183,6 +185,13 @@ def test_count_caps_keep_a_seeded_subset_of_the_training_rows():
     assert capped.ift_heldout == full.ift_heldout and capped.eft_heldout == full.eft_heldout
     assert capped.summary["ift"]["dropped"]["over count cap"] == len(full.ift) - 1
     assert capped.summary["eft"]["dropped"]["over count cap"] == len(full.eft) - 2
+    # the documented rule: the trees kept (8 here) in random.Random(seed) order, the first
+    # round(fraction * 8) held out, and the cap keeps the first training rows of that order
+    order = ["t01", "t02", "t04", "t06", "t07", "t10", "t11", "t12"]  # the prompts kept
+    random.Random(1).shuffle(order)
+    assert {r["tree_id"] for r in full.ift_heldout + full.eft_heldout} <= set(order[:2])
+    first = [t for t in order[2:] if t in by_tree(full.ift)][:1]
+    assert [r["tree_id"] for r in capped.ift] == first
     again = prepare_oasst(
         rows, OasstConfig(heldout_fraction=0.25, seed=1, ift_count=1, eft_count=2)
     )
