@@ -225,7 +225,8 @@ def ift_example(prompt: dict, replies: list[dict]) -> dict[str, Any] | None:
 
 def eft_input(prompt: dict, replies: list[dict], min_responses: int) -> dict[str, Any] | None:
     """Section 3.1 EFT input: a prompt with at least ``min_responses`` human-ranked valid
-    replies, sorted best first (rank, then ``message_id``); None with fewer."""
+    replies, sorted best first (rank, then ``message_id``), with their ranks and minus
+    their ranks (``human_scores``, higher is better, for ``srlm eval``); None with fewer."""
     if len(replies) < min_responses:
         return None
     ranked = _by_rank(replies)
@@ -233,6 +234,7 @@ def eft_input(prompt: dict, replies: list[dict], min_responses: int) -> dict[str
         "prompt": prompt["text"],
         "responses": [m["text"] for m in ranked],
         "human_ranks": [_rank(m) for m in ranked],
+        "human_scores": [-_rank(m) for m in ranked],  # higher is better: srlm eval's gold
         "tree_id": prompt["message_tree_id"],
     }
 

@@ -79,6 +79,7 @@ def expected(rows: list[dict], langs=("en",), reviewed=True) -> tuple[dict, dict
                 "prompt": root["text"],
                 "responses": [m["text"] for m in good],
                 "human_ranks": [m["rank"] for m in good],
+                "human_scores": [-m["rank"] for m in good],
                 "tree_id": tree,
             }
     return ift, eft
@@ -296,3 +297,17 @@ def test_a_hub_name_offline_is_a_clear_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "could not load the hub dataset 'OpenAssistant/oasst1' (split train)" in err
     assert "pass its .jsonl / .parquet file" in err
+
+
+def test_heldout_eft_inputs_are_gold_for_srlm_eval(tmp_path, capsys):
+    out = _prepare(tmp_path, FIXTURE, "out", "--heldout-fraction", "0.5", "--seed", "2")
+    rows = [json.loads(x) for x in (out / "eft_inputs_heldout.jsonl").read_text().splitlines()]
+    assert rows, "the split holds out at least one EFT prompt"
+    for row in rows:  # a judge that agrees with the humans, tied where they tie
+        row["pred"] = [10.0 - r for r in row["human_ranks"]]
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    args = ["eval", "--input", str(scored), "--pred-field", "pred", "--gold-field", "human_scores"]
+    assert main(["-q", *args, "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["pairwise_accuracy"] == 1.0
