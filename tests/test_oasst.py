@@ -311,3 +311,34 @@ def test_heldout_eft_inputs_are_gold_for_srlm_eval(tmp_path, capsys):
     args = ["eval", "--input", str(scored), "--pred-field", "pred", "--gold-field", "human_scores"]
     assert main(["-q", *args, "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["pairwise_accuracy"] == 1.0
+
+
+def test_the_docs_agreement_filter_keeps_prompts_scored_in_human_order(tmp_path, monkeypatch):
+    import re
+
+    from self_rewarding_lm_pytorch.judge.templates import DEFAULT_REWARD_CONFIG
+
+    docs = (Path(__file__).parents[1] / "docs" / "data.md").read_text(encoding="utf-8")
+    snippet = re.findall(r"```python\n(.*?)```", docs, re.S)[-1]
+    _prepare(tmp_path, FIXTURE, "data/oasst", "--heldout-fraction", "0")
+    monkeypatch.chdir(tmp_path)
+    rows = [json.loads(x) for x in Path("data/oasst/eft_inputs.jsonl").read_text().splitlines()]
+    # one pair scored backwards except in t01 and t12; t10's two answers tie for the
+    # humans, so either order agrees with them
+    agree = {"t01", "t10", "t12"}
+    for row in rows:
+        n = len(row["responses"])
+        row["scores"] = [float(n - k) for k in range(n)]
+        if row["tree_id"] not in {"t01", "t12"}:
+            row["scores"][0], row["scores"][-1] = row["scores"][-1], row["scores"][0]
+        row["judgements"] = [{"samples": [f"fine. Score: {s:g}"]} for s in row["scores"]]
+    Path("data/oasst/eft_judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    exec(compile(snippet, "docs/data.md", "exec"), {})
+    eft = load_sft(DataSource(path="data/oasst/eft.jsonl"))
+    kept = [r for r in rows if r["tree_id"] in agree]
+    want = [
+        {"prompt": DEFAULT_REWARD_CONFIG.render(r["prompt"], resp), "response": j["samples"][0]}
+        for r in kept
+        for resp, j in zip(r["responses"], r["judgements"])
+    ]
+    assert eft == want and len(eft) == 3 + 2 + 4
