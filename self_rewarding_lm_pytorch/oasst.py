@@ -270,6 +270,41 @@ def _first_turn(messages: list[dict], summary: dict) -> tuple[list[dict], dict[s
     return roots, replies
 
 
+def _kept_prompts(
+    roots: list[dict],
+    replies: dict[str, list[dict]],
+    langs: list[str],
+    reviewed: bool,
+    summary: dict,
+) -> list[tuple[dict, list[dict]]]:
+    """The prompts kept, each with its valid replies, in tree order (the first tree keeps a
+    prompt text that several trees share); what is left out is counted in ``summary``."""
+    prompts: list[tuple[dict, list[dict]]] = []
+    texts: set[str] = set()
+    for prompt in sorted(roots, key=lambda m: (str(m["message_tree_id"]), str(m["message_id"]))):
+        summary["prompts"]["candidates"] += 1
+        problem = prompt_problem(prompt, langs, reviewed)
+        key = " ".join(str(prompt["text"]).split())
+        if problem is None and key in texts:
+            problem = "duplicate prompt"
+        if problem is not None:
+            summary["prompts"]["dropped"][problem] += 1
+            continue
+        texts.add(key)
+        summary["prompts"]["kept"] += 1
+        valid = []
+        for reply in replies[prompt["message_id"]]:
+            summary["replies"]["candidates"] += 1
+            problem = reply_problem(reply, reviewed)
+            if problem is None:
+                valid.append(reply)
+                summary["replies"]["kept"] += 1
+            else:
+                summary["replies"]["dropped"][problem] += 1
+        prompts.append((prompt, valid))
+    return prompts
+
+
 def _capped(rows: list[dict], order: dict[str, int], cap: int | None) -> tuple[list[dict], int]:
     """At most ``cap`` rows, the first trees of the seeded order; returned by tree id."""
     rows = sorted(rows, key=lambda r: order[r["tree_id"]])
@@ -312,30 +347,7 @@ def prepare_oasst(rows: list[dict], config: OasstConfig | None = None) -> OasstD
         else "the export has no review results (all null): review not checked"
     )
     roots, replies = _first_turn(messages, summary)
-    prompts: list[tuple[dict, list[dict]]] = []
-    texts: set[str] = set()
-    for prompt in sorted(roots, key=lambda m: (str(m["message_tree_id"]), str(m["message_id"]))):
-        summary["prompts"]["candidates"] += 1
-        problem = prompt_problem(prompt, config.langs, reviewed)
-        key = " ".join(str(prompt["text"]).split())
-        if problem is None and key in texts:
-            problem = "duplicate prompt"
-        if problem is not None:
-            summary["prompts"]["dropped"][problem] += 1
-            continue
-        texts.add(key)
-        summary["prompts"]["kept"] += 1
-        valid = []
-        for reply in replies[prompt["message_id"]]:
-            summary["replies"]["candidates"] += 1
-            problem = reply_problem(reply, reviewed)
-            if problem is None:
-                valid.append(reply)
-                summary["replies"]["kept"] += 1
-            else:
-                summary["replies"]["dropped"][problem] += 1
-        prompts.append((prompt, valid))
-
+    prompts = _kept_prompts(roots, replies, config.langs, reviewed, summary)
     order, heldout = split_trees(
         [p["message_tree_id"] for p, _ in prompts], config.heldout_fraction, config.seed
     )
