@@ -342,3 +342,14 @@ def test_the_docs_agreement_filter_keeps_prompts_scored_in_human_order(tmp_path,
         for resp, j in zip(r["responses"], r["judgements"])
     ]
     assert eft == want and len(eft) == 3 + 2 + 4
+
+
+def test_help_names_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "oasst", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: srlm prepare oasst")
+    for flag in ("--input", "--out", "--lang", "--ift-count", "--eft-count", "--seed"):
+        assert flag in out
+    assert "--heldout-fraction" in out and "--min-responses" in out
