@@ -13,6 +13,7 @@ from .build import cmd_run
 from .flags import add_dataclass_args
 from .generate import cmd_generate
 from .judge import cmd_eval, cmd_judge
+from .prepare import add_prepare_parser
 
 
 def _add_input_args(p: argparse.ArgumentParser, *, response: bool) -> None:
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_judge_args(p)
     _add_input_args(p, response=True)
+
+    add_prepare_parser(sub)
 
     sub.add_parser(
         "demo",
