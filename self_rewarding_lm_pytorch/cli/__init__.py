@@ -7,6 +7,8 @@
 * ``srlm judge``: score a JSONL of prompt/response(s) with a judge, to JSONL.
 * ``srlm eval``: agreement of judge scores with labelled scores (pairwise accuracy, exact
   match, Spearman, Kendall tau, parse rate: the paper's reward-modelling metrics).
+* ``srlm prepare oasst``: the paper's IFT / EFT inputs from an Open Assistant export.
+* ``srlm plan CONFIG.yaml``: per-GPU memory of a config for each sharding strategy.
 * ``srlm demo ...``: the built-in miniature task (``self_rewarding_lm_pytorch.demo.run``).
 
 Every command takes ``--help``. ``generate`` and ``judge`` append records as they are
@@ -19,7 +21,7 @@ Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is
 Modules: :mod:`.parser` (the flags), :mod:`.build` (``srlm run``: objects of a config),
 :mod:`.generate`, :mod:`.judge` (``judge`` and ``eval``), :mod:`.inputs` (what those
 share), :mod:`.outputs` (their resumable output files), :mod:`.trackers`, :mod:`.flags`
-(flags from dataclass fields).
+(flags from dataclass fields), :mod:`.prepare`, :mod:`.plan`.
 """
 
 from __future__ import annotations
