@@ -26,6 +26,7 @@ from self_rewarding_lm_pytorch.trainers import (
     SPINTrainer,
     full_state_dict,
     load_checkpoint,
+    save_checkpoint,
     shard_model,
 )
 
@@ -83,7 +84,7 @@ def run(model_dir: str, out: str, *, sharded: bool) -> None:
         shard_model(fresh)
         load_checkpoint(fresh, folder / "ckpt")  # resume: every rank keeps its shard
         states["resumed"] = _state(fresh, sharded)
-        results["refused"] = _refusals(model, acc)
+        results["refused"] = _refusals(model, acc, folder)
     if main:
         for name, state in states.items():
             save_file(state, str(folder / f"{name}.safetensors"))
@@ -136,12 +137,16 @@ def _train(
     return results, states, spin
 
 
-def _refusals(model: torch.nn.Module, acc: object) -> dict[str, str]:
-    """The messages of the two refused cases, as every rank raised them."""
+def _refusals(model: torch.nn.Module, acc: object, folder: Path) -> dict[str, str]:
+    """The messages of the refused cases, as every rank raised them."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
     out: dict[str, str] = {}
+    try:  # the bare function: it cannot gather the shards of the other ranks
+        save_checkpoint(model, folder / f"refused-{acc.process_index}")
+    except ValueError as exc:
+        out["save"] = str(exc)
     try:
         DPOTrainer(model, train_dataset=PAIRS, precompute_ref_logps=False, accelerator=acc)
     except ValueError as exc:

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from self_rewarding_lm_pytorch.hf import build_tiny_model
-from self_rewarding_lm_pytorch.trainers import load_checkpoint
+from self_rewarding_lm_pytorch.models import wrap_model
+from self_rewarding_lm_pytorch.trainers import load_checkpoint, shard_model
 
 HERE = Path(__file__).parent
 TIMEOUT_S = 240  # the launch takes ~35 s on 2 busy cores
@@ -103,6 +104,8 @@ def test_sharded_training_matches_one_process(runs):
     assert r1["gathered_warnings"] == []
 
     refused = r2["refused"]
+    assert "state_dict=full_state_dict(model)" in refused["save"]
+    assert not any(two.glob("refused-*")) and not any(two.glob(".refused-*"))
     assert "precompute_ref_logps=True" in refused["copy"]
     assert "[2, 1]" in refused["uneven"] and "even_batches=True" in refused["uneven"]
 
@@ -122,3 +125,13 @@ def test_sharded_checkpoint_loads_on_one_device(runs):
     assert _max_diff(fresh.state_dict(), after) == 0.0
     # a fresh sharded model that loaded the checkpoint holds the same weights (resume)
     assert _max_diff(load_file(str(two / "resumed.safetensors")), after) == 0.0
+
+
+def test_shard_model_refuses_without_process_group_or_on_a_wrapper():
+    from tiny import tiny_model
+
+    model = tiny_model()
+    with pytest.raises(TypeError, match="unwrap_model"):
+        shard_model(wrap_model(model))
+    with pytest.raises(RuntimeError, match="initialised process group.*torchrun"):
+        shard_model(model)  # this test process has no process group

@@ -155,7 +155,7 @@ def gathered(model: nn.Module) -> Iterator[None]:
             "a sharded model is gathered whole on every rank to generate or evaluate: this "
             "needs the memory of the full model on each process and decodes with the torch "
             "backend, which is slow; for large models generate with the vLLM backend "
-            "(generation backend 'vllm', see docs/backends.md)",
+            "(generation.vllm.VLLMBackend, see docs/backends.md)",
             stacklevel=3,
         )
     saved = [_reshard_settings(m) for m in modules]
