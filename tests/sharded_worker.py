@@ -6,8 +6,9 @@ Both write into OUT, from the main process: the parameters after one SFT, one DP
 SPIN step on the same global batches (4 examples: 2 ranks x 2 or 1 process x 4), the DPO
 reference log-probs, the SPIN generations and metrics (``results.json``). The sharded run
 also writes each rank's shard sizes (``numels-<rank>.json``), a checkpoint folder
-(``ckpt``), the state of a fresh sharded model that loaded it (``resumed.safetensors``) and
-the messages of the refused cases (``refused.json``).
+(``ckpt``), the state of a fresh sharded model that loaded it (``resumed.safetensors``),
+the state early stopping restored (``restored.safetensors``) and the messages of the
+refused cases (in ``results.json``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from self_rewarding_lm_pytorch.trainers import (
     save_checkpoint,
     shard_model,
 )
+from self_rewarding_lm_pytorch.trainers.early_stopping import EarlyStopping
 
 EOS = 2  # "</s>" of hf.build_tiny_model's tokenizer
 SFT = [([5 + i, 6, 7 + i, 8], 2) for i in range(4)]  # (ids, prompt_len)
@@ -84,6 +86,14 @@ def run(model_dir: str, out: str, *, sharded: bool) -> None:
         shard_model(fresh)
         load_checkpoint(fresh, folder / "ckpt")  # resume: every rank keeps its shard
         states["resumed"] = _state(fresh, sharded)
+        # early stopping's best state (the local shards, on CPU) restores a sharded model
+        best = EarlyStopping(mode="max", patience=1, start_step=0)
+        best.check(model, 1.0, 0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0)
+        best.finish(model, 1, stopped=True)
+        states["restored"] = _state(model, sharded)
         results["refused"] = _refusals(model, acc, folder)
     if main:
         for name, state in states.items():

@@ -125,6 +125,8 @@ def test_sharded_checkpoint_loads_on_one_device(runs):
     assert _max_diff(fresh.state_dict(), after) == 0.0
     # a fresh sharded model that loaded the checkpoint holds the same weights (resume)
     assert _max_diff(load_file(str(two / "resumed.safetensors")), after) == 0.0
+    # early stopping's saved best state, loaded back into the sharded model
+    assert _max_diff(load_file(str(two / "restored.safetensors")), after) == 0.0
 
 
 def test_shard_model_refuses_without_process_group_or_on_a_wrapper():

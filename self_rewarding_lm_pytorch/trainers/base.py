@@ -61,7 +61,8 @@ class BaseTrainer:
     """Shared loop; see the module docstring. Not used directly.
 
     Args:
-        model: any causal LM accepted by :func:`~self_rewarding_lm_pytorch.models.wrap_model`.
+        model: any causal LM accepted by :func:`~self_rewarding_lm_pytorch.models.wrap_model`;
+            one sharded with :func:`~.sharding.shard_model` (FSDP2) trains as it is.
         config: the hyper-parameters (a :attr:`config_class`; default its defaults). Config
             field names given as keywords override its values; see
             :class:`~self_rewarding_lm_pytorch.trainers.config.TrainingConfig` for each.
