@@ -95,6 +95,7 @@ def run(model_dir: str, out: str, *, sharded: bool) -> None:
         best.finish(model, 1, stopped=True)
         states["restored"] = _state(model, sharded)
         results["refused"] = _refusals(model, acc, folder)
+    states["xt_after_sft"] = _x_transformers_step(folder, common, sharded)
     if main:
         for name, state in states.items():
             save_file(state, str(folder / f"{name}.safetensors"))
@@ -145,6 +146,24 @@ def _train(
     results["generated"] = [p.rejected_ids for p in spin.generated_pairs]
     states["after_spin"] = _state(model, sharded)
     return results, states, spin
+
+
+def _x_transformers_step(folder: Path, common: dict, sharded: bool) -> dict[str, torch.Tensor]:
+    """One SFT step of a tiny x-transformers model (its blocks found without
+    ``_no_split_modules``); the sharded run saves it to ``xt_ckpt``."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=128, max_seq_len=32, attn_layers=Decoder(dim=32, depth=1, heads=2)
+    )
+    if sharded:
+        shard_model(model)
+    trainer = SFTTrainer(model, train_dataset=SFT, **common)
+    trainer.train()
+    if sharded:
+        trainer.save_checkpoint(folder / "xt_ckpt")
+    return _state(model, sharded)
 
 
 def _refusals(model: torch.nn.Module, acc: object, folder: Path) -> dict[str, str]:

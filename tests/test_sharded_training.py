@@ -125,6 +125,10 @@ def test_sharded_checkpoint_loads_on_one_device(runs):
     assert _max_diff(fresh.state_dict(), after) == 0.0
     # a fresh sharded model that loaded the checkpoint holds the same weights (resume)
     assert _max_diff(load_file(str(two / "resumed.safetensors")), after) == 0.0
+    # an x-transformers model: the same SFT step, saved as model.safetensors
+    xt = load_file(str(two / "xt_after_sft.safetensors"))
+    assert _max_diff(xt, load_file(str(one / "xt_after_sft.safetensors"))) <= 1e-5
+    assert _max_diff(load_file(str(two / "xt_ckpt" / "model.safetensors")), xt) == 0.0
     # early stopping's saved best state, loaded back into the sharded model
     assert _max_diff(load_file(str(two / "restored.safetensors")), after) == 0.0
 

@@ -40,10 +40,23 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(_fsdp_modules(model))
 
 
+def _has_params(module: nn.Module | None) -> bool:
+    return module is not None and any(True for _ in module.parameters())
+
+
+def _units(module: nn.Module) -> list[nn.Module]:
+    """``module``, or the modules with parameters inside it when it is a container
+    without a forward of its own (``fully_shard`` needs a forward)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [u for c in module.children() if _has_params(c) for u in _units(c)]
+    return [module]
+
+
 def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of ``model``: the classes a Hugging Face model names in
     ``_no_split_modules``, else the entries of its longest ``nn.ModuleList`` of blocks
-    with parameters (x-transformers' ``attn_layers.layers``, most hand-written stacks)."""
+    with parameters (x-transformers' ``attn_layers.layers``: there the attention and
+    feed-forward modules inside each entry, most hand-written stacks)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     if names:
         found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
@@ -51,10 +64,9 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
             return found
     best: list[nn.Module] = []
     for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best):
-            if all(any(True for _ in child.parameters()) for child in m):
-                best = list(m)
-    return best
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and all(map(_has_params, m)):
+            best = list(m)
+    return [u for m in best for u in _units(m)]
 
 
 def shard_model(
