@@ -3,12 +3,13 @@ sharded_worker.py MODEL_DIR OUT`` trains a tiny Llama sharded with ``shard_model
 gloo, CPU); :func:`run` with ``sharded=False`` in one plain process is the reference.
 
 Both write into OUT, from the main process: the parameters after one SFT, one DPO and one
-SPIN step on the same global batches (4 examples: 2 ranks x 2 or 1 process x 4), the DPO
-reference log-probs, the SPIN generations and metrics (``results.json``). The sharded run
-also writes each rank's shard sizes (``numels-<rank>.json``), a checkpoint folder
-(``ckpt``), the state of a fresh sharded model that loaded it (``resumed.safetensors``),
-the state early stopping restored (``restored.safetensors``) and the messages of the
-refused cases (in ``results.json``).
+SPIN step on the same global batches (4 examples: 2 ranks x 2 or 1 process x 4; SFT in
+two micro-batches), the DPO reference log-probs, the SPIN generations and the metrics
+(``results.json``), and one SFT step of a tiny x-transformers model. The sharded run also
+writes each rank's shard sizes (``numels-<rank>.json``), the checkpoint folders (``ckpt``,
+``xt_ckpt``), the state of a fresh sharded model that loaded ``ckpt``
+(``resumed.safetensors``), the state early stopping restored (``restored.safetensors``)
+and the messages of the refused cases (in ``results.json``).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def _train(
         valid_dataset=VALID,
         early_stopper_eval_module=main_only_score,
         early_stop_mode="max",
-        **common,
+        # two micro-batches per step: each backward reduce-scatters its gradients
+        **{**common, "batch_size": common["batch_size"] // 2, "grad_accum_steps": 2},
     )
     results["sft"] = sft.train()
     results["probes"] = probes
