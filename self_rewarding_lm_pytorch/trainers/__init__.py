@@ -6,6 +6,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DPOConfig, SFTConfig, SPINConfig, TrainingConfig, build_config
 from .dpo import DPOTrainer, PreferenceTrainer
 from .sft import SFTTrainer
+from .sharding import full_state_dict, gathered, is_sharded, shard_model
 from .spin import SPINTrainer
 
 __all__ = [
@@ -19,6 +20,10 @@ __all__ = [
     "SPINTrainer",
     "TrainingConfig",
     "build_config",
+    "full_state_dict",
+    "gathered",
+    "is_sharded",
     "load_checkpoint",
     "save_checkpoint",
+    "shard_model",
 ]

@@ -45,6 +45,7 @@ from .config import TrainingConfig, _constructor_args
 from .early_stopping import EarlyStopping, score_model
 from .runtime import forget_prepared, make_accelerator, make_loader, make_optimizer, set_dropout
 from .schedules import length_grouped_batches, lr_multiplier, make_scheduler
+from .sharding import check_equal_batches, full_state_dict, gathered, is_sharded
 
 # lr_multiplier / length_grouped_batches are re-exported for code importing them from here
 __all__ = [
@@ -60,7 +61,8 @@ class BaseTrainer:
     """Shared loop; see the module docstring. Not used directly.
 
     Args:
-        model: any causal LM accepted by :func:`~self_rewarding_lm_pytorch.models.wrap_model`.
+        model: any causal LM accepted by :func:`~self_rewarding_lm_pytorch.models.wrap_model`;
+            one sharded with :func:`~.sharding.shard_model` (FSDP2) trains as it is.
         config: the hyper-parameters (a :attr:`config_class`; default its defaults). Config
             field names given as keywords override its values; see
             :class:`~self_rewarding_lm_pytorch.trainers.config.TrainingConfig` for each.
@@ -124,7 +126,13 @@ class BaseTrainer:
             weight_decay=config.weight_decay,
             adam_kwargs=config.adam_kwargs,
         )
-        self.model, self.optimizer = self.accelerator.prepare(self.lm, optimizer)
+        if is_sharded(self.lm):
+            # FSDP2 (shard_model) reduces the gradients itself: a DDP wrapper must not
+            self.model, self.optimizer = self.lm, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.lm, optimizer)
+        # parameters sharded across processes (shard_model, or accelerate's FSDP plugin)
+        self.sharded = is_sharded(self.model)
         self._raw_optimizer = optimizer
         # everything this trainer prepared on the (possibly shared) accelerator, as given
         # and as returned (accelerate lists the bare module under DDP); release() removes
@@ -200,6 +208,8 @@ class BaseTrainer:
         )
         prepared = self.accelerator.prepare(loader)
         self._prepared += [loader, prepared]
+        if self.sharded:  # every forward is collective: equal batch counts, or a hang
+            check_equal_batches(prepared, self.accelerator, type(self).__name__)
         return prepared
 
     def sft_loader(self, examples: Sequence[Any], *, batch_size: int, shuffle: bool) -> DataLoader:
@@ -308,19 +318,24 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path, *, overwrite: bool = True) -> Path:
-        """Write the model to ``path`` (see :func:`save_checkpoint`); main process only."""
+        """Write the model to ``path`` (see :func:`save_checkpoint`) from the main process;
+        a sharded model is gathered first (every process takes part) and saved whole."""
         path = Path(path)
         self.accelerator.wait_for_everyone()
+        full = full_state_dict(self.unwrapped_model()) if self.sharded else None
         if self.is_main:
             state = {"step": self.step, "epoch": self.epoch}
             if self.history:
                 state["metrics"] = self.history[-1]
-            save_checkpoint(self.unwrapped_model(), path, state=state, overwrite=overwrite)
+            save_checkpoint(
+                self.unwrapped_model(), path, state=state, overwrite=overwrite, state_dict=full
+            )
         self.accelerator.wait_for_everyone()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Load safetensors weights from ``path`` into the model."""
+        """Load safetensors weights from ``path`` into the model (every process calls it;
+        a sharded model keeps its shards)."""
         load_checkpoint(self.unwrapped_model(), path)
 
     def _periodic_checkpoint(self, overwrite: bool) -> None:
@@ -337,9 +352,10 @@ class BaseTrainer:
         """Evaluate, keep the best state in CPU memory; True when patience is used up."""
         assert self._early_stop is not None
         assert self.early_stopper_eval_module is not None
-        score = score_model(
-            self.early_stopper_eval_module, self.unwrapped_model(), self.lm, self.accelerator
-        )
+        with gathered(self.lm):  # the main process alone runs its forwards
+            score = score_model(
+                self.early_stopper_eval_module, self.unwrapped_model(), self.lm, self.accelerator
+            )
         stop = self._early_stop.check(self.unwrapped_model(), score, self.step)
         self._log({"step": self.step, "early_stop_score": score})
         return stop

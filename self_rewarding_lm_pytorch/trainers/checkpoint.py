@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import Tensor, nn
 
 from ..models import is_peft_model, unwrap_model, wrap_model
+from .sharding import is_sharded, load_full_state_dict
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -32,8 +33,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def _check_finite_params(module: nn.Module) -> None:
-    for name, p in module.state_dict().items():
+def _check_finite_params(state_dict: dict[str, Tensor]) -> None:
+    for name, p in state_dict.items():
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise FloatingPointError(
                 f"refusing to save a checkpoint: parameter {name!r} holds NaN/inf values"
@@ -54,6 +55,7 @@ def save_checkpoint(
     *,
     state: dict[str, Any] | None = None,
     overwrite: bool = True,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write ``model`` to the folder ``path`` with safetensors, atomically.
 
@@ -66,12 +68,25 @@ def save_checkpoint(
     The folder is written under a temporary name and renamed into place, so ``path``
     holds either the previous checkpoint or the complete new one. A model with NaN/inf
     parameters is never saved (:class:`FloatingPointError`). ``state`` (JSON-able) is
-    written next to the weights as ``trainer_state.json``.
+    written next to the weights as ``trainer_state.json``. ``state_dict`` (the whole
+    tensors, e.g. :func:`~.sharding.full_state_dict` of a sharded model) is written in
+    place of the model's own, in the same format; a sharded model needs it.
     """
     path = Path(path)
     module = unwrap_model(model)
     kind = wrap_model(module).kind
-    _check_finite_params(module)
+    if state_dict is None and is_sharded(module):
+        raise ValueError(
+            "save_checkpoint got a sharded model without its gathered tensors; pass "
+            "state_dict=full_state_dict(model) (called on every process) or save through "
+            "the trainer's save_checkpoint"
+        )
+    if is_peft_model(module) and state_dict is not None:
+        raise ValueError(
+            "save_checkpoint: state_dict cannot be given for a PEFT (LoRA) model, which "
+            "saves its adapter folder; call it without state_dict"
+        )
+    _check_finite_params(module.state_dict() if state_dict is None else state_dict)
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"checkpoint {path} already exists; pass overwrite_checkpoints=True or choose "
@@ -100,7 +115,11 @@ def save_checkpoint(
             kwargs = {}
             if "safe_serialization" in inspect.signature(module.save_pretrained).parameters:
                 kwargs["safe_serialization"] = True  # transformers < 5; v5 always uses it
+            if state_dict is not None:
+                kwargs["state_dict"] = state_dict
             module.save_pretrained(tmp, **kwargs)
+        elif state_dict is not None:
+            save_file(_distinct(state_dict), str(tmp / SAFETENSORS_NAME))
         else:
             save_model(module, str(tmp / SAFETENSORS_NAME))
         if state is not None:
@@ -117,6 +136,25 @@ def save_checkpoint(
     return path
 
 
+def _distinct(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with a tensor that shares storage with an earlier key (a tied
+    weight) left out and every tensor contiguous, as ``save_model`` stores them."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, t in state_dict.items():
+        ptr = t.data_ptr()
+        if ptr in seen and t.numel() > 0:
+            continue
+        seen.add(ptr)
+        out[key] = t.contiguous()
+    return out
+
+
+def _data_ptr(t: Tensor) -> int:
+    """Where ``t``'s (local) data starts: equal for tied tensors, sharded or not."""
+    return t.to_local().data_ptr() if hasattr(t, "to_local") else t.data_ptr()
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
     """Load safetensors weights from a checkpoint folder (or ``.safetensors`` file) into
     ``model`` in place and return it. Never unpickles anything.
@@ -127,7 +165,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
     Sharded Hugging Face checkpoints (``model-0000x-of-0000y.safetensors``) are merged.
     Keys absent from the file are accepted only when they are tied to a loaded tensor
     (e.g. an output head sharing the embedding); with ``strict`` any other missing or
-    unexpected key raises :class:`ValueError`.
+    unexpected key raises :class:`ValueError`. A model sharded with
+    :func:`~.sharding.shard_model` keeps its shards: every process must call this.
     """
     path = Path(path)
     if path.is_dir() and (path / ADAPTER_CONFIG_NAME).exists():
@@ -162,13 +201,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = True) 
                 f"{tuple(tensor.shape)} in the checkpoint but {own_shapes[key]} in the model; "
                 "load it into the architecture it was saved from"
             )
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    if is_sharded(module):
+        missing, unexpected = load_full_state_dict(module, tensors)
+    else:
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
     if wrap_model(module).kind == "hf" and hasattr(module, "tie_weights"):
         module.tie_weights()
     if strict:
         own = module.state_dict()
-        loaded_ptrs = {own[k].data_ptr() for k in tensors if k in own}
-        really_missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+        loaded_ptrs = {_data_ptr(own[k]) for k in tensors if k in own}
+        really_missing = [k for k in missing if _data_ptr(own[k]) not in loaded_ptrs]
         if really_missing or unexpected:
             raise ValueError(
                 f"checkpoint {path} does not match the model: missing keys {really_missing[:8]}"

@@ -282,6 +282,14 @@ class DPOTrainer(PreferenceTrainer):
         self.pairs = pairs
         if self.ref_adapter == "disabled":
             self._adapter_ref_model()  # fail now when the model is not a peft model
+        if self.sharded and not self.precompute_ref_logps and ref_model is None:
+            raise ValueError(
+                "DPOTrainer: precompute_ref_logps=False keeps a frozen copy of the policy as "
+                "the reference, and a sharded policy cannot be copied; keep "
+                "precompute_ref_logps=True (the default: the reference log-probs are "
+                "computed through the sharded model before training) or pass ref_model "
+                "(sharded with shard_model the same way)"
+            )
         self._given_ref: CausalLM | None = None
         if ref_model is not None:
             ref = wrap_model(unwrap_model(ref_model)).to(self.device)

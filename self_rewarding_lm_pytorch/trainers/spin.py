@@ -40,6 +40,7 @@ from ..utils import make_generator
 from .config import SPIN_SCHEDULES, SPINConfig
 from .dpo import PreferenceTrainer
 from .sft import evaluate_nll
+from .sharding import gathered
 
 __all__ = ["SPIN_SCHEDULES", "SPINTrainer"]
 
@@ -240,7 +241,8 @@ class SPINTrainer(PreferenceTrainer):
 
     def _start_iteration(self, iteration: int) -> None:
         self.cycle = iteration
-        generated, reasons = self.generate_responses()
+        with gathered(self.lm):  # a sharded model: the ranks decode different lengths
+            generated, reasons = self.generate_responses()
         current = []
         for ex, gen in zip(self.sft_examples, generated):
             real = ex.response_ids[: self._budget(ex)]
