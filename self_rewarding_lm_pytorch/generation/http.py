@@ -156,7 +156,7 @@ class JSONClient:
                 hit = self._answers.get(key)
             if hit is not None:
                 self._count("cached")
-                return hit["response"]
+                return hit
         response = self.request(endpoint, body)
         usage = response.get("usage") or {}
         with self._lock:
