@@ -163,16 +163,9 @@ class OpenAIBackend:
         else:
             self.tokenizer = ByteTokenizer() if cfg.api == "chat" else None
         cache = Path(cache_dir) / "requests.jsonl" if cache_dir is not None and cfg.cache else None
-        self.client = JSONClient(
-            cfg.base_url,
-            api_key_env=cfg.api_key_env,
-            timeout_s=cfg.timeout_s,
-            max_retries=cfg.max_retries,
-            backoff_s=cfg.backoff_s,
-            max_backoff_s=cfg.max_backoff_s,
-            max_concurrency=cfg.max_concurrency,
-            cache_path=cache,
-        )
+        knobs = ("api_key_env", "timeout_s", "max_retries", "backoff_s", "max_backoff_s")
+        settings = {k: getattr(cfg, k) for k in (*knobs, "max_concurrency")}
+        self.client = JSONClient(cfg.base_url, cache_path=cache, **settings)
         self.model, self.max_seq_len = cfg.model, cfg.max_model_len
         if cfg.model is None or (cfg.api == "completions" and cfg.max_model_len is None):
             self._read_models()
