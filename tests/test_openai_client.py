@@ -97,7 +97,8 @@ def server():
                 if status == 200:
                     self._send(200, _answer(self.path, body), headers)
                 else:
-                    error = {"message": f"scripted {status}", "type": "test"}
+                    echo = self.headers.get("Authorization", "")  # as careless servers do
+                    error = {"message": f"scripted {status} {echo}".strip(), "type": "test"}
                     self._send(status, {"error": error}, headers)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (timeout)
@@ -146,7 +147,7 @@ def test_500_backoff_doubles_within_cap(server):
 def test_400_fails_at_once_with_the_server_message(server):
     server.queue = [(400, {}, 0.0)]
     client = _client(server.url)
-    with pytest.raises(ServerRefused, match="HTTP 400: scripted 400") as info:
+    with pytest.raises(ServerRefused, match="HTTP 400: scripted 400;") as info:
         client.post("/completions", BODY)
     assert info.value.status == 400 and len(server.times) == 1 and client.usage["retries"] == 0
 
@@ -191,7 +192,7 @@ def test_api_key_header_sent_but_never_written(server, tmp_path, monkeypatch):
     backend.generate([[1, 2]], GenerationConfig(max_new_tokens=2, temperature=0.0))
     assert server.headers[-1]["Authorization"] == "Bearer sk-secret-123"
     server.queue = [(401, {}, 0.0)]
-    with pytest.raises(ServerRefused) as info:
+    with pytest.raises(ServerRefused, match=r"HTTP 401: scripted 401 Bearer \*\*\*") as info:
         backend.generate([[3, 4]], GenerationConfig(max_new_tokens=2, temperature=0.0))
     assert "sk-secret" not in str(info.value)
     assert "sk-secret" not in (tmp_path / "requests.jsonl").read_text()

@@ -94,9 +94,17 @@ class JSONClient:
         self._answers = {r["id"]: r["response"] for r in self.cache or ()}
 
     # ------------------------------------------------------------------ one request
+    def _key(self) -> str | None:
+        return os.environ.get(self.api_key_env) or None if self.api_key_env else None
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (a server may echo it in an error)."""
+        key = self._key()
+        return text.replace(key, "***") if key else text
+
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        key = self._key()
         if key:
             headers["Authorization"] = f"Bearer {key}"
         return headers
@@ -128,7 +136,7 @@ class JSONClient:
                 except ValueError:
                     last = f"an answer that is not JSON ({raw[:200]!r})"
             except urllib.error.HTTPError as exc:
-                message = _server_message(exc.read())
+                message = self._redact(_server_message(exc.read()))
                 if exc.code != 429 and exc.code < 500:
                     raise ServerRefused(
                         f"{url} refused the request with HTTP {exc.code}: {message}; fix the "
