@@ -2,8 +2,9 @@
 
 ``VLLMServer(folder).start()`` runs ``python -m vllm.entrypoints.openai.api_server`` (the
 ``vllm serve`` console script looks up the distribution "vllm", which the CPU wheel
-does not provide) in its own process group on a free port of 127.0.0.1, and waits (bounded)
-for ``GET /health``; :meth:`kill` ends the whole group at once.
+does not provide) in its own process group on a free port of 127.0.0.1, with the engine in
+the server process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts 3-4x faster on CPU),
+and waits (bounded) for ``GET /health``; :meth:`kill` ends the whole group at once.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class VLLMServer:
             "--no-enable-chunked-prefill", "--max-model-len", str(self.max_model_len),
             "--served-model-name", self.name,
         ]  # fmt: skip
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        # the engine in the server's own process: ready in ~27 s instead of 80-140 s here
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
