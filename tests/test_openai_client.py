@@ -201,11 +201,13 @@ def test_api_key_header_sent_but_never_written(server, tmp_path, monkeypatch):
     assert "Authorization" not in server.headers[-1]
 
 
-def test_concurrency_never_exceeds_max(server):
+def test_concurrency_never_exceeds_max(server, capsys):
     server.sleep_s = 0.15
     backend = OpenAIBackend(base_url=server.url, max_concurrency=3, prompts_per_request=1)
     prompts = [[i + 1] for i in range(12)]
-    out = backend.generate(prompts, GenerationConfig(max_new_tokens=1, temperature=0.0))
+    config = GenerationConfig(max_new_tokens=1, temperature=0.0)
+    out = backend.generate(prompts, config, progress=True)
+    assert "12/12" in capsys.readouterr().err  # the progress bar counted every prompt
     assert out.sequences == [[(p[0] + 1) % 50] for p in prompts]  # answers in prompt order
     assert server.peak == 3 and backend.usage["requests"] == 12
 

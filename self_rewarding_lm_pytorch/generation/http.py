@@ -136,7 +136,11 @@ class JSONClient:
                 except ValueError:
                     last = f"an answer that is not JSON ({raw[:200]!r})"
             except urllib.error.HTTPError as exc:
-                message = self._redact(_server_message(exc.read()))
+                try:
+                    raw = exc.read()
+                except (OSError, http.client.HTTPException):  # the body was cut off
+                    raw = b""
+                message = self._redact(_server_message(raw))
                 if exc.code != 429 and exc.code < 500:
                     raise ServerRefused(
                         f"{url} refused the request with HTTP {exc.code}: {message}; fix the "
