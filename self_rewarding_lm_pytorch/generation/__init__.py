@@ -6,13 +6,16 @@ talks to a :class:`GenerationBackend`; :class:`TorchBackend` wraps the engine of
 :mod:`.config` (settings, output, the context rule), :mod:`.sampling` (filters, one
 sampling step, the reference decoder), :mod:`.kv_cache` (the cache paths), :mod:`.engine`
 (planning and the batch loop), :mod:`.backend` (the protocol and :class:`TorchBackend`),
-:mod:`.vllm` (:class:`VLLMBackend`; vLLM itself is imported only when one is built).
+:mod:`.vllm` (:class:`VLLMBackend`; vLLM itself is imported only when one is built),
+:mod:`.openai` (:class:`OpenAIBackend`, an OpenAI-compatible server over HTTP; its client
+in :mod:`.http`).
 """
 
 from .backend import GenerationBackend, TorchBackend, as_backend
 from .config import GenerationConfig, GenerationOutput, response_budget
 from .engine import generate, generate_text
 from .kv_cache import COMPACT_FRACTION, MIN_SHARED_PREFIX
+from .openai import OpenAIBackend, OpenAIConfig
 from .sampling import filter_logits, reference_generate, sample_next
 from .vllm import VLLMBackend
 
@@ -22,6 +25,8 @@ __all__ = [
     "GenerationBackend",
     "GenerationConfig",
     "GenerationOutput",
+    "OpenAIBackend",
+    "OpenAIConfig",
     "TorchBackend",
     "VLLMBackend",
     "as_backend",
