@@ -272,18 +272,15 @@ def _token_counts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return [len(encode_response(tok, t)) for t in texts]
 
 
-def _check_sides(prompts: Any, responses_a: Any, responses_b: Any) -> None:
-    named = {"prompts": prompts, "responses_a": responses_a, "responses_b": responses_b}
-    for name, value in named.items():
-        if isinstance(value, str) or not isinstance(value, Sequence):
-            raise TypeError(
-                f"head_to_head: {name} must be a list of strings, got {type(value).__name__}"
-            )
-    if not len(prompts) == len(responses_a) == len(responses_b):
-        raise ValueError(
-            f"head_to_head: got {len(prompts)} prompts, {len(responses_a)} responses_a and "
-            f"{len(responses_b)} responses_b; pass one response of each model per prompt"
-        )
+def _check_sides(sides: dict[str, Any]) -> None:
+    """Three lists of one entry per item (prompts and both models' responses)."""
+    bad = [k for k, v in sides.items() if isinstance(v, str) or not isinstance(v, Sequence)]
+    if bad:
+        raise TypeError(f"head_to_head: {', '.join(bad)} must be lists of strings")
+    sizes = {k: len(v) for k, v in sides.items()}
+    if len(set(sizes.values())) > 1:
+        shown = ", ".join(f"{n} {k}" for k, n in sizes.items())
+        raise ValueError(f"head_to_head: got {shown}; give one response of each model per prompt")
 
 
 def head_to_head(
@@ -307,7 +304,7 @@ def head_to_head(
     token counts; ``generator`` seeds the judge; ``bootstrap`` resamples (seeded by
     ``bootstrap_seed``) add bootstrap intervals.
     """
-    _check_sides(prompts, responses_a, responses_b)
+    _check_sides({"prompts": prompts, "responses_a": responses_a, "responses_b": responses_b})
     prompts, a, b = list(prompts), list(responses_a), list(responses_b)
     items: list[dict[str, Any]] = []
     consistent: list[bool | None] | None = None

@@ -198,7 +198,7 @@ def test_token_lengths_with_a_tokenizer():
 def test_a_judge_without_score_or_compare_is_refused():
     with pytest.raises(TypeError, match="judge must have score"):
         head_to_head(["p"], ["a"], ["b"], object())
-    with pytest.raises(ValueError, match="got 1 prompts, 2 responses_a and 1 responses_b"):
+    with pytest.raises(ValueError, match="got 1 prompts, 2 responses_a, 1 responses_b; give one"):
         head_to_head(["p"], ["a", "b"], ["c"], WordCountJudge())
 
 
@@ -307,6 +307,13 @@ def test_eval_head_to_head_with_a_function_judge(tmp_path, monkeypatch, capsys):
     assert main(args) == 2
     assert "already holds a head-to-head result" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    # --limit compares the first rows of --a; --b may then hold more prompts
+    limited = ["-q", "eval", "--head-to-head", "--a", str(b), "--b", str(a), "--limit", "1",
+               "--response-index", "1", "--function", "srlm_h2h_judges:words"]  # fmt: skip
+    assert main(limited) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert (one["items_total"], one["win_rate"]) == (1, 1.0)  # "one two" against "one"
 
 
 def test_eval_head_to_head_refuses_bad_input(tmp_path, capsys):

@@ -29,10 +29,13 @@ def add_head_to_head_args(p: argparse.ArgumentParser) -> None:
         help="compare the outputs in --a with those in --b using the judge: win rate, "
         "length-controlled win rate, ties, lengths",
     )
-    g.add_argument("--a", dest="h2h_a", default=None, help="outputs of model A (the one rated)")
+    g.add_argument(
+        "--a", dest="h2h_a", metavar="PATH", default=None, help="outputs of model A (rated)"
+    )
     g.add_argument(
         "--b",
         dest="h2h_b",
+        metavar="PATH",
         default=None,
         help="outputs of model B (the reference; may be alpaca_eval's JSON)",
     )
@@ -59,7 +62,10 @@ def add_head_to_head_args(p: argparse.ArgumentParser) -> None:
         help="paired bootstrap resamples for confidence intervals (0: off; seeded by --seed)",
     )
     g.add_argument(
-        "--length-tokenizer", default=None, help="tokenizer folder: also report token lengths"
+        "--length-tokenizer",
+        metavar="PATH",
+        default=None,
+        help="tokenizer folder: also report token lengths",
     )
 
 
