@@ -211,8 +211,8 @@ def test_prompts_are_matched_by_text_and_repeats_by_occurrence():
     with pytest.raises(ValueError) as e:
         match_prompts(["x", "x", "w", "v"], ["x", "y", "v"])
     msg = str(e.value)
-    assert "2 prompts of --a are not in --b ('x', 'w')" in msg
-    assert "1 prompts of --b are not in --a ('y')" in msg
+    assert "2 prompts of --a are not in --b ('x' (occurrence 2), 'w')" in msg
+    assert "1 prompt of --b is not in --a ('y')" in msg
     assert "matched by their exact text (a repeated prompt by occurrence)" in msg
 
 
@@ -322,7 +322,7 @@ def test_eval_head_to_head_refuses_bad_input(tmp_path, capsys):
     base = ["eval", "--head-to-head", "--a", str(a), "--b", str(b)]
     assert main([*base, "--function", "builtins:len"]) == 1
     err = capsys.readouterr().err
-    assert "1 prompts of --a are not in --b ('p'); 1 prompts of --b are not in --a ('q')" in err
+    assert "1 prompt of --a is not in --b ('p'); 1 prompt of --b is not in --a ('q')" in err
     assert main([*base, "--pairwise", "--function", "builtins:len"]) == 2
     assert "--pairwise judges with a language model: give --model PATH" in capsys.readouterr().err
     assert main(["eval", "--a", str(a), "--b", str(b), "--function", "builtins:len"]) == 2

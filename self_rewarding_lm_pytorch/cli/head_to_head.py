@@ -142,9 +142,15 @@ def match_prompts(prompts_a: list[str], prompts_b: list[str], *, subset: bool = 
         parts = []
         for miss, side, other in ((missing_b, "--a", "--b"), (missing_a, "--b", "--a")):
             if miss:
-                shown = ", ".join(repr(q[:60]) for q, _ in miss[:_SHOWN])
+                shown = ", ".join(
+                    repr(q[:60]) + (f" (occurrence {k + 1})" if k else "") for q, k in miss[:_SHOWN]
+                )
                 more = f" and {len(miss) - _SHOWN} more" if len(miss) > _SHOWN else ""
-                parts.append(f"{len(miss)} prompts of {side} are not in {other} ({shown}{more})")
+                many = len(miss) > 1
+                count = (
+                    f"{len(miss)} prompt{'s' if many else ''} of {side} {'are' if many else 'is'}"
+                )
+                parts.append(f"{count} not in {other} ({shown}{more})")
         raise ValueError(
             f"head-to-head: --a and --b must hold the same prompts, but {'; '.join(parts)}. "
             "Prompts are matched by their exact text (a repeated prompt by occurrence); "
