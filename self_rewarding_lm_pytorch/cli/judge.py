@@ -245,6 +245,12 @@ def _as_float(value: Any, where: str) -> float | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..metrics import reward_metrics
 
+    if args.head_to_head or args.h2h_a is not None or args.h2h_b is not None:
+        from .head_to_head import cmd_head_to_head
+
+        return cmd_head_to_head(args)
+    if args.input is None:
+        raise ConfigError("--input is required (or compare two outputs: --head-to-head)")
     rows = _read_input(args)
     if args.pred_field is None:
         spec = _judge_spec_from_args(args)

@@ -12,6 +12,7 @@ from ..judge import JudgeConfig
 from .build import cmd_run
 from .flags import add_dataclass_args
 from .generate import cmd_generate
+from .head_to_head import add_head_to_head_args
 from .judge import cmd_eval, cmd_judge
 from .prepare import add_prepare_parser
 
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rate (Yuan et al. 2024, Table 3). Scores come from --pred-field, or from a judge "
         "run now (--model / --reward-model / --function).",
     )
-    p.add_argument("--input", required=True, help="rows with prompt, response and a gold score")
+    p.add_argument("--input", default=None, help="rows with prompt, response and a gold score")
     p.add_argument("--gold-field", default="gold_score", help="column with the gold score")
     p.add_argument("--pred-field", default=None, help="column with existing predicted scores")
     p.add_argument(
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_judge_args(p)
     _add_input_args(p, response=True)
+    add_head_to_head_args(p)
 
     add_prepare_parser(sub)
 
