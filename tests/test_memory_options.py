@@ -192,6 +192,14 @@ def test_memory_options_are_config_keys():
         build_config(DPOTrainer, {"gradient_checkpointing": "sometimes"}, "trainer")
 
 
+def test_adam_kwargs_the_optimizer_rejects_name_the_key():
+    with pytest.raises(TypeError, match=r"adam_kwargs: torch\.optim\.adamw\.AdamW rejected"):
+        SFTTrainer(
+            make_xt(), train_dataset=sft_data(), adam_kwargs={"momentum": 0.9},
+            accelerate_kwargs=CPU, progress=False,
+        )  # fmt: skip
+
+
 def test_adamw8bit_without_bitsandbytes_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
     with pytest.raises(ImportError, match=r"adamw8bit.*pip install.*\[bnb\].*optimizer: adamw"):

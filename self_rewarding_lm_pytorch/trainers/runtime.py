@@ -118,9 +118,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder layer's activations in the backward pass instead of keeping
     them (non-reentrant ``torch.utils.checkpoint``). Hugging Face models (PEFT-wrapped too)
     use their own ``activation_checkpointing_enable`` (``gradient_checkpointing_enable``
-    before transformers 5.24); x-transformers and other modules get
-    each repeated block's forward wrapped (the blocks ``shard_model`` shards). Forwards in
-    eval mode or without gradients (generation, reference passes) are not affected."""
+    in older transformers); x-transformers and other modules get each repeated block's
+    forward wrapped (the blocks ``shard_model`` shards). Forwards in eval mode or without
+    gradients (generation, reference passes) are not affected."""
     kind = detect_kind(model)
     if kind == "hf":
         base = model.get_base_model() if is_peft_model(model) else model
@@ -130,7 +130,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
                 "gradient checkpointing in transformers; set gradient_checkpointing: false"
             )
         kwargs = {"use_reentrant": False}
-        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24's name
+        if hasattr(base, "activation_checkpointing_enable"):  # newer transformers' name
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
