@@ -255,12 +255,17 @@ def layer_activation_elements(shape: ModelShape) -> int:
     return 2 * h + (h + 2 * shape.q_dim + 2 * shape.kv_dim) + h + (4 * i if shape.glu else 2 * i)
 
 
-def train_activation_bytes(shape: ModelShape, tokens: int, compute: int) -> int:
+def train_activation_bytes(
+    shape: ModelShape, tokens: int, compute: int, *, checkpointing: bool = False
+) -> int:
     """Activations of one training micro-batch of ``tokens`` tokens: every layer's, the
     final norm's (2h), and the logits with their gradient (2 x vocab; the log-softmax is
-    chunked and recomputed, so it adds no full-size copy)."""
-    per_token = shape.layers * layer_activation_elements(shape) + 2 * shape.hidden
-    return tokens * compute * (per_token + 2 * shape.vocab)
+    chunked and recomputed, so it adds no full-size copy). With gradient ``checkpointing``
+    a layer keeps only its input (h per token) and one layer's full set exists at a time,
+    while the backward pass recomputes it."""
+    per_layer = layer_activation_elements(shape)
+    layers = shape.layers * shape.hidden + per_layer if checkpointing else shape.layers * per_layer
+    return tokens * compute * (layers + 2 * shape.hidden + 2 * shape.vocab)
 
 
 def forward_activation_bytes(shape: ModelShape, tokens: int, compute: int) -> int:
@@ -279,13 +284,32 @@ def kv_cache_bytes(shape: ModelShape, sequences: int, seq_len: int, compute: int
 @dataclass(frozen=True)
 class Phase:
     """What one stage holds at once in one phase: ``train`` (activations), ``reference``
-    (no-grad forward), ``sampling`` (KV cache of the torch backend)."""
+    (no-grad forward), ``sampling`` (KV cache of the torch backend). A ``train`` phase
+    also carries its trainer's ``gradient_checkpointing`` and ``optimizer`` settings and
+    its activations both ways (``bytes`` is the configured one)."""
 
     stage: str
     kind: str
     sequences: int
     seq_len: int
     bytes: int
+    checkpointing: bool | None = None
+    optimizer: str | None = None
+    bytes_no_checkpointing: int | None = None
+    bytes_checkpointing: int | None = None
+
+
+def _train_phase(
+    name: str, kw: dict[str, Any], defaults: Any, rows: int, seq_len: int, shape: ModelShape,
+    compute: int,
+) -> Phase:  # fmt: skip
+    ckpt = bool(kw.get("gradient_checkpointing", defaults.gradient_checkpointing))
+    both = [
+        train_activation_bytes(shape, rows * seq_len, compute, checkpointing=c)
+        for c in (False, True)
+    ]
+    optimizer = str(kw.get("optimizer", defaults.optimizer))
+    return Phase(name, "train", rows, seq_len, both[ckpt], ckpt, optimizer, *both)
 
 
 def _sft_len(trainer: dict[str, Any], shape: ModelShape, default: int | None) -> int:
@@ -302,7 +326,8 @@ def run_phases(cfg: Any, shape: ModelShape, prec: Precision) -> list[Phase]:
     Preference stages sample ``chunk_size x num_candidates`` rows of prompt + response
     (at most ``preference_max_seq_len``), and the self judge ``num_samples`` judgements of
     each (judge prompt + response + the judge's ``max_new_tokens``), ``batch_size`` at once.
-    Training runs in the compute dtype, sampling (no autocast) in the weights' dtype.
+    Training runs in the compute dtype, sampling (no autocast) in the weights' dtype;
+    the training activations follow each trainer's ``gradient_checkpointing``.
     """
     from .pipeline.stages import PreferenceStage, SFTStage, SPINStage
     from .trainers.config import DPOConfig, SFTConfig, SPINConfig
@@ -316,15 +341,13 @@ def run_phases(cfg: Any, shape: ModelShape, prec: Precision) -> list[Phase]:
         if isinstance(stage, SFTStage):
             b = kw.get("batch_size", SFTConfig.batch_size)
             s = _sft_len(kw, shape, None)
-            out.append(Phase(name, "train", b, s, train_activation_bytes(shape, b * s, compute)))
+            out.append(_train_phase(name, kw, SFTConfig, b, s, shape, compute))
         elif isinstance(stage, (PreferenceStage, SPINStage)):
             defaults = DPOConfig if isinstance(stage, PreferenceStage) else SPINConfig
             b = kw.get("batch_size", defaults.batch_size)
             s = min(kw.get("max_seq_len") or pref_len, shape.max_positions or pref_len)
             ref = 2 * (kw.get("ref_batch_size") or 2 * b)
-            out.append(
-                Phase(name, "train", 2 * b, s, train_activation_bytes(shape, 2 * b * s, compute))
-            )
+            out.append(_train_phase(name, kw, defaults, 2 * b, s, shape, compute))
             out.append(
                 Phase(name, "reference", ref, s, forward_activation_bytes(shape, ref * s, compute))
             )

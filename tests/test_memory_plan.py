@@ -135,6 +135,38 @@ def test_activations_follow_the_stated_formula(shape8b, c8b):
     assert kv_phase.bytes == kv_rows * cfg.preference_max_seq_len * 32 * 2 * kv * 2
 
 
+def test_checkpointed_activations_are_layer_inputs_plus_one_layer(shape8b, c8b, capsys):
+    """With a stage's trainer gradient_checkpointing: every layer keeps its input (h per
+    token) and one layer's full set exists at a time (recomputed in the backward), plus
+    the final norm and the logits as before; the plan's train column follows the stage."""
+    h, i, v = c8b["hidden_size"], c8b["intermediate_size"], c8b["vocab_size"]
+    kv, n = c8b["num_key_value_heads"] * c8b["head_dim"], c8b["num_hidden_layers"]
+    layer = 2 * h + h + h + 2 * kv + h + h + 4 * i
+    tokens = 4 * 2048
+    with_ckpt = tokens * 2 * (n * h + layer + 2 * h + 2 * v)
+    without = tokens * 2 * (n * layer + 2 * h + 2 * v)
+    assert with_ckpt < without / 6  # 8B, 4 x 2048 tokens: 7.3 instead of 45 GiB
+    overrides = ["stages.0.trainer.gradient_checkpointing=true"]
+    cfg, _ = load_plan_config(LORA_1GPU, overrides)
+    prec = precision_for("bfloat16", "bf16", "adamw", lora=True)
+    sft, dpo = (p for p in run_phases(cfg, shape8b, prec) if p.kind == "train")
+    assert (sft.checkpointing, sft.bytes, sft.bytes_no_checkpointing) == (True, with_ckpt, without)
+    assert (dpo.checkpointing, dpo.bytes, dpo.bytes_checkpointing) == (False, without, with_ckpt)
+    both = ["stages.0.trainer.gradient_checkpointing=true"]
+    both += ["stages.2.trainer.gradient_checkpointing=true", "stages.2.trainer.optimizer=adamw8bit"]
+    cfg, _ = load_plan_config(LORA_1GPU, both)
+    phases = run_phases(cfg, shape8b, prec)
+    assert [p.optimizer for p in phases if p.kind == "train"] == ["adamw", "adamw8bit"]
+    rows = plan(shape8b, phases, model_dtype="bfloat16", mixed_precision="bf16",
+                lora=(16, "all-linear"), gpus=[1], gpu_memory_gib=80)  # fmt: skip
+    full = next(r for r in rows if (r.strategy, r.tuning, r.optimizer) == ("ddp", "full", "adamw"))
+    assert full.train == full.params + full.grads + full.optimizer_state + with_ckpt
+    assert main(["plan", str(LORA_1GPU), *both, "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    a, b = f"{with_ckpt / GIB:.1f}", f"{without / GIB:.1f}"
+    assert f"| 3:self_reward_dpo | train | 4 | 2048 | adamw8bit | yes | {a} | {b} / {a} |" in out
+
+
 def test_fits_flips_at_the_headroom(shape8b):
     """usable = (GPU - 2 GiB) x 0.9: the verdict flips where the peak crosses it."""
     cfg, _ = load_plan_config(LORA_1GPU)

@@ -52,6 +52,7 @@ CHANGED = dict(
     project_name="another-project",
     seed=3,
     pad_id=0,
+    gradient_checkpointing=True,
 )
 
 
@@ -83,7 +84,9 @@ def build(cls: type, tmp_path, **kw):
 
 @pytest.mark.parametrize("cls", [SFTTrainer, DPOTrainer, SPINTrainer])
 def test_every_training_setting_reaches_every_trainer(cls, tmp_path):
-    assert {*CHANGED, "lr_schedule"} == {f.name for f in dataclasses.fields(TrainingConfig)}
+    # optimizer "adamw8bit" needs bitsandbytes: tests/test_memory_options.py covers it
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    assert {*CHANGED, "lr_schedule", "optimizer"} == fields
     default = cls.config_class()
     schedule = "linear" if default.lr_schedule == "cosine" else "cosine"
     changed = {**CHANGED, "lr_schedule": schedule}

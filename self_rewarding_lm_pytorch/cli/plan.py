@@ -37,9 +37,11 @@ NOTES = (
     "srlm run samples candidates and judgements on the unwrapped model, which needs whole "
     "weights on every rank: ZeRO-3 rows count them gathered for sampling, but srlm run "
     "supports ZeRO-2 / SHARD_GRAD_OP today (docs/cli.md, DeepSpeed and FSDP).",
-    "adamw8bit rows are what bitsandbytes' 8-bit AdamW would take; the trainers use "
-    "torch.optim.AdamW today.",
-    "No gradient checkpointing (the trainers have none): every layer's activations are kept.",
+    "adamw8bit rows: a stage's trainer: {optimizer: adamw8bit} (bitsandbytes' AdamW8bit, "
+    "pip install 'self-rewarding-lm-pytorch[bnb]'); adamw rows: torch.optim.AdamW. Every "
+    "row assumes all stages use its optimizer.",
+    "The train column counts each stage's activations as its trainer's "
+    "gradient_checkpointing says (phases table: both ways).",
     "Accounting and formulas: docs/scaling.md.",
 )
 
@@ -134,9 +136,20 @@ def gib(n: int) -> str:
 
 
 def _phase_table(phases: list[Phase]) -> list[str]:
-    lines = ["| stage | phase | rows at once | tokens per row | GiB |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| stage | phase | rows at once | tokens per row | optimizer | gradient checkpointing "
+        "| GiB | GiB without / with checkpointing |",
+        "|---|---|---:|---:|---|---|---:|---:|",
+    ]
     for p in phases:
-        lines.append(f"| {p.stage} | {p.kind} | {p.sequences} | {p.seq_len} | {gib(p.bytes)} |")
+        both, ckpt = "-", "-"
+        if p.checkpointing is not None:
+            both = f"{gib(p.bytes_no_checkpointing or 0)} / {gib(p.bytes_checkpointing or 0)}"
+            ckpt = "yes" if p.checkpointing else "no"
+        lines.append(
+            f"| {p.stage} | {p.kind} | {p.sequences} | {p.seq_len} | {p.optimizer or '-'} | "
+            f"{ckpt} | {gib(p.bytes)} | {both} |"
+        )
     return lines
 
 

@@ -43,7 +43,14 @@ from ..models import CausalLM, unwrap_model, wrap_model
 from .checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
 from .config import TrainingConfig, _constructor_args
 from .early_stopping import EarlyStopping, score_model
-from .runtime import forget_prepared, make_accelerator, make_loader, make_optimizer, set_dropout
+from .runtime import (
+    enable_gradient_checkpointing,
+    forget_prepared,
+    make_accelerator,
+    make_loader,
+    make_optimizer,
+    set_dropout,
+)
 from .schedules import length_grouped_batches, lr_multiplier, make_scheduler
 from .sharding import check_equal_batches, full_state_dict, gathered, is_sharded
 
@@ -120,11 +127,14 @@ class BaseTrainer:
         )
         limits = [v for v in (config.max_seq_len, self.lm.max_seq_len) if v is not None]
         self.max_seq_len: int | None = min(limits) if limits else None
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.lm.module)
         optimizer = make_optimizer(
             self.lm,
             lr=config.start_learning_rate,
             weight_decay=config.weight_decay,
             adam_kwargs=config.adam_kwargs,
+            optimizer=config.optimizer,
         )
         if is_sharded(self.lm):
             # FSDP2 (shard_model) reduces the gradients itself: a DDP wrapper must not

@@ -20,7 +20,7 @@ import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -88,7 +88,13 @@ class TrainingConfig:
     lr_schedule: str = _opt("linear", "decay shape after the warmup: 'linear' or 'cosine'")
     num_decay_steps: int | None = _opt(None, "updates of decay (default: all after warmup)")
     weight_decay: float = _opt(0.0, "AdamW decoupled weight decay on matrices")
-    adam_kwargs: dict[str, Any] | None = _opt(None, "extra torch.optim.AdamW arguments")
+    adam_kwargs: dict[str, Any] | None = _opt(None, "extra arguments of the optimizer's class")
+    optimizer: Literal["adamw", "adamw8bit"] = _opt(
+        "adamw", "'adamw' (torch) or 'adamw8bit' (bitsandbytes, CUDA: 8-bit m and v)"
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "recompute each decoder layer in the backward pass (less activation memory)"
+    )
     max_grad_norm: float | None = _opt(1.0, "gradient clipping norm (None: no clipping)")
     dropout: float | None = _opt(None, "p of every nn.Dropout during training (None: as is)")
     max_seq_len: int | None = _opt(None, "truncate rows to this many tokens")
