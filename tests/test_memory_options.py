@@ -213,7 +213,7 @@ def test_adamw8bit_follows_torch_adamw_with_8bit_state():
     """Three SFT steps with bitsandbytes' AdamW8bit move the weights as torch's AdamW does
     (mean deviation under 5 % of the update); the moments of matrices of >= 4096 elements
     are stored in 8 bits (bitsandbytes keeps smaller tensors in 32 bits)."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # in the test extra: this test always runs in CI
 
     def train(optimizer: str) -> tuple[dict[str, torch.Tensor], SFTTrainer]:
         model = make_xt()
