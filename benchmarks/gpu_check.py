@@ -71,10 +71,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's sizes: the defaults (or ``--smoke``'s), then the flags given."""
     if args.smoke:
         s = dict(seq_len=64, batch=2, pairs=1, warmup=1, steps=2, prompts=4, prompt_len=(8, 24),
-                 new_tokens=8, min_section_s=1.0)  # fmt: skip
+                 new_tokens=8, min_section_s=1.0, gen_weight_scale=8.0)  # fmt: skip
     else:
         s = dict(seq_len=1024, batch=8, pairs=4, warmup=2, steps=6, prompts=64,
-                 prompt_len=(64, 192), new_tokens=128, min_section_s=20.0)  # fmt: skip
+                 prompt_len=(64, 192), new_tokens=128, min_section_s=20.0,
+                 gen_weight_scale=1.0)  # fmt: skip
     for key in ("seq_len", "batch", "pairs", "warmup", "steps", "prompts", "new_tokens"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
@@ -512,6 +513,12 @@ def gen_model(ctx: dict[str, Any]) -> Any:
     if ctx.get("gen_model") is None:
         dtype = getattr(torch, ctx["gen_dtype"])
         model = build_model(ctx["folder"], ctx["device"], dtype, seed=3).eval()
+        # the smoke shape at its init scale greedily repeats one token (identity would be
+        # trivial); scaled-up matrices make its rows vary. The 1B shape varies as it is.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and "embed" not in name:
+                    p.mul_(ctx["settings"]["gen_weight_scale"])
         model.generation_config.eos_token_id = None  # every row runs to max_new_tokens
         model.generation_config.pad_token_id = 0
         model.save_pretrained(str(ctx["gen_folder"]))
