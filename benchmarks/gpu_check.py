@@ -33,6 +33,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -49,6 +51,7 @@ from typing import Any
 SHAPE_CONFIG = Path(__file__).resolve().parents[1] / "examples/shapes/llama-3.2-1b/config.json"
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity), first match on the device name wins
 PEAK_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),
     ("H200", 989.4),
     ("H100 PCIE", 756.0),
     ("H100 NVL", 835.0),
@@ -404,6 +407,7 @@ def train_section(kind: str, ctx: dict[str, Any]) -> dict[str, Any]:
                tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds,
                step_s_median=statistics.median(times), losses=losses)  # fmt: skip
     peak = ctx["peak_tflops"]
+    out["mfu_formula"] = "6 x params x tokens/s / peak (no attention-score FLOPs)"
     out["mfu"] = 6 * params * out["tokens_per_s"] / (peak * 1e12) if peak else None
     if peak is None:
         out["mfu_note"] = "no peak FLOP/s known for this device: pass --peak-tflops"
@@ -582,22 +586,31 @@ def gen_vllm_section(ctx: dict[str, Any]) -> dict[str, Any]:
         gen_model(ctx)
         ctx.pop("gen_model")
         _free_memory()
-    prompts = gen_prompts(ctx, json.loads((ctx["folder"] / "config.json").read_text())["vocab_size"])
+    prompts = gen_prompts(
+        ctx, json.loads((ctx["folder"] / "config.json").read_text())["vocab_size"]
+    )
     job = {"folder": str(ctx["gen_folder"]), "prompts": prompts, "dtype": ctx["gen_dtype"],
            "new_tokens": ctx["settings"]["new_tokens"], "result": str(ctx["tmp"] / "vllm.json"),
            "max_model_len": max(map(len, prompts)) + ctx["settings"]["new_tokens"]}  # fmt: skip
     (ctx["tmp"] / "vllm_job.json").write_text(json.dumps(job))
     timeout = max(1.0, min(ctx["vllm_timeout_s"], ctx["budget"].left()))
+    # its own process group: on timeout the worker and anything it started are killed
+    proc = subprocess.Popen(
+        [ctx["vllm_python"], __file__, "--vllm-worker", str(ctx["tmp"] / "vllm_job.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
     try:
-        proc = subprocess.run(
-            [ctx["vllm_python"], __file__, "--vllm-worker", str(ctx["tmp"] / "vllm_job.json")],
-            capture_output=True, text=True, timeout=timeout, check=False,
-        )  # fmt: skip
+        log, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise TimeoutError(f"the vLLM worker ran past {timeout:.0f} s (--vllm-timeout-s)") from exc
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        raise TimeoutError(
+            f"the vLLM worker ran past {timeout:.0f} s and was stopped; raise --vllm-timeout-s "
+            "(or --budget-s, which also bounds it)"
+        ) from exc
     result = Path(job["result"])
     if not result.is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        tail = log.strip().splitlines()[-5:]
         raise RuntimeError(f"the vLLM worker exited {proc.returncode}: " + " | ".join(tail))
     res = json.loads(result.read_text())
     if "error" in res:
@@ -665,7 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor()
+    cuda = device.startswith("cuda")
+    name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
     s = settings(args)
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     ctx: dict[str, Any] = dict(
@@ -673,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         folder=write_config(tmp / "shape", args.smoke, s["seq_len"]),
         peak_tflops=peak_tflops(name, args.peak_tflops), gen_dtype=args.gen_dtype or "bfloat16",
         vllm_python=args.vllm_python, vllm_timeout_s=args.vllm_timeout_s,
-        gpu_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if device != "cpu" else None,
+        gpu_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
     )  # fmt: skip
     meta = dict(smoke=args.smoke, device=device, device_name=name, budget_s=args.budget_s,
                 **{k: v for k, v in s.items() if k != "prompt_len"})  # fmt: skip
@@ -689,10 +703,13 @@ def main(argv: list[str] | None = None) -> int:
         "gen_vllm": lambda: gen_vllm_section(ctx),
     }
     t0 = time.perf_counter()
-    for key in runners:
-        if key in wanted:
-            report.run(key, runners[key], budget, 0.0 if key == "env" else s["min_section_s"])
-    timer.cancel()
+    try:
+        for key in runners:
+            if key in wanted:
+                report.run(key, runners[key], budget, 0.0 if key == "env" else s["min_section_s"])
+    finally:
+        timer.cancel()
+        shutil.rmtree(tmp, ignore_errors=True)  # the saved generation model (GiBs at 1B)
     report.data["meta"]["total_wall_s"] = time.perf_counter() - t0
     report.write()
     print((report.out / "report.md").read_text())
