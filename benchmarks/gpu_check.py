@@ -22,7 +22,7 @@ a watchdog writes the report and exits if a section hangs). The report is rewrit
 every section, so a crash leaves what was measured.
 
     python benchmarks/gpu_check.py                       # defaults: < 8 min on one H200
-    python benchmarks/gpu_check.py --smoke --out /tmp/g  # tiny shapes, CPU, ~30 s
+    python benchmarks/gpu_check.py --smoke --out /tmp/g  # tiny shapes, CPU, ~40 s
 """
 
 from __future__ import annotations
@@ -383,6 +383,7 @@ def train_section(kind: str, ctx: dict[str, Any]) -> dict[str, Any]:
         trainer = DPOTrainer(model, train_dataset=pair_examples(s["pairs"] * steps, seq, vocab),
                              batch_size=s["pairs"], precompute_ref_logps=True, **common)  # fmt: skip
     _peak_reset(device)
+    out["mem_before_gib"] = _peak_gib(device)  # weights (+ anything an earlier section left)
     t0 = time.perf_counter()
     trainer._on_train_start()  # DPO: the reference log-probs, once, before step 1
     _sync(device)
