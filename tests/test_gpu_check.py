@@ -21,6 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+REPORT = ROOT / "benchmarks" / "gpu_check_report.py"
 SECTIONS = ("env", "sft", "dpo", "fsdp2", "gen_hf", "gen_torch", "gen_vllm")
 PEAK_TFLOPS = 0.5
 
@@ -116,15 +117,15 @@ def test_generation_figures_and_the_missing_vllm(report):
         assert vllm["tokens"] == meta["prompts"] * meta["new_tokens"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+def _load_report_module():
+    spec = importlib.util.spec_from_file_location("gpu_check_report", REPORT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_sections_record_errors_and_budget_skips(tmp_path: Path):
-    g = _load_script()
+    g = _load_report_module()
     rep = g.Report(tmp_path, {"smoke": True})
 
     def broken() -> dict:
@@ -145,7 +146,7 @@ def test_sections_record_errors_and_budget_skips(tmp_path: Path):
 def test_watchdog_writes_the_report_and_exits(tmp_path: Path):
     code = (
         "import importlib.util, time, pathlib\n"
-        f"spec = importlib.util.spec_from_file_location('g', {str(SCRIPT)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('g', {str(REPORT)!r})\n"
         "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
         f"rep = g.Report(pathlib.Path({str(tmp_path)!r}), {{}})\n"
         "rep.current = 'gen_vllm'\n"
