@@ -6,7 +6,8 @@ talks to a :class:`GenerationBackend`; :class:`TorchBackend` wraps the engine of
 :mod:`.config` (settings, output, the context rule), :mod:`.sampling` (filters, one
 sampling step, the reference decoder), :mod:`.kv_cache` (the cache paths), :mod:`.engine`
 (planning and the batch loop), :mod:`.backend` (the protocol and :class:`TorchBackend`),
-:mod:`.vllm` (:class:`VLLMBackend`; vLLM itself is imported only when one is built).
+:mod:`.vllm` (:class:`VLLMBackend`; vLLM itself is imported only when one is built),
+:mod:`.selection` (:class:`BackendConfig`, :func:`build_backend`: choosing one).
 """
 
 from .backend import GenerationBackend, TorchBackend, as_backend
@@ -14,17 +15,21 @@ from .config import GenerationConfig, GenerationOutput, response_budget
 from .engine import generate, generate_text
 from .kv_cache import COMPACT_FRACTION, MIN_SHARED_PREFIX
 from .sampling import filter_logits, reference_generate, sample_next
-from .vllm import VLLMBackend
+from .selection import BackendConfig, build_backend
+from .vllm import VLLMBackend, VLLMConfig
 
 __all__ = [
     "COMPACT_FRACTION",
     "MIN_SHARED_PREFIX",
+    "BackendConfig",
     "GenerationBackend",
     "GenerationConfig",
     "GenerationOutput",
     "TorchBackend",
     "VLLMBackend",
+    "VLLMConfig",
     "as_backend",
+    "build_backend",
     "filter_logits",
     "generate",
     "generate_text",

@@ -14,7 +14,15 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
-from ..generation import TorchBackend
+from ..generation import GenerationBackend, TorchBackend
+from ..generation.selection import (
+    BackendConfig,
+    BackendPool,
+    backend_fingerprint,
+    check_servable,
+    merge_generation,
+    resolve_backend,
+)
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from ..models import CausalLM, wrap_model, wrap_tokenizer
 from ..store import (
@@ -25,7 +33,7 @@ from ..store import (
     clear_run_dir,
     ensure_run_dir,
 )
-from ..trainers.checkpoint import load_checkpoint
+from ..trainers.checkpoint import load_checkpoint, save_checkpoint
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
@@ -33,6 +41,7 @@ from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
 from .seed_api import seed_stages
 from .stages import (
+    SAMPLING_STAGES,
     START_AFRESH,
     PreferenceStage,
     PromptGenerationStage,
@@ -60,6 +69,15 @@ class SelfRewardingTrainer:
     Datasets are named: ``train_sft_dataset`` is ``"sft"``, ``prompt_dataset`` is
     ``"prompts"``, and ``datasets={"eft": ...}`` adds more. SFT items are the seed's
     ``(token_ids, prompt_len)`` tuples or text dicts ``{"prompt", "response"}``.
+
+    ``backend`` samples the policy: ``"torch"`` (the live module), ``"vllm"``, ``"openai"``,
+    a :class:`~self_rewarding_lm_pytorch.generation.BackendConfig`, or a ready
+    :class:`~self_rewarding_lm_pytorch.generation.GenerationBackend` (used as given and
+    left open); a stage's ``generation={...}`` overrides it. A backend other than the
+    torch engine is built once, at the first stage that samples, and after every training
+    stage serves that stage's checkpoint (``load_weights``). A vLLM engine starts from
+    ``model_path`` (the Hugging Face folder the model was loaded from, unchanged) or the
+    latest checkpoint, else from ``<checkpoints_folder>/policy-initial``.
     """
 
     def __init__(
@@ -98,12 +116,18 @@ class SelfRewardingTrainer:
         checkpoints_folder: str | Path = "./checkpoints",
         seed: int = 0,
         progress: bool = True,
+        backend: str | BackendConfig | GenerationBackend = "torch",
+        model_path: str | Path | None = None,
     ) -> None:
         self.lm: CausalLM = wrap_model(model)
         self.model = self.lm.module
         #: samples the live policy for every stage (candidates, the self judge, prompt
         #: generation, SPIN): training updates the module it reads
         self.backend = TorchBackend(self.lm)
+        #: the run's sampling backend: a BackendConfig, or a ready backend object
+        self.generation = resolve_backend(backend)
+        self.model_path = None if model_path is None else Path(model_path)
+        self._weights: Path | None = None  # the latest stage checkpoint
         self.tokenizer = wrap_tokenizer(
             tokenizer,
             encode=tokenizer_encode,
@@ -168,6 +192,15 @@ class SelfRewardingTrainer:
         self._run_open = False
         self._state: dict = {"finished": []}
         self._model_identity: str | None = None
+        given = None if isinstance(self.generation, BackendConfig) else self.generation
+        self._pool = BackendPool(
+            self.backend,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            weights=self._current_weights,
+            cache_dir=lambda name: self.run_dir / "http-cache" / name,
+            given=given,
+        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -188,6 +221,9 @@ class SelfRewardingTrainer:
             models=set(self.models),
         )
         for stage, name in zip(self.stages, self._plan()):
+            config = self._generation_of(stage, name)
+            if isinstance(config, BackendConfig):
+                check_servable(config, self.model, f"stage {name}: generation")
             for ds in datasets_of(stage):
                 if len(self.datasets[ds]) == 0:
                     raise ValueError(f"dataset {ds!r} (used by stage {stage.kind}) is empty")
@@ -207,6 +243,48 @@ class SelfRewardingTrainer:
                     UserWarning,
                     stacklevel=3,
                 )
+
+    def _generation_of(self, stage: Stage, name: str) -> BackendConfig | GenerationBackend | None:
+        """The backend config (or the given backend) a sampling stage samples the policy
+        with; ``None`` for a stage that does not sample."""
+        if not isinstance(stage, SAMPLING_STAGES):
+            return None
+        base = self.generation
+        if not stage.generation:
+            return base
+        if not isinstance(base, BackendConfig):
+            base = BackendConfig()
+        try:
+            return merge_generation(base, stage.generation)
+        except ConfigError as exc:
+            raise ConfigError(f"stage {name}: {exc}") from exc
+
+    def _sampler(self, index: int, stage: Stage) -> GenerationBackend:
+        """The backend that samples the policy for stage ``index`` (built on first use)."""
+        name = self._plan()[index]
+        config = self._generation_of(stage, name)
+        if not isinstance(config, BackendConfig):
+            return self._pool.get(None, name)
+        if config.backend == "torch":
+            return self.backend  # the live policy (an attribute callers may replace)
+        same = config == self.generation or not stage.generation
+        return self._pool.get(config, "generation" if same else self._stage_dir(index, stage).name)
+
+    def _current_weights(self) -> Path:
+        """A Hugging Face folder of the policy as it is now: the latest stage checkpoint,
+        else ``model_path``, else the policy written once to ``<run>/policy-initial``."""
+        if self._weights is not None:
+            return self._weights
+        if self.model_path is not None:
+            return self.model_path
+        folder = self.run_dir / "policy-initial"
+        if self.accelerator.is_main_process and not any(folder.glob("*.safetensors")):
+            save_checkpoint(self.model, folder)
+            hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
+            if hasattr(hf_tokenizer, "save_pretrained"):
+                hf_tokenizer.save_pretrained(folder)
+        self.accelerator.wait_for_everyone()
+        return folder
 
     def preflight(self) -> None:
         """Check what the stages need from the data, tokenizer and model before any runs.
@@ -255,6 +333,7 @@ class SelfRewardingTrainer:
             "model": self._model_identity,
             "tokenizer": self.tokenizer,
         }
+        config = self._generation_of(stage, stage.kind)
         return stage_fingerprint(
             stage,
             run=run,
@@ -265,6 +344,7 @@ class SelfRewardingTrainer:
             oracle=self.oracle,
             early_stopper_eval_module=self.early_stopper_eval_module,
             preference_max_seq_len=self.preference_max_seq_len,
+            generation=backend_fingerprint(config) if config is not None else None,
         )
 
     # ------------------------------------------------------------------ run directory
@@ -344,7 +424,10 @@ class SelfRewardingTrainer:
         try:
             return self._run_stages(self._state)
         finally:
-            self.close_run_dir()
+            try:
+                self._pool.close()  # every backend the run built (a given one stays open)
+            finally:
+                self.close_run_dir()
 
     def _run_stages(self, state: dict) -> dict:
         plan = self._plan()
@@ -356,6 +439,7 @@ class SelfRewardingTrainer:
                 last_ckpt = finished[name]["checkpoint"]
         if last_ckpt is not None:
             load_checkpoint(self.model, self.run_dir / last_ckpt)
+            self._weights = self.run_dir / last_ckpt  # a vLLM engine starts from it
 
         for index, stage in enumerate(self.stages):
             name = plan[index]
@@ -368,6 +452,9 @@ class SelfRewardingTrainer:
             self.accelerator.wait_for_everyone()
             log.info("stage %s", name)
             result = self._run_stage(index, stage, stage_dir)
+            if result.get("checkpoint"):  # the policy changed: its backends serve it
+                self._weights = self.run_dir / result["checkpoint"]
+                self._pool.trained(self._weights)
             record = {"stage": name, **result}
             state["finished"].append(record)
             self._save_state(state)
@@ -375,9 +462,10 @@ class SelfRewardingTrainer:
         return write_report(self.run_dir, state["finished"], main=main)
 
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
+        sampler = self._sampler(index, stage) if isinstance(stage, SAMPLING_STAGES) else None
         ctx = StageContext(
             model=self.model,
-            backend=self.backend,
+            backend=sampler or self.backend,
             tokenizer=self.tokenizer,
             accelerator=self.accelerator,
             run_dir=self.run_dir,
@@ -387,16 +475,14 @@ class SelfRewardingTrainer:
             early_stopper_eval_module=self.early_stopper_eval_module,
         )
         if isinstance(stage, SFTStage):
+            self._pool.sleep()
             return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
         dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
         if isinstance(stage, PromptGenerationStage):
-            sampler = (
-                self.backend
-                if stage.generator_model == "self"
-                else self.models[stage.generator_model]
-            )
+            if stage.generator_model != "self":
+                sampler = self.models[stage.generator_model]
             return ctx.run_prompt_generation(
                 index,
                 stage,
@@ -416,10 +502,10 @@ class SelfRewardingTrainer:
             index=index,
             stage=stage,
             stage_dir=stage_dir,
-            backend=self.backend,
+            backend=sampler,
             device=self.lm.device,
             tokenizer=self.tokenizer,
-            judge=self._judge_for(stage),
+            judge=self._judge_for(stage, sampler),
             accelerator=self.accelerator,
             seed=self.seed,
             oracle=self.oracle,
@@ -427,17 +513,22 @@ class SelfRewardingTrainer:
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
         pairs = builder.build(prompts, budgets)
+        self._pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
         return ctx.run_dpo(stage, stage_dir, pairs, replay)
 
-    def _judge_for(self, stage: PreferenceStage):
+    def _judge_for(self, stage: PreferenceStage, backend: GenerationBackend | None = None):
+        """The stage's judge; the self judge samples through ``backend`` (the stage's
+        sampler; the torch engine when not given, as in the pre-flight checks)."""
         if stage.judge != "self":
             judge = self.judges[stage.judge]
             return judge if hasattr(judge, "score") else CallableJudge(judge)
         settings = stage.judge_settings
+        backend = self.backend if backend is None else backend
         # settings that configure the torch engine need a judge engine of their own, over
         # the same live module
-        sampler = self.lm if settings.engine_options() else self.backend
+        torch_engine = backend is self.backend
+        sampler = self.lm if torch_engine and settings.engine_options() else backend
         return LLMJudge(
             sampler,
             self.tokenizer,
