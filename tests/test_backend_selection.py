@@ -268,7 +268,7 @@ class RecordingBackend(DelegatingBackend):
         self.closed += 1
 
 
-def test_a_given_backend_samples_every_stage_and_serves_each_new_checkpoint(tmp_path):
+def test_a_given_backend_loads_each_new_checkpoint_before_it_samples(tmp_path):
     model = tiny_model()
     backend = RecordingBackend(model)
     spin = SPINStage(cycles=2, trainer=dict(batch_size=2, num_train_steps=4, max_seq_len=24))
@@ -282,8 +282,7 @@ def test_a_given_backend_samples_every_stage_and_serves_each_new_checkpoint(tmp_
         "01-sft/checkpoint",
         "02-external-reward-dpo/checkpoint",
         "03-spin/spin-checkpoints/cycle-1",  # SPIN's second cycle samples the new policy
-        "03-spin/checkpoint",
-    ]
+    ]  # nothing samples after the last stage: its checkpoint is not loaded
     assert backend.closed == 0  # the caller owns it
 
 

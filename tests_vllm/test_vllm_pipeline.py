@@ -35,7 +35,7 @@ OVERRIDES = [
 
 
 def _srlm_run(
-    out: Path, model: Path, fault: str | None = None, config: Path = EXAMPLE
+    out: Path, model: Path, fault: str | None = None, config: Path = EXAMPLE, ranks: int = 1
 ) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SRLM_FAULT")}
     env["PYTHONPATH"] = os.pathsep.join(
@@ -43,7 +43,13 @@ def _srlm_run(
     )
     if fault is not None:
         env.update(SRLM_FAULT=fault, SRLM_FAULT_RUN=str(out))
-    cmd = [*SRLM, "-q", "run", str(config), f"model.path={model}", f"out={out}", *OVERRIDES]
+    launch = SRLM
+    if ranks > 1:  # torchrun: each rank samples its chunks with its own engine
+        env["OMP_NUM_THREADS"] = "1"
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+                  "--master_port=29533", "-m", "self_rewarding_lm_pytorch.cli"]  # fmt: skip
+    quiet = ["-q"] if ranks == 1 else []  # several ranks: vLLM's log shows its launcher
+    cmd = [*launch, *quiet, "run", str(config), f"model.path={model}", f"out={out}", *OVERRIDES]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -154,3 +160,16 @@ def test_a_resumed_vllm_run_writes_the_same_candidates(runs):
     whole, killed = (runs[k] / name for k in ("whole", "killed"))
     assert killed.read_bytes() == whole.read_bytes()
     assert (runs["killed"] / "02-self-reward-dpo" / "checkpoint").is_dir()
+
+
+def test_two_ranks_sample_with_their_own_engines_as_one_process_does(runs, tiny, tmp_path):
+    """Under torchrun each rank runs an in-process vLLM engine (external_launcher) on its
+    chunks; the stage's files equal the one-process run's."""
+    two = tmp_path / "two"
+    done = _srlm_run(two, tiny, ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr + done.stdout
+    assert "Using external launcher" in log and "Set data_parallel_rank to 1" in log
+    for name in ("candidates.jsonl", "pairs.jsonl"):
+        path = f"02-self-reward-dpo/{name}"
+        assert (two / path).read_bytes() == (runs["whole"] / path).read_bytes(), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +236,10 @@ def build_backend(
     from .vllm import VLLMBackend
 
     kwargs = config.vllm.backend_kwargs(_policy_dtype(model) if model is not None else "float32")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun / accelerate: one engine per rank, on the rank's own device
+        kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        kwargs.setdefault("data_parallel_size", world)
     if model is not None:
         from ..models import is_peft_model, unwrap_model
 
@@ -257,9 +262,9 @@ class BackendPool:
     ``policy`` is the run's torch engine over the live policy; ``given`` a ready backend
     the caller passed (used as given, never closed here). ``weights()`` names a Hugging
     Face folder of the current policy (a vLLM engine starts there); ``cache_dir(name)``
-    the folder of an OpenAI backend's request cache. :meth:`trained` serves a new
-    checkpoint on every backend that samples the policy; :meth:`close` shuts down those
-    built here.
+    the folder of an OpenAI backend's request cache. After :meth:`trained`, every backend
+    that samples the policy loads the new checkpoint before it next samples (a run whose
+    last stage trains restarts no engine); :meth:`close` shuts down those built here.
     """
 
     def __init__(
@@ -280,17 +285,18 @@ class BackendPool:
         self.given = given
         self._built: dict[str, tuple[BackendConfig, GenerationBackend]] = {}
         self._asleep = False
+        self._stale: dict[int, Path] = {}  # id(backend) -> the checkpoint it must load
 
     @staticmethod
     def _key(config: BackendConfig) -> str:
         return json.dumps(to_dict(config), sort_keys=True, default=str)
 
     def get(self, config: BackendConfig | None, name: str) -> GenerationBackend:
-        """The backend for ``config`` (``None``: the one given), built on first use;
-        ``name`` names an OpenAI backend's cache folder."""
+        """The backend for ``config`` (``None``: the one given), built on first use and
+        serving the policy's latest weights; ``name`` names an OpenAI backend's cache folder."""
         if config is None:
             assert self.given is not None
-            return self.given
+            return self._fresh(self.given)
         if config.backend == "torch":
             return self.policy
         key = self._key(config)
@@ -305,8 +311,16 @@ class BackendPool:
                     config, tokenizer=hf_tok or self.tokenizer, cache_dir=self._cache_dir(name)
                 )
             self._built[key] = (config, backend)
+        return self._fresh(self._built[key][1])
+
+    def _fresh(self, backend: GenerationBackend) -> GenerationBackend:
+        """``backend`` awake and serving the latest checkpoint."""
         self.wake()
-        return self._built[key][1]
+        checkpoint = self._stale.pop(id(backend), None)
+        if checkpoint is not None:
+            log.info("serving %s on the %s", checkpoint, type(backend).__name__)
+            backend.load_weights(checkpoint)
+        return backend
 
     def _followers(self) -> list[tuple[BackendConfig | None, GenerationBackend]]:
         """The backends that sample the policy and must be given its new weights."""
@@ -334,10 +348,10 @@ class BackendPool:
         self._asleep = False
 
     def trained(self, checkpoint: Path) -> None:
-        """A training stage wrote ``checkpoint``: every backend of the policy serves it."""
-        self.wake()
+        """A training stage wrote ``checkpoint``: every backend of the policy loads it
+        before it samples again."""
         for _, backend in self._followers():
-            backend.load_weights(checkpoint)
+            self._stale[id(backend)] = checkpoint
 
     def usage(self) -> dict[str, dict[str, int]]:
         """The usage counters of the built backends that keep them, by cache name."""
