@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny import PROMPTS, SFT_DATA, DelegatingBackend, char_tokenizer, scripted_score, tiny_model
+from tiny import (
+    PROMPTS,
+    SFT_DATA,
+    DelegatingBackend,
+    char_tokenizer,
+    quick_preference,
+    scripted_score,
+    tiny_model,
+)
 
 from self_rewarding_lm_pytorch import PreferenceStage, SelfRewardingTrainer, SFTStage, SPINStage
 from self_rewarding_lm_pytorch.config import ConfigError, apply_overrides, parse_run_config
@@ -22,17 +30,7 @@ DATA = {
 
 
 def _dpo(**kw) -> PreferenceStage:
-    return PreferenceStage(
-        kind="external_reward_dpo",
-        judge="scripted",
-        num_preference_pairs=2,
-        max_new_tokens=3,
-        chunk_size=4,
-        temperature=1.0,
-        top_p=1.0,
-        trainer=dict(batch_size=2, num_train_steps=1),
-        **kw,
-    )
+    return quick_preference(num_preference_pairs=2, **kw)
 
 
 def _trainer(run_dir: Path, stages, model=None, **kw) -> SelfRewardingTrainer:
@@ -301,7 +299,7 @@ def test_on_resume_the_engine_starts_from_the_last_finished_checkpoint(tmp_path)
 
     class Probe(RecordingBackend):
         def generate(self, prompts, config, **kw):
-            seen.append(resumed._current_weights())  # where a vLLM engine would start now
+            seen.append(resumed.samplers.current_weights())  # where a vLLM engine would start now
             return super().generate(prompts, config, **kw)
 
     model = tiny_model()
@@ -315,13 +313,13 @@ def test_an_untrained_policy_is_written_once_for_an_engine(tmp_path):
     trainer = _trainer(tmp_path, [_dpo()])
     trainer.open_run_dir()
     try:
-        folder = trainer._current_weights()
+        folder = trainer.samplers.current_weights()
         assert folder == tmp_path / "policy-initial"
         assert (folder / "model.safetensors").is_file()
         stamp = (folder / "model.safetensors").stat().st_mtime_ns
-        assert trainer._current_weights() == folder
+        assert trainer.samplers.current_weights() == folder
         assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
     finally:
         trainer.close_run_dir()
     given = _trainer(tmp_path / "b", [_dpo()], model_path=tmp_path / "hf")
-    assert given._current_weights() == tmp_path / "hf"  # the folder the model came from
+    assert given.samplers.current_weights() == tmp_path / "hf"  # the folder the model came from

@@ -173,3 +173,21 @@ def test_two_ranks_sample_with_their_own_engines_as_one_process_does(runs, tiny,
     for name in ("candidates.jsonl", "pairs.jsonl"):
         path = f"02-self-reward-dpo/{name}"
         assert (two / path).read_bytes() == (runs["whole"] / path).read_bytes(), name
+
+
+def test_a_yaml_judge_served_by_vllm_scores_as_the_torch_engine(tiny):
+    from self_rewarding_lm_pytorch.cli.build import build_judge, close_judges
+    from self_rewarding_lm_pytorch.config import JudgeSpec, from_dict
+
+    spec = {"kind": "llm", "path": str(tiny), "temperature": 0.0, "num_samples": 1}
+    spec["max_new_tokens"] = 8
+    served = build_judge(from_dict(JudgeSpec, {**spec, "generation": {"backend": "vllm"}}))
+    local = build_judge(from_dict(JudgeSpec, spec))
+    assert type(served.backend).__name__ == "VLLMBackend"
+    prompts, responses = ["tell me a story", "what is 3"], ["1 2 3", "the answer is 4"]
+    try:
+        got = [r.to_dict() for r in served.score(prompts, responses)]
+    finally:
+        close_judges({"served": served})
+    assert served.backend.llm is None  # closed
+    assert got == [r.to_dict() for r in local.score(prompts, responses)]

@@ -15,14 +15,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..generation import GenerationBackend, TorchBackend
-from ..generation.selection import (
-    BackendConfig,
-    BackendPool,
-    backend_fingerprint,
-    check_servable,
-    merge_generation,
-    resolve_backend,
-)
+from ..generation.selection import BackendConfig, backend_fingerprint, check_servable
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from ..models import CausalLM, wrap_model, wrap_tokenizer
 from ..store import (
@@ -33,7 +26,8 @@ from ..store import (
     clear_run_dir,
     ensure_run_dir,
 )
-from ..trainers.checkpoint import load_checkpoint, save_checkpoint
+from ..trainers.checkpoint import load_checkpoint
+from .backends import StageSamplers
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
@@ -124,10 +118,6 @@ class SelfRewardingTrainer:
         #: samples the live policy for every stage (candidates, the self judge, prompt
         #: generation, SPIN): training updates the module it reads
         self.backend = TorchBackend(self.lm)
-        #: the run's sampling backend: a BackendConfig, or a ready backend object
-        self.generation = resolve_backend(backend)
-        self.model_path = None if model_path is None else Path(model_path)
-        self._weights: Path | None = None  # the latest stage checkpoint
         self.tokenizer = wrap_tokenizer(
             tokenizer,
             encode=tokenizer_encode,
@@ -145,6 +135,16 @@ class SelfRewardingTrainer:
         self.preference_max_seq_len = preference_max_seq_len
         self.accelerate_kwargs = dict(accelerate_kwargs or {})
 
+        #: the backends that sample each stage (the run's `backend`, stages' `generation:`)
+        self.samplers = StageSamplers(
+            backend,
+            torch_backend=lambda: self.backend,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            accelerator=lambda: self.accelerator,
+            run_dir=self.run_dir,
+            model_path=model_path,
+        )
         self.datasets: dict[str, Any] = {}
         if train_sft_dataset is not None:
             self.datasets["sft"] = train_sft_dataset
@@ -192,15 +192,6 @@ class SelfRewardingTrainer:
         self._run_open = False
         self._state: dict = {"finished": []}
         self._model_identity: str | None = None
-        given = None if isinstance(self.generation, BackendConfig) else self.generation
-        self._pool = BackendPool(
-            self.backend,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            weights=self._current_weights,
-            cache_dir=lambda name: self.run_dir / "http-cache" / name,
-            given=given,
-        )
 
     # ------------------------------------------------------------------ set-up
 
@@ -221,7 +212,7 @@ class SelfRewardingTrainer:
             models=set(self.models),
         )
         for stage, name in zip(self.stages, self._plan()):
-            config = self._generation_of(stage, name)
+            config = self.samplers.config_of(stage, name)
             if isinstance(config, BackendConfig):
                 check_servable(config, self.model, f"stage {name}: generation")
             for ds in datasets_of(stage):
@@ -243,48 +234,6 @@ class SelfRewardingTrainer:
                     UserWarning,
                     stacklevel=3,
                 )
-
-    def _generation_of(self, stage: Stage, name: str) -> BackendConfig | GenerationBackend | None:
-        """The backend config (or the given backend) a sampling stage samples the policy
-        with; ``None`` for a stage that does not sample."""
-        if not isinstance(stage, SAMPLING_STAGES):
-            return None
-        base = self.generation
-        if not stage.generation:
-            return base
-        if not isinstance(base, BackendConfig):
-            base = BackendConfig()
-        try:
-            return merge_generation(base, stage.generation)
-        except ConfigError as exc:
-            raise ConfigError(f"stage {name}: {exc}") from exc
-
-    def _sampler(self, index: int, stage: Stage) -> GenerationBackend:
-        """The backend that samples the policy for stage ``index`` (built on first use)."""
-        name = self._plan()[index]
-        config = self._generation_of(stage, name)
-        if not isinstance(config, BackendConfig):
-            return self._pool.get(None, name)
-        if config.backend == "torch":
-            return self.backend  # the live policy (an attribute callers may replace)
-        same = config == self.generation or not stage.generation
-        return self._pool.get(config, "generation" if same else self._stage_dir(index, stage).name)
-
-    def _current_weights(self) -> Path:
-        """A Hugging Face folder of the policy as it is now: the latest stage checkpoint,
-        else ``model_path``, else the policy written once to ``<run>/policy-initial``."""
-        if self._weights is not None:
-            return self._weights
-        if self.model_path is not None:
-            return self.model_path
-        folder = self.run_dir / "policy-initial"
-        if self.accelerator.is_main_process and not any(folder.glob("*.safetensors")):
-            save_checkpoint(self.model, folder)
-            hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
-            if hasattr(hf_tokenizer, "save_pretrained"):
-                hf_tokenizer.save_pretrained(folder)
-        self.accelerator.wait_for_everyone()
-        return folder
 
     def preflight(self) -> None:
         """Check what the stages need from the data, tokenizer and model before any runs.
@@ -333,7 +282,7 @@ class SelfRewardingTrainer:
             "model": self._model_identity,
             "tokenizer": self.tokenizer,
         }
-        config = self._generation_of(stage, stage.kind)
+        config = self.samplers.config_of(stage, stage.kind)
         return stage_fingerprint(
             stage,
             run=run,
@@ -413,8 +362,6 @@ class SelfRewardingTrainer:
             atomic_write_text(run_dir / "config.yaml", self._config_yaml())
 
     # ------------------------------------------------------------------ run
-
-    # ------------------------------------------------------------------ run
     def __call__(self, overwrite_checkpoints: bool = False) -> dict:
         return self.run(overwrite=overwrite_checkpoints)
 
@@ -425,7 +372,7 @@ class SelfRewardingTrainer:
             return self._run_stages(self._state)
         finally:
             try:
-                self._pool.close()  # every backend the run built (a given one stays open)
+                self.samplers.pool.close()  # every backend the run built (not a given one)
             finally:
                 self.close_run_dir()
 
@@ -439,7 +386,7 @@ class SelfRewardingTrainer:
                 last_ckpt = finished[name]["checkpoint"]
         if last_ckpt is not None:
             load_checkpoint(self.model, self.run_dir / last_ckpt)
-            self._weights = self.run_dir / last_ckpt  # a vLLM engine starts from it
+            self.samplers.weights = self.run_dir / last_ckpt  # a vLLM engine starts from it
 
         for index, stage in enumerate(self.stages):
             name = plan[index]
@@ -453,8 +400,7 @@ class SelfRewardingTrainer:
             log.info("stage %s", name)
             result = self._run_stage(index, stage, stage_dir)
             if result.get("checkpoint"):  # the policy changed: its backends serve it
-                self._weights = self.run_dir / result["checkpoint"]
-                self._pool.trained(self._weights)
+                self.samplers.trained(self.run_dir / result["checkpoint"])
             record = {"stage": name, **result}
             state["finished"].append(record)
             self._save_state(state)
@@ -462,7 +408,10 @@ class SelfRewardingTrainer:
         return write_report(self.run_dir, state["finished"], main=main)
 
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
-        sampler = self._sampler(index, stage) if isinstance(stage, SAMPLING_STAGES) else None
+        sampler = None
+        if isinstance(stage, SAMPLING_STAGES):
+            folder = self._stage_dir(index, stage).name
+            sampler = self.samplers.sampler(stage, self._plan()[index], folder)
         ctx = StageContext(
             model=self.model,
             backend=sampler or self.backend,
@@ -475,7 +424,7 @@ class SelfRewardingTrainer:
             early_stopper_eval_module=self.early_stopper_eval_module,
         )
         if isinstance(stage, SFTStage):
-            self._pool.sleep()
+            self.samplers.pool.sleep()
             return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
@@ -513,7 +462,7 @@ class SelfRewardingTrainer:
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
         pairs = builder.build(prompts, budgets)
-        self._pool.sleep()
+        self.samplers.pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
         return ctx.run_dpo(stage, stage_dir, pairs, replay)
 
