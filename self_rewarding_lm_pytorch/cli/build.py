@@ -207,19 +207,16 @@ def _served_llm_judge(
     assert generation is not None
     folder = spec.tokenizer or spec.path
     hf_tok = load_tokenizer(folder) if folder is not None else None
-    if generation.backend == "vllm":
-        if spec.path is None:
-            raise ValueError(
-                "an llm judge with generation.backend 'vllm' needs path: <model folder>"
-            )
-        kwargs = generation.vllm.backend_kwargs(spec.dtype if spec.dtype != "auto" else "float32")
-        from ..generation.vllm import VLLMBackend
-
-        backend: Any = VLLMBackend(spec.path, tokenizer=spec.tokenizer, **kwargs)
-    else:
-        backend = build_backend(generation, tokenizer=hf_tok, cache_dir=cache_dir)
-        if hf_tok is None:  # api chat: the backend's own tokenizer
-            hf_tok = backend.tokenizer
+    backend = build_backend(  # vllm: path is required (JudgeSpec.validate)
+        generation,
+        tokenizer=hf_tok,
+        cache_dir=cache_dir,
+        weights_dir=spec.path,
+        tokenizer_dir=spec.tokenizer,
+        dtype=spec.dtype,
+    )
+    if hf_tok is None:  # api chat: the backend's own tokenizer
+        hf_tok = backend.tokenizer
     tokenizer = hf_tok if hasattr(hf_tok, "format_prompt") else HFTokenizer(hf_tok)
     return LLMJudge(
         backend,

@@ -105,16 +105,18 @@ def _generate_into(
         ensure_pad_token(hf_tok, model)
         model.to(_device(args.device))
         backend = build_backend(generation, model=model)
-    elif generation.backend == "vllm":
-        from ..generation.vllm import VLLMBackend
-
-        backend = VLLMBackend(
-            args.model, tokenizer=args.tokenizer, **generation.vllm.backend_kwargs(args.dtype)
-        )
     else:
-        backend = build_backend(generation, tokenizer=hf_tok)
-        hf_tok = hf_tok if hf_tok is not None else backend.tokenizer
-    tok = HFTokenizer(hf_tok, use_chat_template=False if args.no_chat_template else None)
+        backend = build_backend(
+            generation,
+            tokenizer=hf_tok,
+            weights_dir=args.model,
+            tokenizer_dir=args.tokenizer,
+            dtype=args.dtype,
+        )
+    if hf_tok is not None:
+        tok = HFTokenizer(hf_tok, use_chat_template=False if args.no_chat_template else None)
+    else:  # a server's chat api without --model / --tokenizer: the backend's own codec
+        tok = backend.tokenizer
     try:
         _sample_chunks(out, args, prompts, keys, backend, tok)
     finally:

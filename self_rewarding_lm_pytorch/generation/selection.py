@@ -218,10 +218,14 @@ def build_backend(
     tokenizer: Any = None,
     weights_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    dtype: str | None = None,
 ) -> GenerationBackend:
     """The backend ``config`` names: ``torch`` over ``model``; ``vllm`` on the Hugging
-    Face folder ``weights_dir`` (a PEFT ``model`` starts it with LoRA serving); ``openai``
-    with ``tokenizer`` (token-id prompts) and its request cache in ``cache_dir``."""
+    Face folder ``weights_dir`` (a PEFT ``model`` starts it with LoRA serving; its
+    ``dtype: auto`` is ``model``'s dtype, else ``dtype``; ``tokenizer_dir``: another
+    tokenizer folder); ``openai`` with ``tokenizer`` (token-id prompts) and its request
+    cache in ``cache_dir``."""
     config = BackendConfig.of(config)
     if config.backend == "torch":
         if model is None:
@@ -235,7 +239,11 @@ def build_backend(
         raise ValueError("build_backend: backend 'vllm' needs weights_dir= (a Hugging Face folder)")
     from .vllm import VLLMBackend
 
-    kwargs = config.vllm.backend_kwargs(_policy_dtype(model) if model is not None else "float32")
+    kwargs = config.vllm.backend_kwargs(
+        _policy_dtype(model) if model is not None else dtype or "auto"
+    )
+    if tokenizer_dir is not None:
+        kwargs["tokenizer"] = tokenizer_dir
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # torchrun / accelerate: one engine per rank, on the rank's own device
         kwargs.setdefault("distributed_executor_backend", "external_launcher")
