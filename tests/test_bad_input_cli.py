@@ -356,7 +356,7 @@ def test_override_of_an_unknown_key(tmp_path, capsys):
         load_run_config(path, overrides=["sed=3"])
     msg = str(info.value)
     assert "override 'sed=3': RunConfig has no key 'sed' at 'sed'; did you mean 'seed'?" in msg
-    assert "(valid keys: accelerate, data, judges, model, out, " in msg
+    assert "(valid keys: accelerate, data, generation, judges, model, out, " in msg
     # a stage's keys are those of its kind's dataclass
     with pytest.raises(ConfigError) as info:
         load_run_config(path, overrides=["stages.1.num_candidate=3"])

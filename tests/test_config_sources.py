@@ -47,6 +47,8 @@ FIXED = {
     "kind": "selects the stage dataclass (each case is one kind)",
     "self_reward_dpo.judge": "a self_reward_dpo stage judges with the model itself",
 }
+#: a value to try for a field whose type says too little (a partial mapping)
+SAMPLES: dict[str, Any] = {"generation": {"backend": "vllm"}}
 #: YAML-only refusals: a srlm run file has no models: section
 YAML_ONLY_REFUSED = {"prompt_generation.generator_model"}
 
@@ -100,6 +102,8 @@ def _candidates(tp: Any, default: Any, help_text: str = "") -> list[Any]:
 
 def _pick(cls: type, name: str, default: Any, ok: Any) -> Any:
     """The first candidate value of field ``name`` of ``cls`` that ``ok(value)`` accepts."""
+    if name in SAMPLES:
+        return SAMPLES[name]
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     tp = typing.get_type_hints(cls)[name]
     tried = []

@@ -18,10 +18,12 @@ from self_rewarding_lm_pytorch.models import HFTokenizer
 EOS = 2  # "</s>" of build_tiny_model's tokenizer
 
 
-def tiny_folder(out: Path, seed: int = 0) -> Path:
+def tiny_folder(out: Path, seed: int = 0, words: list[str] | None = None) -> Path:
     """A tiny Llama whose greedy outputs vary (at the default init scale a random model
-    with tied embeddings mostly repeats the last prompt token)."""
-    build_tiny_model(out, hidden_size=64, num_heads=2, max_position_embeddings=128, seed=seed)
+    with tied embeddings mostly repeats the last prompt token); ``words``: its vocabulary."""
+    build_tiny_model(
+        out, words=words, hidden_size=64, num_heads=2, max_position_embeddings=128, seed=seed
+    )
     model = load_model(out)
     with torch.no_grad():
         for name, p in model.named_parameters():

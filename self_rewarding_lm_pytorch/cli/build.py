@@ -130,9 +130,15 @@ def build_reward_config(spec: RewardConfigSpec | None) -> Any:
 
 
 def build_judge(
-    spec: JudgeSpec, *, default_reward_config: RewardConfigSpec | None = None, device: Any = None
+    spec: JudgeSpec,
+    *,
+    default_reward_config: RewardConfigSpec | None = None,
+    device: Any = None,
+    cache_dir: str | Path | None = None,
 ) -> Any:
-    """A judge object (``score(prompts, responses)``) from a :class:`JudgeSpec`."""
+    """A judge object (``score(prompts, responses)``) from a :class:`JudgeSpec`; an llm
+    judge with ``generation:`` samples through that backend (an OpenAI backend keeps its
+    request cache in ``cache_dir``)."""
     if spec.kind == "python":
         assert spec.function is not None
         obj = resolve_object(spec.function)
@@ -148,6 +154,8 @@ def build_judge(
     from ..hf import load_tokenizer
     from ..models import HFTokenizer
 
+    if spec.kind == "llm" and spec.generation is not None and spec.generation.backend != "torch":
+        return _served_llm_judge(spec, default_reward_config, cache_dir)
     assert spec.path is not None
     tok = load_tokenizer(spec.tokenizer or spec.path)
     if spec.kind == "reward_model":
@@ -184,6 +192,48 @@ def build_judge(
         build_reward_config(spec.reward_config or default_reward_config),
         **dataclasses.asdict(settings),
     )
+
+
+def _served_llm_judge(
+    spec: JudgeSpec, default_reward_config: RewardConfigSpec | None, cache_dir: Any
+) -> Any:
+    """An llm judge sampled by vLLM (from ``path``) or an OpenAI-compatible server."""
+    from ..generation.selection import build_backend
+    from ..hf import load_tokenizer
+    from ..judge import LLMJudge
+    from ..models import HFTokenizer
+
+    generation = spec.generation
+    assert generation is not None
+    folder = spec.tokenizer or spec.path
+    hf_tok = load_tokenizer(folder) if folder is not None else None
+    backend = build_backend(  # vllm: path is required (JudgeSpec.validate)
+        generation,
+        tokenizer=hf_tok,
+        cache_dir=cache_dir,
+        weights_dir=spec.path,
+        tokenizer_dir=spec.tokenizer,
+        dtype=spec.dtype,
+    )
+    if hf_tok is None:  # api chat: the backend's own tokenizer
+        hf_tok = backend.tokenizer
+    tokenizer = hf_tok if hasattr(hf_tok, "format_prompt") else HFTokenizer(hf_tok)
+    return LLMJudge(
+        backend,
+        tokenizer,
+        build_reward_config(spec.reward_config or default_reward_config),
+        **dataclasses.asdict(spec.judge_config()),
+    )
+
+
+def close_judges(judges: dict[str, Any]) -> None:
+    """Shut down the backends of the judges :func:`build_judge` served (vLLM, OpenAI)."""
+    from ..generation import TorchBackend
+
+    for judge in judges.values():
+        backend = getattr(judge, "backend", None)
+        if backend is not None and not isinstance(backend, TorchBackend):
+            backend.close()
 
 
 def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
@@ -252,6 +302,7 @@ def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     from ..pipeline import SelfRewardingTrainer
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg)
+    model_path = cfg.model.path if model is None else None  # a given model: not that folder
     model = model if model is not None else build_model(cfg, tokenizer)
     datasets = build_datasets(cfg, tokenizer)
     used_judges = sorted(
@@ -262,7 +313,12 @@ def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
 
     device = PartialState(cpu=cfg.accelerate.cpu).device  # the device the Accelerator will use
     judges = {
-        n: build_judge(cfg.judges[n], default_reward_config=cfg.reward_config, device=device)
+        n: build_judge(
+            cfg.judges[n],
+            default_reward_config=cfg.reward_config,
+            device=device,
+            cache_dir=Path(cfg.out) / "http-cache" / f"judge-{n}",
+        )
         for n in used_judges
     }
     trainer = SelfRewardingTrainer(
@@ -277,6 +333,9 @@ def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
         seed=cfg.seed,
         preference_max_seq_len=cfg.preference_max_seq_len,
         progress=cfg.progress,
+        backend=cfg.generation,
+        # an unchanged Hugging Face folder is where a vLLM engine starts
+        model_path=model_path,
     )
     model.to(trainer.accelerator.device)
     return trainer
@@ -308,6 +367,7 @@ def run_from_config(cfg: RunConfig, *, overwrite: bool = False) -> dict[str, Any
     try:
         report = trainer.run()
     finally:
+        close_judges(trainer.judges)
         if cfg.accelerate.trackers:
             for tracker in acc.trackers:
                 tracker.finish()

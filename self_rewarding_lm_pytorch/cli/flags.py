@@ -1,5 +1,6 @@
 """Command-line flags generated from a config dataclass: one flag per field, with the
-field's type, default and ``metadata["help"]``, so a setting is spelled in one place."""
+field's type, default and ``metadata["help"]``, so a setting is spelled in one place. A
+field that is itself a config dataclass gets dotted flags (``--openai.base-url``)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def add_dataclass_args(
     dests = []
     for f in _fields(cls, exclude):
         tp, optional = _scalar(hints[f.name])
+        if dataclasses.is_dataclass(tp):  # a nested section: --{name}.{field} flags
+            dests += add_dataclass_args(parser, tp, prefix=f"{prefix}{f.name}.")
+            continue
         flag = "--" + f"{prefix}{f.name}".replace("_", "-")
         names = [flag, *(aliases or {}).get(f.name, [])]
         dest = _dest(prefix, f.name)
@@ -115,10 +119,18 @@ def dataclass_from_args(
     cls: type[T], args: argparse.Namespace, *, prefix: str = "", exclude: Iterable[str] = ()
 ) -> T:
     """An instance of ``cls`` from the flags :func:`add_dataclass_args` added (a field
-    without a flag, e.g. an excluded one, keeps its default)."""
-    values = {
-        f.name: getattr(args, _dest(prefix, f.name))
-        for f in _fields(cls, exclude)
-        if hasattr(args, _dest(prefix, f.name))
-    }
+    without a flag, e.g. an excluded one, keeps its default). A nested section that may
+    be ``None`` is ``None`` unless one of its flags was set."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in _fields(cls, exclude):
+        tp, optional = _scalar(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            sub = f"{prefix}{f.name}."
+            if not any(hasattr(args, d) for d in flag_dests(tp, prefix=sub)):
+                continue
+            nested = dataclass_from_args(tp, args, prefix=sub)
+            values[f.name] = None if optional and nested == tp() else nested
+        elif hasattr(args, _dest(prefix, f.name)):
+            values[f.name] = getattr(args, _dest(prefix, f.name))
     return cls(**values)

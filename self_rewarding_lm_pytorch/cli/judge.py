@@ -19,7 +19,12 @@ from .outputs import KeyedJsonlStore
 
 
 def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
+    from .generate import backend_from_args
+
+    generation = backend_from_args(args)
     chosen = [a for a in ("model", "reward_model", "function") if getattr(args, a) is not None]
+    if not chosen and generation.backend == "openai":
+        chosen = ["model"]  # an LLM judge on a server: --model (a tokenizer) is optional
     if len(chosen) != 1:
         raise ConfigError(
             "choose exactly one judge: --model PATH (LLM as a judge), --reward-model PATH or "
@@ -42,6 +47,13 @@ def _judge_spec_from_args(args: argparse.Namespace) -> JudgeSpec:
                 score_range=list(args.score_range) if args.score_range else None,
             )
         kw.update(reward_config=rc, **dataclasses.asdict(dataclass_from_args(JudgeConfig, args)))
+        if generation.backend != "torch":
+            kw["generation"] = generation
+    elif generation.backend != "torch":
+        raise ConfigError(
+            f"--backend {generation.backend} serves an LLM judge (--model); a "
+            f"{kind.replace('_', ' ')} judge runs in this process: drop --backend"
+        )
     elif kind == "reward_model":
         if args.template is not None:
             kw["template"] = args.template
@@ -79,6 +91,10 @@ def _judge_settings(spec: JudgeSpec, args: argparse.Namespace) -> dict[str, Any]
     )
     if spec.kind == "llm":
         rc = spec.reward_config
+        if spec.generation is not None:
+            from ..generation.selection import backend_fingerprint
+
+            settings["generation"] = backend_fingerprint(spec.generation)
         settings.update(
             prompt_template_file=(
                 _file_hash(rc.prompt_template_file, "--prompt-template-file") if rc else None
@@ -147,8 +163,6 @@ def _score_rows(
     JSONL as they are made, and a rerun reuses the rows made with the same settings from
     the same input rows (see :class:`KeyedJsonlStore`). ``make_judge()`` builds the judge,
     only when some row needs scoring. Returns the rows and how many were scored now."""
-    from ..utils import make_generator
-
     checked = [_responses(row, args, i) for i, row in enumerate(rows)]  # all, before any work
     ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
     settings = _judge_settings(spec, args)
@@ -168,6 +182,28 @@ def _score_rows(
     todo = [k for k in keys if k not in done]
     made: dict[str, dict] = {}
     judge = make_judge() if todo else None
+    try:
+        _score_chunks(rows, checked, keys, done, made, judge, store, args)
+    finally:
+        _close(judge)
+    if store is not None:
+        return store.finish(keys, ids), len(todo)
+    return [made[k] for k in keys], len(todo)
+
+
+def _score_chunks(
+    rows: list[dict],
+    checked: list[tuple[bool, list[str]]],
+    keys: list[str],
+    done: dict[str, dict],
+    made: dict[str, dict],
+    judge: Any,
+    store: Any,
+    args: argparse.Namespace,
+) -> None:
+    from ..utils import make_generator
+
+    ids = [str(row.get("id", i)) for i, row in enumerate(rows)]
     for start in range(0, len(rows), args.chunk_size):
         idx = list(range(start, min(start + args.chunk_size, len(rows))))
         if all(keys[i] in done for i in idx):
@@ -196,9 +232,6 @@ def _score_rows(
             made[keys[i]] = new[-1]
         if store is not None:
             store.extend(new)
-    if store is not None:
-        return store.finish(keys, ids), len(todo)
-    return [made[k] for k in keys], len(todo)
 
 
 def _read_input(args: argparse.Namespace) -> list[dict]:
@@ -210,6 +243,13 @@ def _read_input(args: argparse.Namespace) -> list[dict]:
 
 def _judge_maker(spec: JudgeSpec, args: argparse.Namespace) -> Any:
     return lambda: build_judge(spec, device=_device(args.device) if spec.kind != "python" else None)
+
+
+def _close(judge: Any) -> None:
+    from .build import close_judges
+
+    if judge is not None:
+        close_judges({"judge": judge})
 
 
 def cmd_judge(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from ..generation import GenerationConfig
+from ..generation import BackendConfig, GenerationConfig
 from ..judge import JudgeConfig
 from .build import cmd_run
 from .flags import add_dataclass_args
@@ -45,9 +45,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
 
 
+def _add_backend_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--backend`` and the backends' settings (``--vllm.*``, ``--openai.*``)."""
+    add_dataclass_args(
+        p.add_argument_group(f"{what} backend (generation.BackendConfig)"),
+        BackendConfig,
+        helps={"backend": f"what samples the {what}: torch, vllm or openai (a server)"},
+    )
+
+
 def _add_judge_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("judge (choose one)")
-    g.add_argument("--model", default=None, help="local causal LM folder used as an LLM judge")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local causal LM folder used as an LLM judge (optional with --backend openai)",
+    )
     g.add_argument(
         "--reward-model", default=None, help="local sequence-classification reward model"
     )
@@ -69,6 +82,7 @@ def _add_judge_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--seed", type=int, default=0)
     sampling = p.add_argument_group("LLM judge sampling (judge.JudgeConfig)")
     add_dataclass_args(sampling, JudgeConfig, aliases=JUDGE_FLAG_ALIASES)
+    _add_backend_args(p, "LLM judge")
 
 
 #: today's spellings kept as aliases of the generated flags
@@ -149,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reuses the rows of --out made from the same prompts with the same settings, and "
         "refuses an --out made with other settings (naming them).",
     )
-    p.add_argument("--model", required=True, help="local causal LM folder")
+    p.add_argument(
+        "--model", default=None, help="local causal LM folder (optional with --backend openai)"
+    )
     p.add_argument(
         "--prompts", required=True, help="prompt file (jsonl/json/csv/tsv/parquet/datasets folder)"
     )
@@ -167,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         defaults=GENERATE_DEFAULTS,
         helps=GENERATE_HELP,
     )
+    _add_backend_args(p, "responses")
     p.add_argument(
         "--chunk-size", type=int, default=16, help="prompts generated (and saved) together"
     )

@@ -144,6 +144,10 @@ def _apply(data: dict, path: list[str], value: Any, text: str, root: type) -> No
             schema = _field_schema(schema, key)
             if trainer_of is not None:
                 schema = _trainer_schema(stage_schema)
+            elif stage_schema is not None and key == "generation":  # a partial generation:
+                from ..generation.selection import BackendConfig
+
+                schema = BackendConfig
         elif get_origin(schema) is dict:
             if key not in node and not last:
                 defined = ", ".join(sorted(map(str, node))) or "none"

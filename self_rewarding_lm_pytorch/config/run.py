@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..generation.selection import BackendConfig
 from ..judge.config import JudgeConfig
 from .core import ConfigError
 
@@ -288,8 +289,12 @@ class JudgeSpec(JudgeConfig):
     function: str | None = field(
         default=None, metadata=_help("'package.module:name' of a judge callable (python)")
     )
+    generation: BackendConfig | None = field(
+        default=None,
+        metadata=_help("the backend the llm judge samples with (vllm: path; openai: a server)"),
+    )
 
-    _LLM = ("reward_config", *_SAMPLING)
+    _LLM = ("reward_config", "generation", *_SAMPLING)
     _RM = ("template", "head", "class_values")
 
     def __post_init__(self) -> None:
@@ -310,7 +315,16 @@ class JudgeSpec(JudgeConfig):
                 f"{wrong[0]!r} does not apply to a judge of kind {self.kind!r} "
                 f"(it takes: {', '.join(sorted(allowed))})"
             )
-        if self.kind in ("llm", "reward_model") and self.path is None:
+        remote = self.generation is not None and self.generation.backend == "openai"
+        if remote and self.path is None and self.tokenizer is None:
+            assert self.generation is not None and self.generation.openai is not None
+            if self.generation.openai.api == "completions":
+                raise ConfigError(
+                    "an llm judge served by generation.backend 'openai' with api 'completions' "
+                    "sends token ids: give tokenizer: <tokenizer folder> (or path:), or use "
+                    "generation.openai.api: chat (the server's own tokenizer)"
+                )
+        elif self.kind in ("llm", "reward_model") and self.path is None:
             raise ConfigError(f"a judge of kind {self.kind!r} needs path: <local model folder>")
         if self.kind == "python" and (self.function is None or ":" not in self.function):
             raise ConfigError(
@@ -381,6 +395,10 @@ class RunConfig:
         default=1024, metadata=_help("tokens of a preference pair at most (prompt + response)")
     )
     progress: bool = field(default=True, metadata=_help("show progress bars"))
+    generation: BackendConfig = field(
+        default_factory=BackendConfig,
+        metadata=_help("the backend that samples the policy (stages may override it)"),
+    )
 
     #: the validated stage dataclasses (built by :func:`~.load.build_stages`)
     stage_objects: list[Any] = field(

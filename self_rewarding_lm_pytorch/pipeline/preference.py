@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..generation import GenerationBackend, GenerationConfig, generate_text, response_budget
+from ..generation.selection import usage_delta
 from ..models import Tokenizer
 from ..pairs import select_pairs
 from ..store import JsonlStore, atomic_write_json
@@ -123,6 +124,28 @@ class PairBuilder:
     seed: int
     oracle: Any = None
     progress: bool = True
+    #: what the backends that keep ``.usage`` counters used in this launch, by role
+    usage: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def _count(self, role: str, backend: Any, before: dict[str, int] | None) -> None:
+        if before is None:
+            return
+        used = self.usage.setdefault(role, {})
+        for key, n in usage_delta(before, dict(backend.usage)).items():
+            used[key] = used.get(key, 0) + n
+
+    def _gathered_usage(self) -> dict[str, dict[str, int]]:
+        """Every rank's usage, summed (each rank samples with its own backend)."""
+        if self.accelerator.num_processes == 1:
+            return self.usage
+        from accelerate.utils import gather_object
+
+        total: dict[str, dict[str, int]] = {}
+        for part in gather_object([self.usage]):
+            for role, counts in part.items():
+                for key, n in counts.items():
+                    total.setdefault(role, {})[key] = total.get(role, {}).get(key, 0) + n
+        return total
 
     def build(self, prompts: list[str], budgets: list[int]) -> list[dict]:
         """Generate, judge and pair, chunk by chunk, appending records as they are made.
@@ -220,6 +243,9 @@ class PairBuilder:
         finally:
             bar.close()
         stats = candidate_stats(records, pairs)
+        usage = self._gathered_usage()
+        if usage:
+            stats["usage"] = usage
         if main:
             atomic_write_json(stage_dir / "stats.json", stats)
         acc.wait_for_everyone()
@@ -252,6 +278,8 @@ class PairBuilder:
         positions = [int(i.rsplit("-", 1)[1]) for i in ids]
         chunk_prompts = [prompts[i] for i in positions]
         generator = make_generator(derive_seed(self.seed, self.index, chunk_index), self.device)
+        judge_backend = getattr(self.judge, "backend", None)
+        before = _snapshot(self.backend)
         responses = generate_text(
             self.backend,
             self.tokenizer,
@@ -260,9 +288,12 @@ class PairBuilder:
             generator=generator,
             max_new_tokens_per_prompt=[budgets[i] for i in positions],
         )
+        self._count("candidates", self.backend, before)
         flat_prompts = [p for p, rs in zip(chunk_prompts, responses) for _ in rs]
         flat_responses = [r for rs in responses for r in rs]
+        before = _snapshot(judge_backend)
         results = self.judge.score(flat_prompts, flat_responses, generator=generator)
+        self._count("judge", judge_backend, before)
         k = stage.num_candidates
         out = []
         for j, (rid, prompt) in enumerate(zip(ids, chunk_prompts)):
@@ -281,6 +312,12 @@ class PairBuilder:
                 record["oracle_scores"] = [self.oracle(prompt, r) for r in record["responses"]]
             out.append(record)
         return out
+
+
+def _snapshot(backend: Any) -> dict[str, int] | None:
+    """A copy of a backend's ``usage`` counters (None: it keeps none)."""
+    usage = getattr(backend, "usage", None)
+    return dict(usage) if isinstance(usage, dict) else None
 
 
 def prompts_tried(stage: PreferenceStage, prompts: list[str]) -> int:

@@ -66,13 +66,17 @@ def stage_fingerprint(
     oracle: Any,
     early_stopper_eval_module: Any,
     preference_max_seq_len: int,
+    generation: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """What shapes the stage's output, as flat ``{key: value}`` maps: ``settings``
     (resolved stage settings with defaults, trainer arguments, the ``run``-wide settings
-    such as seed, mixed precision, model and tokenizer, and data identities) and, for
-    preference stages, ``judge`` (the judge's settings, template and regex, or the
-    external judge's identity)."""
+    such as seed, mixed precision, model and tokenizer, data identities, and the sampling
+    backend's ``generation`` settings that change samples) and, for preference stages,
+    ``judge`` (the judge's settings, template and regex, or the external judge's identity)."""
     raw = {f.name: getattr(stage, f.name) for f in dataclasses.fields(stage)}
+    raw.pop("generation", None)  # the stage's override; the resolved backend is `generation`
+    if generation:
+        raw["generation"] = generation
     trainer = {k: v for k, v in raw.pop("trainer", {}).items() if k not in _FREE_TRAINER_KEYS}
     for key in _FREE_STAGE_KEYS:
         raw.pop(key, None)

@@ -14,7 +14,8 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
-from ..generation import TorchBackend
+from ..generation import GenerationBackend, TorchBackend
+from ..generation.selection import BackendConfig, backend_fingerprint, check_servable
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
 from ..models import CausalLM, wrap_model, wrap_tokenizer
 from ..store import (
@@ -26,6 +27,7 @@ from ..store import (
     ensure_run_dir,
 )
 from ..trainers.checkpoint import load_checkpoint
+from .backends import StageSamplers
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
@@ -33,6 +35,7 @@ from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
 from .seed_api import seed_stages
 from .stages import (
+    SAMPLING_STAGES,
     START_AFRESH,
     PreferenceStage,
     PromptGenerationStage,
@@ -60,6 +63,15 @@ class SelfRewardingTrainer:
     Datasets are named: ``train_sft_dataset`` is ``"sft"``, ``prompt_dataset`` is
     ``"prompts"``, and ``datasets={"eft": ...}`` adds more. SFT items are the seed's
     ``(token_ids, prompt_len)`` tuples or text dicts ``{"prompt", "response"}``.
+
+    ``backend`` samples the policy: ``"torch"`` (the live module), ``"vllm"``, ``"openai"``,
+    a :class:`~self_rewarding_lm_pytorch.generation.BackendConfig`, or a ready
+    :class:`~self_rewarding_lm_pytorch.generation.GenerationBackend` (used as given and
+    left open); a stage's ``generation={...}`` overrides it. A backend other than the
+    torch engine is built once, at the first stage that samples, and after every training
+    stage serves that stage's checkpoint (``load_weights``). A vLLM engine starts from
+    ``model_path`` (the Hugging Face folder the model was loaded from, unchanged) or the
+    latest checkpoint, else from ``<checkpoints_folder>/policy-initial``.
     """
 
     def __init__(
@@ -98,6 +110,8 @@ class SelfRewardingTrainer:
         checkpoints_folder: str | Path = "./checkpoints",
         seed: int = 0,
         progress: bool = True,
+        backend: str | BackendConfig | GenerationBackend = "torch",
+        model_path: str | Path | None = None,
     ) -> None:
         self.lm: CausalLM = wrap_model(model)
         self.model = self.lm.module
@@ -121,6 +135,16 @@ class SelfRewardingTrainer:
         self.preference_max_seq_len = preference_max_seq_len
         self.accelerate_kwargs = dict(accelerate_kwargs or {})
 
+        #: the backends that sample each stage (the run's `backend`, stages' `generation:`)
+        self.samplers = StageSamplers(
+            backend,
+            torch_backend=lambda: self.backend,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            accelerator=lambda: self.accelerator,
+            run_dir=self.run_dir,
+            model_path=model_path,
+        )
         self.datasets: dict[str, Any] = {}
         if train_sft_dataset is not None:
             self.datasets["sft"] = train_sft_dataset
@@ -188,6 +212,9 @@ class SelfRewardingTrainer:
             models=set(self.models),
         )
         for stage, name in zip(self.stages, self._plan()):
+            config = self.samplers.config_of(stage, name)
+            if isinstance(config, BackendConfig):
+                check_servable(config, self.model, f"stage {name}: generation")
             for ds in datasets_of(stage):
                 if len(self.datasets[ds]) == 0:
                     raise ValueError(f"dataset {ds!r} (used by stage {stage.kind}) is empty")
@@ -255,6 +282,7 @@ class SelfRewardingTrainer:
             "model": self._model_identity,
             "tokenizer": self.tokenizer,
         }
+        config = self.samplers.config_of(stage, stage.kind)
         return stage_fingerprint(
             stage,
             run=run,
@@ -265,6 +293,7 @@ class SelfRewardingTrainer:
             oracle=self.oracle,
             early_stopper_eval_module=self.early_stopper_eval_module,
             preference_max_seq_len=self.preference_max_seq_len,
+            generation=backend_fingerprint(config) if config is not None else None,
         )
 
     # ------------------------------------------------------------------ run directory
@@ -333,8 +362,6 @@ class SelfRewardingTrainer:
             atomic_write_text(run_dir / "config.yaml", self._config_yaml())
 
     # ------------------------------------------------------------------ run
-
-    # ------------------------------------------------------------------ run
     def __call__(self, overwrite_checkpoints: bool = False) -> dict:
         return self.run(overwrite=overwrite_checkpoints)
 
@@ -344,7 +371,10 @@ class SelfRewardingTrainer:
         try:
             return self._run_stages(self._state)
         finally:
-            self.close_run_dir()
+            try:
+                self.samplers.pool.close()  # every backend the run built (not a given one)
+            finally:
+                self.close_run_dir()
 
     def _run_stages(self, state: dict) -> dict:
         plan = self._plan()
@@ -356,6 +386,7 @@ class SelfRewardingTrainer:
                 last_ckpt = finished[name]["checkpoint"]
         if last_ckpt is not None:
             load_checkpoint(self.model, self.run_dir / last_ckpt)
+            self.samplers.weights = self.run_dir / last_ckpt  # a vLLM engine starts from it
 
         for index, stage in enumerate(self.stages):
             name = plan[index]
@@ -368,6 +399,8 @@ class SelfRewardingTrainer:
             self.accelerator.wait_for_everyone()
             log.info("stage %s", name)
             result = self._run_stage(index, stage, stage_dir)
+            if result.get("checkpoint"):  # the policy changed: its backends serve it
+                self.samplers.trained(self.run_dir / result["checkpoint"])
             record = {"stage": name, **result}
             state["finished"].append(record)
             self._save_state(state)
@@ -375,9 +408,13 @@ class SelfRewardingTrainer:
         return write_report(self.run_dir, state["finished"], main=main)
 
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
+        sampler = None
+        if isinstance(stage, SAMPLING_STAGES):
+            folder = self._stage_dir(index, stage).name
+            sampler = self.samplers.sampler(stage, self._plan()[index], folder)
         ctx = StageContext(
             model=self.model,
-            backend=self.backend,
+            backend=sampler or self.backend,
             tokenizer=self.tokenizer,
             accelerator=self.accelerator,
             run_dir=self.run_dir,
@@ -387,16 +424,14 @@ class SelfRewardingTrainer:
             early_stopper_eval_module=self.early_stopper_eval_module,
         )
         if isinstance(stage, SFTStage):
+            self.samplers.pool.sleep()
             return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
         dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
         if isinstance(stage, PromptGenerationStage):
-            sampler = (
-                self.backend
-                if stage.generator_model == "self"
-                else self.models[stage.generator_model]
-            )
+            if stage.generator_model != "self":
+                sampler = self.models[stage.generator_model]
             return ctx.run_prompt_generation(
                 index,
                 stage,
@@ -416,10 +451,10 @@ class SelfRewardingTrainer:
             index=index,
             stage=stage,
             stage_dir=stage_dir,
-            backend=self.backend,
+            backend=sampler,
             device=self.lm.device,
             tokenizer=self.tokenizer,
-            judge=self._judge_for(stage),
+            judge=self._judge_for(stage, sampler),
             accelerator=self.accelerator,
             seed=self.seed,
             oracle=self.oracle,
@@ -427,17 +462,22 @@ class SelfRewardingTrainer:
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
         pairs = builder.build(prompts, budgets)
+        self.samplers.pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
         return ctx.run_dpo(stage, stage_dir, pairs, replay)
 
-    def _judge_for(self, stage: PreferenceStage):
+    def _judge_for(self, stage: PreferenceStage, backend: GenerationBackend | None = None):
+        """The stage's judge; the self judge samples through ``backend`` (the stage's
+        sampler; the torch engine when not given, as in the pre-flight checks)."""
         if stage.judge != "self":
             judge = self.judges[stage.judge]
             return judge if hasattr(judge, "score") else CallableJudge(judge)
         settings = stage.judge_settings
+        backend = self.backend if backend is None else backend
         # settings that configure the torch engine need a judge engine of their own, over
         # the same live module
-        sampler = self.lm if settings.engine_options() else self.backend
+        torch_engine = backend is self.backend
+        sampler = self.lm if torch_engine and settings.engine_options() else backend
         return LLMJudge(
             sampler,
             self.tokenizer,

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from ..config import ConfigError, from_dict, renamed_key
+from ..generation.selection import check_generation_override
 from ..judge import JudgeConfig
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
 
 __all__ = [
+    "SAMPLING_STAGES",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
     "PreferenceStage",
@@ -62,6 +64,10 @@ class SPINStage:
     dataset: str = "sft"
     cycles: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)  # SPINTrainer keyword arguments
+    generation: dict[str, Any] = field(  # merged over the run's generation: section
+        default_factory=dict,
+        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
+    )
 
     def __post_init__(self) -> None:
         _plain_trainer(self)
@@ -73,6 +79,7 @@ class SPINStage:
             self,
             [(self.cycles >= 1, "cycles", "be at least 1", "set 1 or more, or remove the stage")],
         )
+        check_generation_override(self.generation, "generation")
 
 
 @dataclass
@@ -89,10 +96,15 @@ class PromptGenerationStage:
     top_p: float = 0.9
     max_new_tokens: int = 128
     max_attempts: int | None = None
+    generation: dict[str, Any] = field(  # merged over the run's generation: section
+        default_factory=dict,
+        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
+    )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
         _check_types(self)
+        check_generation_override(self.generation, "generation")
         shots = self.num_shots
         _check(
             self,
@@ -169,6 +181,10 @@ class PreferenceStage:
     min_parse_rate: float = 0.2  # stop with an explanation when the judge parses less
     replay: str | None = None  # SFT dataset replayed as auxiliary loss in every DPO step
     trainer: dict[str, Any] = field(default_factory=dict)  # DPOTrainer keyword arguments
+    generation: dict[str, Any] = field(  # merged over the run's generation: section
+        default_factory=dict,
+        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
+    )
 
     # keys of earlier versions, now under judge_settings: refused, naming the new key
     _renamed_keys: ClassVar[dict[str, str]] = {
@@ -268,6 +284,7 @@ class PreferenceStage:
             ],
         )
         js.validate("judge_settings")  # its other keys (mode, batch_size, ...)
+        check_generation_override(self.generation, "generation")
 
 
 Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
@@ -285,6 +302,8 @@ STAGE_TYPES: dict[str, type] = {
     "external_reward_dpo": PreferenceStage,
 }
 STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
+#: the stages that sample the policy (and take a generation: override)
+SAMPLING_STAGES = (SPINStage, PromptGenerationStage, PreferenceStage)
 
 
 #: how a run that cannot resume starts afresh (one spelling in every message that says so)

@@ -23,7 +23,18 @@ from ..utils import derive_seed
 from .report import plain
 from .stages import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage, Stage
 
-__all__ = ["StageContext", "generated_prompts"]
+__all__ = ["StageContext", "generated_prompts", "save_policy"]
+
+
+def save_policy(model: nn.Module, tokenizer: Tokenizer, accelerator: Any, path: Path) -> None:
+    """Write the policy (and an HF tokenizer, so ``from_pretrained(path)`` finds both) to
+    ``path`` on the main process; every rank waits for it."""
+    if accelerator.is_main_process:
+        save_checkpoint(model, path)
+        hf_tokenizer = getattr(tokenizer, "tokenizer", None)
+        if hasattr(hf_tokenizer, "save_pretrained"):
+            hf_tokenizer.save_pretrained(path)
+    accelerator.wait_for_everyone()
 
 
 @dataclass
@@ -45,12 +56,7 @@ class StageContext:
         """Save the policy (and an HF tokenizer) to ``<stage>/checkpoint``; its path in
         the run directory."""
         path = stage_dir / "checkpoint"
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.model, path)
-            hf_tokenizer = getattr(self.tokenizer, "tokenizer", None)
-            if hasattr(hf_tokenizer, "save_pretrained"):
-                hf_tokenizer.save_pretrained(path)  # so from_pretrained(path) finds both
-        self.accelerator.wait_for_everyone()
+        save_policy(self.model, self.tokenizer, self.accelerator, path)
         return str(path.relative_to(self.run_dir))
 
     def run_sft(self, stage: SFTStage, stage_dir: Path, examples: list[SFTExample]) -> dict:

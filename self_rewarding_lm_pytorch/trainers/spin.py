@@ -145,6 +145,7 @@ class SPINTrainer(PreferenceTrainer):
             bare = wrap_model(self.unwrapped_model(), max_seq_len=self.lm.max_seq_len)
             backend = TorchBackend(bare)
         self.backend: GenerationBackend = backend
+        self.spin_weights_dir = Path(checkpoint_folder)  # cycle policies for such a backend
         self.num_epochs = epochs
         self.sft_examples: list[SFTExample] = sft
         self.valid_examples = valid
@@ -239,8 +240,18 @@ class SPINTrainer(PreferenceTrainer):
                 )
         return responses, reasons  # type: ignore[return-value]
 
+    def _serve_policy(self, iteration: int) -> None:
+        """A backend other than the torch engine does not see the live module: write the
+        policy as it is now to ``<checkpoint_folder>/cycle-<k>`` and serve it there."""
+        if isinstance(self.backend, TorchBackend):
+            return
+        folder = self.save_checkpoint(self.spin_weights_dir / f"cycle-{iteration}")
+        self.backend.load_weights(folder)
+
     def _start_iteration(self, iteration: int) -> None:
         self.cycle = iteration
+        if self._started_iteration is not None:  # trained since the backend last loaded
+            self._serve_policy(iteration)
         with gathered(self.lm):  # a sharded model: the ranks decode different lengths
             generated, reasons = self.generate_responses()
         current = []
