@@ -20,7 +20,7 @@ from self_rewarding_lm_pytorch import PreferenceStage, SelfRewardingTrainer, SFT
 from self_rewarding_lm_pytorch.config import ConfigError, apply_overrides, parse_run_config
 from self_rewarding_lm_pytorch.generation import BackendConfig, VLLMConfig
 from self_rewarding_lm_pytorch.generation.selection import merge_generation
-from self_rewarding_lm_pytorch.store import RunDirError
+from self_rewarding_lm_pytorch.store import RunDirError, read_jsonl
 
 SERVER = {"base_url": "http://127.0.0.1:9/v1", "model": "m"}
 DATA = {
@@ -323,3 +323,34 @@ def test_an_untrained_policy_is_written_once_for_an_engine(tmp_path):
         trainer.close_run_dir()
     given = _trainer(tmp_path / "b", [_dpo()], model_path=tmp_path / "hf")
     assert given.samplers.current_weights() == tmp_path / "hf"  # the folder the model came from
+
+
+def test_stats_record_what_the_stage_used_of_a_counting_backend(tmp_path):
+    import json
+
+    class Counting(RecordingBackend):
+        def __init__(self, model) -> None:
+            super().__init__(model)
+            self.usage = {"requests": 0, "completion_tokens": 0}
+
+        def generate(self, prompts, config, **kw):
+            out = super().generate(prompts, config, **kw)
+            self.usage["requests"] += 1
+            self.usage["completion_tokens"] += sum(len(s) for s in out.sequences)
+            return out
+
+    model = tiny_model()
+    backend = Counting(model)
+    backend.usage["requests"] = 5  # used before this run: not the stage's
+    trainer = _trainer(tmp_path, [_dpo(), _dpo()], model=model, backend=backend)
+    trainer.run()
+    used = []
+    for stage in ("01-external-reward-dpo", "02-external-reward-dpo"):
+        stats = json.loads((tmp_path / stage / "stats.json").read_text())
+        assert set(stats["usage"]) == {"candidates"}  # the scripted judge keeps no counters
+        chunks = {r["chunk"] for r in read_jsonl(tmp_path / stage / "candidates.jsonl")}
+        assert stats["usage"]["candidates"]["requests"] == len(chunks)  # one call per chunk
+        used.append(stats["usage"]["candidates"])
+    # each stage's difference of the counters: together, all this run used
+    assert sum(u["requests"] for u in used) == backend.usage["requests"] - 5
+    assert sum(u["completion_tokens"] for u in used) == backend.usage["completion_tokens"] > 0

@@ -181,6 +181,10 @@ def test_a_yaml_judge_served_by_vllm_scores_as_the_torch_engine(tiny):
 
     spec = {"kind": "llm", "path": str(tiny), "temperature": 0.0, "num_samples": 1}
     spec["max_new_tokens"] = 8
+    spec["reward_config"] = {  # short enough for the tiny model's context
+        "prompt_template": "score the answer {{ response }} to {{ prompt }} : score",
+        "reward_regex_template": "{{ reward }}",
+    }
     served = build_judge(from_dict(JudgeSpec, {**spec, "generation": {"backend": "vllm"}}))
     local = build_judge(from_dict(JudgeSpec, spec))
     assert type(served.backend).__name__ == "VLLMBackend"
