@@ -114,7 +114,7 @@ def test_activations_follow_the_stated_formula(shape8b, c8b):
     """Per layer and token (Korthikanti et al. 2022 without dropout, flash attention, GQA,
     SwiGLU): 2h norms + h (qkv input) + q + 2 kv + q (attention output) + h (MLP input)
     + 4i; plus the final norm (2h) and logits with their gradient (2 V); 2 bytes (bf16)."""
-    cfg, _ = load_plan_config(LORA_1GPU)
+    cfg = load_plan_config(LORA_1GPU)
     h, i, v = c8b["hidden_size"], c8b["intermediate_size"], c8b["vocab_size"]
     kv = c8b["num_key_value_heads"] * c8b["head_dim"]
     per_token = c8b["num_hidden_layers"] * (2 * h + h + h + 2 * kv + h + h + 4 * i) + 2 * h + 2 * v
@@ -147,14 +147,14 @@ def test_checkpointed_activations_are_layer_inputs_plus_one_layer(shape8b, c8b, 
     without = tokens * 2 * (n * layer + 2 * h + 2 * v)
     assert with_ckpt < without / 6  # 8B, 4 x 2048 tokens: 7.3 instead of 45 GiB
     overrides = ["stages.0.trainer.gradient_checkpointing=true"]
-    cfg, _ = load_plan_config(LORA_1GPU, overrides)
+    cfg = load_plan_config(LORA_1GPU, overrides)
     prec = precision_for("bfloat16", "bf16", "adamw", lora=True)
     sft, dpo = (p for p in run_phases(cfg, shape8b, prec) if p.kind == "train")
     assert (sft.checkpointing, sft.bytes, sft.bytes_no_checkpointing) == (True, with_ckpt, without)
     assert (dpo.checkpointing, dpo.bytes, dpo.bytes_checkpointing) == (False, without, with_ckpt)
     both = ["stages.0.trainer.gradient_checkpointing=true"]
     both += ["stages.2.trainer.gradient_checkpointing=true", "stages.2.trainer.optimizer=adamw8bit"]
-    cfg, _ = load_plan_config(LORA_1GPU, both)
+    cfg = load_plan_config(LORA_1GPU, both)
     phases = run_phases(cfg, shape8b, prec)
     assert [p.optimizer for p in phases if p.kind == "train"] == ["adamw", "adamw8bit"]
     rows = plan(shape8b, phases, model_dtype="bfloat16", mixed_precision="bf16",
@@ -169,7 +169,7 @@ def test_checkpointed_activations_are_layer_inputs_plus_one_layer(shape8b, c8b, 
 
 def test_fits_flips_at_the_headroom(shape8b):
     """usable = (GPU - 2 GiB) x 0.9: the verdict flips where the peak crosses it."""
-    cfg, _ = load_plan_config(LORA_1GPU)
+    cfg = load_plan_config(LORA_1GPU)
     prec = precision_for("bfloat16", "bf16", "adamw", lora=True)
     phases = run_phases(cfg, shape8b, prec)
 
@@ -212,7 +212,7 @@ def _table_rows(text: str) -> dict[tuple[str, str, str, int], list[str]]:
 def test_cli_prints_the_table_of_the_plan(capsys, shape8b):
     assert main(["plan", str(FULL_8GPU), "--gpus", "1", "8", "--gpu-memory", "80"]) == 0
     table = _table_rows(capsys.readouterr().out)
-    cfg, _ = load_plan_config(FULL_8GPU)
+    cfg = load_plan_config(FULL_8GPU)
     phases = run_phases(cfg, shape8b, precision_for("bfloat16", "bf16", "adamw", lora=False))
     rows = plan(shape8b, phases, model_dtype="bfloat16", mixed_precision="bf16",
                 lora=(8, "all-linear"), gpus=[1, 8], gpu_memory_gib=80)  # fmt: skip
@@ -244,8 +244,9 @@ def test_vllm_budget_replaces_the_kv_cache(tmp_path, capsys):
     gpu_memory_utilization of the GPU; the overrides (KEY=VALUE) apply as in srlm run."""
     text = LORA_1GPU.read_text().replace("./shapes/", f"{SHAPES}/")
     path = tmp_path / "vllm.yaml"
-    path.write_text(text + "generation: {backend: vllm, gpu_memory_utilization: 0.5}\n")
-    argv = ["plan", str(path), "preference_max_seq_len=1024", "--gpus", "1", "--json"]
+    path.write_text(text)  # the recipe samples with vLLM; the override sets its share
+    overrides = ["generation.vllm.gpu_memory_utilization=0.5", "preference_max_seq_len=1024"]
+    argv = ["plan", str(path), *overrides, "--gpus", "1", "--json"]
     assert main(argv) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["vllm_gpu_memory_utilization"] == 0.5

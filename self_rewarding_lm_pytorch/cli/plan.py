@@ -46,12 +46,9 @@ NOTES = (
 )
 
 
-def load_plan_config(
-    path: str | Path, overrides: Sequence[str] = ()
-) -> tuple[RunConfig, dict[str, Any] | None]:
+def load_plan_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """The run config at ``path`` (``KEY=VALUE`` ``overrides`` applied, as ``srlm run``
-    does) checked without this machine's files (data may be missing), and its
-    ``generation:`` mapping (or ``None``)."""
+    does) checked without this machine's files (data may be missing)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -59,10 +56,7 @@ def load_plan_config(
     if not isinstance(data, dict):
         raise ConfigError(f"{path} is not a mapping of keys; see examples/*.yaml")
     data = apply_overrides(data, overrides)
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    generation = data.get("generation") if "generation" in known else data.pop("generation", None)
-    cfg = parse_run_config(data, base_dir=path.resolve().parent, check_files=False)
-    return cfg, generation if isinstance(generation, dict) else None
+    return parse_run_config(data, base_dir=path.resolve().parent, check_files=False)
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
@@ -80,25 +74,23 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     return shape_from_hf(str(m.path))
 
 
-def vllm_fraction(generation: dict[str, Any] | None) -> float | None:
-    """vLLM's ``gpu_memory_utilization`` when ``generation:`` chooses vLLM (default 0.9)."""
-    if not generation or generation.get("backend") != "vllm":
+def vllm_fraction(cfg: RunConfig) -> float | None:
+    """vLLM's ``gpu_memory_utilization`` when the run's ``generation:`` chooses vLLM."""
+    if cfg.generation.backend != "vllm":
         return None
-    engine = generation.get("engine_kwargs") or {}
-    value = generation.get("gpu_memory_utilization", engine.get("gpu_memory_utilization", 0.9))
-    return float(value)
+    return float(cfg.generation.vllm.gpu_memory_utilization)
 
 
 def build_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Everything ``srlm plan`` prints, as plain data."""
-    cfg, generation = load_plan_config(args.config, args.overrides)
+    cfg = load_plan_config(args.config, args.overrides)
     shape = model_shape(cfg)
     lora = cfg.model.lora or LoRAConfig()
     dtype = shape.storage_dtype if cfg.model.dtype == "auto" else cfg.model.dtype
     mixed = cfg.accelerate.mixed_precision
     prec = precision_for(dtype, mixed, "adamw", lora=False)
     phases = run_phases(cfg, shape, prec)
-    fraction = vllm_fraction(generation)
+    fraction = vllm_fraction(cfg)
     rows = plan(
         shape,
         phases,
