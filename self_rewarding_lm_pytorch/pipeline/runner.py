@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
+from ..data import tokenize_sft_item
 from ..generation import GenerationBackend, TorchBackend
 from ..generation.selection import BackendConfig, backend_fingerprint, check_servable
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
@@ -28,6 +29,7 @@ from ..store import (
 )
 from ..trainers.checkpoint import load_checkpoint
 from .backends import StageSamplers
+from .eft import build_eft
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
@@ -35,8 +37,10 @@ from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
 from .seed_api import seed_stages
 from .stages import (
+    GENERATED_EFT,
     SAMPLING_STAGES,
     START_AFRESH,
+    EFTBuildStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -45,7 +49,7 @@ from .stages import (
     _stage_slug,
     check_trainer_kwargs,
 )
-from .steps import StageContext, generated_prompts
+from .steps import StageContext, generated_eft, generated_prompts
 
 __all__ = ["SelfRewardingTrainer"]
 
@@ -187,6 +191,12 @@ class SelfRewardingTrainer:
                 UserWarning,
                 stacklevel=2,
             )
+        #: the weights the run started from, on CPU, for SFT stages with init="base"
+        self._base_weights = None
+        if any(isinstance(s, SFTStage) and s.init == "base" for s in self.stages):
+            self._base_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
         self._accelerator = None
         self._lock = RunLock(self.run_dir)
         self._run_open = False
@@ -423,12 +433,32 @@ class SelfRewardingTrainer:
             preference_max_seq_len=self.preference_max_seq_len,
             early_stopper_eval_module=self.early_stopper_eval_module,
         )
+        dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
         if isinstance(stage, SFTStage):
             self.samplers.pool.sleep()
-            return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
+            examples = self._inputs.sft_examples(datasets_of(stage))
+            if GENERATED_EFT in stage.datasets:
+                rows = generated_eft(self.stages, dirs, index)
+                examples = examples + [tokenize_sft_item(r, self.tokenizer) for r in rows]
+            if stage.init == "base":  # the model as given, not the previous stage's
+                self.model.load_state_dict(self._base_weights)
+            return ctx.run_sft(stage, stage_dir, examples)
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
-        dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
+        if isinstance(stage, EFTBuildStage):
+            stats = build_eft(
+                index=index,
+                stage=stage,
+                stage_dir=stage_dir,
+                rows=self._inputs.rows(stage.inputs),
+                judge=self._judge_for(stage, sampler),
+                reward_config=self.reward_config,
+                seed=self.seed,
+                device=self.lm.device,
+                main=self.accelerator.is_main_process,
+            )
+            self.accelerator.wait_for_everyone()  # the files are complete before any rank reads
+            return {"eft": str((stage_dir / "eft.jsonl").relative_to(self.run_dir)), "stats": stats}
         if isinstance(stage, PromptGenerationStage):
             if stage.generator_model != "self":
                 sampler = self.models[stage.generator_model]

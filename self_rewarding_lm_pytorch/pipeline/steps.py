@@ -21,9 +21,16 @@ from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from ..trainers.checkpoint import save_checkpoint
 from ..utils import derive_seed
 from .report import plain
-from .stages import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage, Stage
+from .stages import (
+    EFTBuildStage,
+    PreferenceStage,
+    PromptGenerationStage,
+    SFTStage,
+    SPINStage,
+    Stage,
+)
 
-__all__ = ["StageContext", "generated_prompts", "save_policy"]
+__all__ = ["StageContext", "generated_eft", "generated_prompts", "save_policy"]
 
 
 def save_policy(model: nn.Module, tokenizer: Tokenizer, accelerator: Any, path: Path) -> None:
@@ -196,3 +203,22 @@ def generated_prompts(
     if not prompts:
         raise ValueError(f"the prompt-generation stage wrote no prompts to {path}")
     return prompts
+
+
+def generated_eft(stages: Sequence[Stage], stage_dirs: Sequence[Path], index: int) -> list[dict]:
+    """The EFT rows (``eft.jsonl``) of the latest eft_build stage before stage ``index``."""
+    gen = [j for j in range(index) if isinstance(stages[j], EFTBuildStage)]
+    if not gen:
+        raise ValueError(
+            "datasets 'generated_eft' needs an eft_build stage before this stage; add one or "
+            "remove the name"
+        )
+    path = stage_dirs[gen[-1]] / "eft.jsonl"
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(
+            f"the eft_build stage kept no EFT examples ({path} is empty; see stats.json "
+            "beside it): fine-tune on IFT first so the model writes judgements that parse, "
+            "use a reward_config whose regex matches what it writes, or give more inputs"
+        )
+    return rows
