@@ -191,11 +191,14 @@ class SelfRewardingTrainer:
                 UserWarning,
                 stacklevel=2,
             )
-        #: the weights the run started from, on CPU, for SFT stages with init="base"
+        #: for SFT stages with init="base": the trainable weights the run started from, on
+        #: CPU (frozen ones, e.g. a LoRA model's base, never change)
         self._base_weights = None
         if any(isinstance(s, SFTStage) and s.init == "base" for s in self.stages):
             self._base_weights = {
-                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                k: p.detach().to("cpu", copy=True)
+                for k, p in self.model.named_parameters()
+                if p.requires_grad
             }
         self._accelerator = None
         self._lock = RunLock(self.run_dir)
@@ -441,7 +444,7 @@ class SelfRewardingTrainer:
                 rows = generated_eft(self.stages, dirs, index)
                 examples = examples + [tokenize_sft_item(r, self.tokenizer) for r in rows]
             if stage.init == "base":  # the model as given, not the previous stage's
-                self.model.load_state_dict(self._base_weights)
+                self.model.load_state_dict(self._base_weights, strict=False)
             return ctx.run_sft(stage, stage_dir, examples)
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
