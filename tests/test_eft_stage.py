@@ -18,6 +18,7 @@ from self_rewarding_lm_pytorch.models import CallableTokenizer
 from self_rewarding_lm_pytorch.oasst import OasstConfig, prepare_oasst
 from self_rewarding_lm_pytorch.pipeline import EFTBuildStage, SelfRewardingTrainer, SFTStage
 from self_rewarding_lm_pytorch.pipeline.plan import check_plan
+from self_rewarding_lm_pytorch.store import RunDirError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "oasst_sample.jsonl"
 
@@ -199,6 +200,16 @@ def test_resume_after_a_crash_writes_the_same_files(tmp_path):
         assert (stage_dir / name).read_bytes() == whole, name
 
 
+def test_a_changed_judge_sets_the_judgements_of_an_unfinished_stage_aside(tmp_path):
+    with pytest.raises(RuntimeError, match="scripted crash"):
+        run_eft(tmp_path, ScriptedJudgeBackend(fail_after=1))
+    backend = ScriptedJudgeBackend()
+    run_eft(tmp_path, backend, judge_settings={"temperature": 0.5})
+    stage_dir = tmp_path / "01-eft-build"
+    assert len(read(stage_dir / "stale-judge-1" / "judgements.jsonl")) == 2  # the first chunk
+    assert backend.judged == 15  # every response of the 6 rows judged again
+
+
 def _yaml(stages: list[dict]) -> dict:
     return {
         "model": {"path": "tiny-llama"},
@@ -249,9 +260,8 @@ def test_generated_eft_needs_an_earlier_eft_build_stage():
         )
 
 
-def _sft_run(run_dir: Path, stages: list[SFTStage]) -> list[dict[str, torch.Tensor]]:
-    """Each stage's checkpoint weights after running ``stages`` on the tiny model."""
-    trainer = SelfRewardingTrainer(
+def _sft_trainer(run_dir: Path, stages: list[SFTStage]) -> SelfRewardingTrainer:
+    return SelfRewardingTrainer(
         tiny_model(),
         tokenizer=char_tokenizer(),
         datasets={"a": SFT_DATA[:8], "b": SFT_DATA[8:]},
@@ -260,7 +270,11 @@ def _sft_run(run_dir: Path, stages: list[SFTStage]) -> list[dict[str, torch.Tens
         accelerate_kwargs=dict(cpu=True),
         progress=False,
     )
-    trainer.run()
+
+
+def _sft_run(run_dir: Path, stages: list[SFTStage]) -> list[dict[str, torch.Tensor]]:
+    """Each stage's checkpoint weights after running ``stages`` on the tiny model."""
+    _sft_trainer(run_dir, stages).run()
     return [
         load_file(next((run_dir / f"{i + 1:02d}-sft" / "checkpoint").glob("*.safetensors")))
         for i in range(len(stages))
@@ -279,3 +293,7 @@ def test_sft_init_base_starts_from_the_initial_weights_and_previous_continues(tm
     assert all(torch.equal(base[k], alone[k]) for k in alone)  # as if stage 1 never ran
     assert not all(torch.equal(previous[k], alone[k]) for k in alone)
     assert not all(torch.equal(previous[k], one[k]) for k in one)  # it trained on from 1
+    # init is part of the stage's fingerprint: a finished stage keeps it
+    changed = [first, SFTStage(datasets=["b"], init="previous", trainer=train)]
+    with pytest.raises(RunDirError, match=r"stage 02-sft finished with other settings.*init"):
+        _sft_trainer(tmp_path / "base", changed).run()

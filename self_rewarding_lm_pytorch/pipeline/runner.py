@@ -29,7 +29,6 @@ from ..store import (
 )
 from ..trainers.checkpoint import load_checkpoint
 from .backends import StageSamplers
-from .eft import build_eft
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
@@ -182,7 +181,7 @@ class SelfRewardingTrainer:
             )
         self.stages: list[Stage] = list(stages)
         self._validate()
-        samples = (SPINStage, PromptGenerationStage, PreferenceStage)
+        samples = SAMPLING_STAGES
         if self.tokenizer.eos_id is None and any(isinstance(s, samples) for s in self.stages):
             warnings.warn(
                 "the tokenizer has no EOS id, so sampled responses never end before "
@@ -449,19 +448,9 @@ class SelfRewardingTrainer:
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
         if isinstance(stage, EFTBuildStage):
-            stats = build_eft(
-                index=index,
-                stage=stage,
-                stage_dir=stage_dir,
-                rows=self._inputs.rows(stage.inputs),
-                judge=self._judge_for(stage, sampler),
-                reward_config=self.reward_config,
-                seed=self.seed,
-                device=self.lm.device,
-                main=self.accelerator.is_main_process,
-            )
-            self.accelerator.wait_for_everyone()  # the files are complete before any rank reads
-            return {"eft": str((stage_dir / "eft.jsonl").relative_to(self.run_dir)), "stats": stats}
+            judge = self._judge_for(stage, sampler)
+            rows = self._inputs.rows(stage.inputs)
+            return ctx.run_eft_build(index, stage, stage_dir, rows, judge, self.lm.device)
         if isinstance(stage, PromptGenerationStage):
             if stage.generator_model != "self":
                 sampler = self.models[stage.generator_model]

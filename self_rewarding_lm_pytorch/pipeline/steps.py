@@ -1,5 +1,6 @@
-"""Running one stage's work: SFT, SPIN, prompt generation and a preference stage's DPO
-training, each on data the runner prepared, in the stage's folder of the run directory."""
+"""Running one stage's work: SFT, SPIN, prompt generation, the EFT build and a preference
+stage's DPO training, each on data the runner prepared, in the stage's folder of the run
+directory."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..store import JsonlStore, atomic_write_json, read_jsonl
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from ..trainers.checkpoint import save_checkpoint
 from ..utils import derive_seed
+from .eft import build_eft
 from .report import plain
 from .stages import (
     EFTBuildStage,
@@ -144,6 +146,30 @@ class StageContext:
             "prompts": str((stage_dir / "prompts.jsonl").relative_to(self.run_dir)),
             "stats": stats,
         }
+
+    def run_eft_build(
+        self,
+        index: int,
+        stage: EFTBuildStage,
+        stage_dir: Path,
+        rows: list[dict],
+        judge: Any,
+        device: Any,
+    ) -> dict:
+        """The EFT data from ``judge``'s judgements of ``rows`` (see :mod:`.eft`); the record."""
+        stats = build_eft(
+            index=index,
+            stage=stage,
+            stage_dir=stage_dir,
+            rows=rows,
+            judge=judge,
+            reward_config=judge.config,
+            seed=self.seed,
+            device=device,
+            main=self.accelerator.is_main_process,
+        )
+        self.accelerator.wait_for_everyone()  # the files are complete before any rank reads
+        return {"eft": str((stage_dir / "eft.jsonl").relative_to(self.run_dir)), "stats": stats}
 
     def run_dpo(
         self,
