@@ -40,7 +40,8 @@ DATASETS = {"sft", "sft2", "prompts", "prompts2"}
 JUDGES = {"rm", "rm2"}
 #: the base mapping of each kind (an external judge needs a judge name)
 BASE = {kind: {"kind": kind} for kind in STAGE_TYPES} | {
-    "external_reward_dpo": {"kind": "external_reward_dpo", "judge": "rm"}
+    "external_reward_dpo": {"kind": "external_reward_dpo", "judge": "rm"},
+    "eft_build": {"kind": "eft_build", "inputs": "sft"},
 }
 #: stage fields whose value the kind itself fixes, with the rule that says so
 FIXED = {

@@ -237,7 +237,13 @@ def close_judges(judges: dict[str, Any]) -> None:
 
 
 def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
-    from ..pipeline import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage
+    from ..pipeline import (
+        EFTBuildStage,
+        PreferenceStage,
+        PromptGenerationStage,
+        SFTStage,
+        SPINStage,
+    )
 
     roles: dict[str, set[str]] = {}
     for stage in cfg.stage_objects:
@@ -248,6 +254,8 @@ def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
             roles.setdefault(stage.dataset, set()).add("sft")
         elif isinstance(stage, PromptGenerationStage):
             roles.setdefault(stage.seed_dataset, set()).add("prompts")
+        elif isinstance(stage, EFTBuildStage):
+            roles.setdefault(stage.inputs, set()).add("rows")
         elif isinstance(stage, PreferenceStage):
             if stage.prompts != "generated":
                 roles.setdefault(stage.prompts, set()).add("prompts")
@@ -281,6 +289,8 @@ def build_datasets(cfg: RunConfig, tokenizer: Any) -> dict[str, list]:
                         "prompts as a separate single-turn dataset"
                     )
                 out[name] = items
+            elif role == {"rows"}:  # an eft_build stage's rows, read as they are
+                out[name] = load_rows(src)
             else:
                 out[name] = load_prompts(src)
         except (ValueError, TypeError) as exc:

@@ -5,6 +5,8 @@ Stages (each a config dataclass, :mod:`.stages`) run in the order listed:
 * :class:`SFTStage` — supervised fine-tuning on IFT (+ EFT) data; gives M1.
 * :class:`SPINStage` — self-play fine-tuning cycles (Chen et al., 2024).
 * :class:`PromptGenerationStage` — new prompts by few-shot prompting (Yuan et al., 2024, §2.2).
+* :class:`EFTBuildStage` — the paper's EFT data (§3.1): the policy's judgements of
+  human-ranked responses that agree with the humans, balanced; read by a later SFT stage.
 * :class:`PreferenceStage` — one DPO iteration on pairs built from N sampled candidates
   judged by the model itself (``judge="self"``, the paper's §2.3) or by an external judge
   (OAIF style); gives M(t+1).
@@ -18,7 +20,7 @@ losing or duplicating a record.
 
 Modules: :mod:`.stages` (stage configs and plan rules), :mod:`.runner` (the entry point),
 :mod:`.seed_api` (the seed's keywords as stages), :mod:`.steps` (one stage's work),
-:mod:`.preference` (generate -> judge -> pair), :mod:`.rundir` (state and fingerprints),
+:mod:`.preference` (generate -> judge -> pair), :mod:`.eft` (the EFT build), :mod:`.rundir` (state and fingerprints),
 :mod:`.report` (statistics and reports).
 """
 
@@ -30,6 +32,7 @@ from .runner import SelfRewardingTrainer
 from .stages import (
     STAGE_TRAINERS,
     STAGE_TYPES,
+    EFTBuildStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -42,6 +45,7 @@ __all__ = [
     "MIN_TIED_PROMPTS",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
+    "EFTBuildStage",
     "JudgeParseError",
     "NotEnoughPairsError",
     "PreferenceStage",

@@ -11,8 +11,17 @@ from typing import Any
 from ..data import SFTExample, as_prompt_list, materialize, tokenize_sft_item
 from ..generation import response_budget
 from ..models import Tokenizer
+from .eft import check_eft_rows
 from .preference import prompt_budgets
-from .stages import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage, Stage
+from .stages import (
+    GENERATED_EFT,
+    EFTBuildStage,
+    PreferenceStage,
+    PromptGenerationStage,
+    SFTStage,
+    SPINStage,
+    Stage,
+)
 
 __all__ = ["StageInputs"]
 
@@ -35,6 +44,7 @@ class StageInputs:
         self._sft_cache: dict[str, list[SFTExample]] = {}
         self._prompt_cache: dict[str, list[str]] = {}
         self._budget_cache: dict[str, tuple[list[str], list[int]]] = {}
+        self._row_cache: dict[str, list[dict]] = {}
 
     def preflight(
         self,
@@ -55,7 +65,17 @@ class StageInputs:
         for stage, name in zip(stages, plan):
             if isinstance(stage, SFTStage):
                 for ds in stage.datasets:
-                    self.sft_examples([ds], stage=name)
+                    if ds != GENERATED_EFT:  # written by an earlier eft_build stage
+                        self.sft_examples([ds], stage=name)
+            elif isinstance(stage, EFTBuildStage):
+                rows = self.rows(stage.inputs, stage=name)
+                try:
+                    judge_for(stage).config.render(rows[0]["prompt"], rows[0]["responses"][0])
+                except Exception as exc:  # noqa: BLE001 - any settings or template error, named
+                    raise ValueError(
+                        f"stage {name}: the self judge: {exc}; fix judge_settings or "
+                        "reward_config.prompt_template (variables: {{ prompt }}, {{ response }})"
+                    ) from exc
             elif isinstance(stage, SPINStage):
                 limit = min(
                     stage.trainer.get("max_seq_len", self.preference_max_seq_len),
@@ -103,6 +123,15 @@ class StageInputs:
                         self.prompts(stage.prompts),
                         where=f"stage {name}, dataset {stage.prompts!r}: ",
                     )
+
+    def rows(self, name: str, *, stage: str = "eft_build") -> list[dict]:
+        """The rows of dataset ``name`` for an eft_build stage, checked (see
+        :func:`.eft.check_eft_rows`)."""
+        if name not in self._row_cache:
+            rows = list(self.datasets[name])
+            check_eft_rows(rows, name, f"stage {stage}")
+            self._row_cache[name] = rows
+        return self._row_cache[name]
 
     def prompts(self, name: str) -> list[str]:
         if name not in self._prompt_cache:

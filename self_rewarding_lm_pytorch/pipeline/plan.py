@@ -11,6 +11,8 @@ from typing import Any
 
 from ..config import ConfigError
 from .stages import (
+    GENERATED_EFT,
+    EFTBuildStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -29,9 +31,12 @@ def plan_names(stages: Sequence[Stage]) -> list[str]:
 
 
 def datasets_of(stage: Stage) -> list[str]:
-    """The datasets a stage reads (``prompts="generated"`` is not one)."""
+    """The datasets a stage reads (``prompts="generated"`` and ``"generated_eft"`` are not
+    ones: earlier stages write them)."""
     if isinstance(stage, SFTStage):
-        return list(stage.datasets)
+        return [n for n in stage.datasets if n != GENERATED_EFT]
+    if isinstance(stage, EFTBuildStage):
+        return [stage.inputs]
     if isinstance(stage, SPINStage):
         return [stage.dataset]
     if isinstance(stage, PromptGenerationStage):
@@ -101,7 +106,8 @@ def check_plan(
     ``prompts``, ``replay``) must be in ``datasets``; an ``external_reward_dpo`` stage's
     judge in ``judges``; a prompt generator other than ``"self"`` in ``models``; a
     ``self_reward_dpo`` stage judges with ``"self"``; ``prompts="generated"`` needs an
-    earlier prompt-generation stage. Raises :class:`ConfigError` naming the stage, the key,
+    earlier prompt-generation stage, an SFT ``"generated_eft"`` an earlier ``eft_build``
+    stage. Raises :class:`ConfigError` naming the stage, the key,
     the problem and the fix, in the words of ``vocabulary`` (the Python API by default,
     :data:`YAML_PLAN` for a ``srlm run`` file); ``where`` prefixes the message.
     """
@@ -113,7 +119,7 @@ def check_plan(
             at = v.key(i, stage_name, key)
             raise ConfigError(pre + v.undefined(at, "dataset", name, datasets, v.datasets))
 
-    seen_prompt_generation = False
+    seen_prompt_generation = seen_eft = False
     for i, (stage, name) in enumerate(zip(stages, plan_names(stages))):
         if isinstance(stage, SFTStage):
             if not stage.datasets:
@@ -122,7 +128,23 @@ def check_plan(
                     f"e.g. {v.setting('datasets', ['sft'])}"
                 )
             for ds in stage.datasets:
-                need(ds, i, name, "datasets")
+                if ds == GENERATED_EFT and not seen_eft:
+                    raise ConfigError(
+                        f"{pre}{v.key(i, name, 'datasets')}: {GENERATED_EFT!r} is the EFT "
+                        "data of an eft_build stage, and none comes before this stage; add "
+                        f"one ({v.setting('kind', 'eft_build')}) before it or remove the name"
+                    )
+                if ds != GENERATED_EFT:
+                    if ds not in datasets and _did_you_mean(ds, [GENERATED_EFT]):
+                        at = v.key(i, name, "datasets")
+                        raise ConfigError(
+                            pre
+                            + v.undefined(at, "dataset", ds, datasets | {GENERATED_EFT}, v.datasets)
+                        )
+                    need(ds, i, name, "datasets")
+        elif isinstance(stage, EFTBuildStage):
+            need(stage.inputs, i, name, "inputs")
+            seen_eft = True
         elif isinstance(stage, SPINStage):
             need(stage.dataset, i, name, "dataset")
         elif isinstance(stage, PromptGenerationStage):

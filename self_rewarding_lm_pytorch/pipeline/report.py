@@ -89,7 +89,7 @@ def render_report_md(report: dict) -> str:
     lines = [f"# Run report: {report['run_dir']}", ""]
     for rec in report["stages"]:
         lines += [f"## {rec['stage']}", ""]
-        for key in ("checkpoint", "pairs", "prompts"):
+        for key in ("checkpoint", "pairs", "prompts", "eft"):
             if rec.get(key):
                 lines.append(f"- {key}: `{rec[key]}`")
         for section in ("stats", "metrics"):
@@ -98,6 +98,8 @@ def render_report_md(report: dict) -> str:
                 lines += ["", f"| {section} | value |", "|---|---|"]
                 for k, v in values.items():
                     v = f"{v:.4g}" if isinstance(v, float) else v
+                    if isinstance(v, dict):  # e.g. an eft_build stage's score histogram
+                        v = ", ".join(f"{a}: {b}" for a, b in v.items())
                     lines.append(f"| {k} | {v} |")
         lines.append("")
     return "\n".join(lines)

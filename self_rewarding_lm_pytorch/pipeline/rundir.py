@@ -22,6 +22,7 @@ from .stages import (
     _FREE_TRAINER_KEYS,
     _JUDGE_KEYS,
     START_AFRESH,
+    EFTBuildStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -89,6 +90,9 @@ def stage_fingerprint(
         data = [stage.seed_dataset]
         if stage.generator_model != "self":
             raw["generator_identity"] = models[stage.generator_model]
+    elif isinstance(stage, EFTBuildStage):
+        data = [stage.inputs]
+        judge["reward_config"] = reward_config
     else:
         data = [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
         if stage.judge == "self":
@@ -137,7 +141,7 @@ def check_fingerprints(
 
 def _has_records(stage_dir: Path) -> bool:
     """Whether an unfinished stage already wrote records (candidates, pairs, prompts)."""
-    names = ("candidates.jsonl", "pairs.jsonl", "prompts.jsonl")
+    names = ("candidates.jsonl", "pairs.jsonl", "prompts.jsonl", "judgements.jsonl")
     return any((stage_dir / n).is_file() and (stage_dir / n).stat().st_size > 0 for n in names)
 
 
@@ -159,7 +163,7 @@ def _set_aside_judgements(stage_dir: Path, name: str, changes: list[str]) -> Non
         k += 1
     aside = stage_dir / f"stale-judge-{k}"
     aside.mkdir()
-    for file in ("candidates.jsonl", "pairs.jsonl", "stats.json"):
+    for file in ("candidates.jsonl", "pairs.jsonl", "judgements.jsonl", "stats.json"):
         if (stage_dir / file).exists():
             (stage_dir / file).rename(aside / file)
     log.warning(

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError
+from ..data import tokenize_sft_item
 from ..generation import GenerationBackend, TorchBackend
 from ..generation.selection import BackendConfig, backend_fingerprint, check_servable
 from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
@@ -35,8 +36,10 @@ from .report import config_yaml, write_report
 from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
 from .seed_api import seed_stages
 from .stages import (
+    GENERATED_EFT,
     SAMPLING_STAGES,
     START_AFRESH,
+    EFTBuildStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -45,7 +48,7 @@ from .stages import (
     _stage_slug,
     check_trainer_kwargs,
 )
-from .steps import StageContext, generated_prompts
+from .steps import StageContext, generated_eft, generated_prompts
 
 __all__ = ["SelfRewardingTrainer"]
 
@@ -178,7 +181,7 @@ class SelfRewardingTrainer:
             )
         self.stages: list[Stage] = list(stages)
         self._validate()
-        samples = (SPINStage, PromptGenerationStage, PreferenceStage)
+        samples = SAMPLING_STAGES
         if self.tokenizer.eos_id is None and any(isinstance(s, samples) for s in self.stages):
             warnings.warn(
                 "the tokenizer has no EOS id, so sampled responses never end before "
@@ -187,6 +190,15 @@ class SelfRewardingTrainer:
                 UserWarning,
                 stacklevel=2,
             )
+        #: for SFT stages with init="base": the trainable weights the run started from, on
+        #: CPU (frozen ones, e.g. a LoRA model's base, never change)
+        self._base_weights = None
+        if any(isinstance(s, SFTStage) and s.init == "base" for s in self.stages):
+            self._base_weights = {
+                k: p.detach().to("cpu", copy=True)
+                for k, p in self.model.named_parameters()
+                if p.requires_grad
+            }
         self._accelerator = None
         self._lock = RunLock(self.run_dir)
         self._run_open = False
@@ -423,12 +435,22 @@ class SelfRewardingTrainer:
             preference_max_seq_len=self.preference_max_seq_len,
             early_stopper_eval_module=self.early_stopper_eval_module,
         )
+        dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
         if isinstance(stage, SFTStage):
             self.samplers.pool.sleep()
-            return ctx.run_sft(stage, stage_dir, self._inputs.sft_examples(stage.datasets))
+            examples = self._inputs.sft_examples(datasets_of(stage))
+            if GENERATED_EFT in stage.datasets:
+                rows = generated_eft(self.stages, dirs, index)
+                examples = examples + [tokenize_sft_item(r, self.tokenizer) for r in rows]
+            if stage.init == "base":  # the model as given, not the previous stage's
+                self.model.load_state_dict(self._base_weights, strict=False)
+            return ctx.run_sft(stage, stage_dir, examples)
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
-        dirs = [self._stage_dir(j, s) for j, s in enumerate(self.stages)]
+        if isinstance(stage, EFTBuildStage):
+            judge = self._judge_for(stage, sampler)
+            rows = self._inputs.rows(stage.inputs)
+            return ctx.run_eft_build(index, stage, stage_dir, rows, judge, self.lm.device)
         if isinstance(stage, PromptGenerationStage):
             if stage.generator_model != "self":
                 sampler = self.models[stage.generator_model]

@@ -25,6 +25,8 @@ __all__ = [
     "SAMPLING_STAGES",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
+    "EFTBuildStage",
+    "EFTJudgeConfig",
     "PreferenceStage",
     "PromptGenerationStage",
     "SFTStage",
@@ -34,12 +36,25 @@ __all__ = [
 ]
 
 
+#: an SFT ``datasets`` entry naming the ``eft.jsonl`` of the latest earlier eft_build stage
+GENERATED_EFT = "generated_eft"
+
+
 @dataclass
 class SFTStage:
-    """Supervised fine-tuning on the named datasets (concatenated), e.g. ``["sft", "eft"]``."""
+    """Supervised fine-tuning on the named datasets (concatenated), e.g. ``["sft", "eft"]``;
+    ``"generated_eft"`` names the EFT data of the latest earlier ``eft_build`` stage.
+
+    ``init="base"`` starts from the weights the run started from (the model as given),
+    not from the previous stage's: the paper's M1 is the base model fine-tuned on IFT + EFT.
+    """
 
     kind: Literal["sft"] = "sft"
     datasets: list[str] = field(default_factory=lambda: ["sft"])
+    init: Literal["previous", "base"] = field(
+        default="previous",
+        metadata={"help": "start from the previous stage's weights or the run's base weights"},
+    )
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTTrainer keyword arguments
 
     def __post_init__(self) -> None:
@@ -287,7 +302,99 @@ class PreferenceStage:
         check_generation_override(self.generation, "generation")
 
 
-Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage
+@dataclass
+class EFTJudgeConfig(JudgeConfig):
+    """:class:`JudgeConfig` with one sampled judgement per response by default: the paper
+    trains on single judgements (one chain of thought + score each), not on averages."""
+
+    num_samples: int = field(
+        default=1,
+        metadata={"help": "judgement sets sampled per row, each checked against the humans"},
+    )
+
+
+@dataclass
+class EFTBuildStage:
+    """The paper's EFT data (§3.1): the policy judges human-ranked responses with the run's
+    reward template; the judgements whose scores order the responses as the humans did are
+    kept, balanced over scores and split by prompt. Trains nothing.
+
+    ``inputs`` names a dataset of rows ``{prompt, responses, human_ranks}`` (``srlm prepare
+    oasst``'s ``eft_inputs.jsonl``); a later SFT stage reads the result as
+    ``datasets: [..., generated_eft]``.
+    """
+
+    kind: Literal["eft_build"] = "eft_build"
+    inputs: str = field(default="eft_inputs", metadata={"help": "dataset of human-ranked rows"})
+    judge_settings: EFTJudgeConfig = field(
+        default_factory=EFTJudgeConfig,
+        metadata={"help": "how the policy samples its judgements (num_samples sets per row)"},
+    )
+    agreement: Literal["all_pairs", "best_worst"] = field(
+        default="all_pairs",
+        metadata={"help": "which differently-ranked pairs the scores must order as the humans"},
+    )
+    balance: bool = field(
+        default=True, metadata={"help": "downsample every score to the rarest one's count"}
+    )
+    heldout_fraction: float = field(
+        default=0.25, metadata={"help": "share of prompts (seeded) written to eft_heldout.jsonl"}
+    )
+    max_examples: int | None = field(
+        default=None, metadata={"help": "training examples at most (seeded choice); null: all"}
+    )
+    chunk_size: int = field(default=16, metadata={"help": "rows judged (and saved) together"})
+    generation: dict[str, Any] = field(  # merged over the run's generation: section
+        default_factory=dict,
+        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
+    )
+
+    #: the self judge writes the judgements (the runner's judge lookup reads this)
+    judge: ClassVar[str] = "self"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.judge_settings, dict):  # judge_settings={"temperature": 0.7}
+            self.judge_settings = from_dict(
+                EFTJudgeConfig, self.judge_settings, path="judge_settings"
+            )
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+        js = self.judge_settings
+        _check(
+            self,
+            [
+                (
+                    0 <= self.heldout_fraction < 1,
+                    "heldout_fraction",
+                    "lie in [0, 1)",
+                    "use e.g. 0.25 (the paper holds out 531 of 2,161)",
+                ),
+                (
+                    self.max_examples is None or self.max_examples >= 1,
+                    "max_examples",
+                    "be at least 1 (or null: every kept example)",
+                    "use e.g. 1630 (the paper's count)",
+                ),
+                (self.chunk_size >= 1, "chunk_size", "be at least 1", "use e.g. 16"),
+                (js.num_samples >= 1, "judge_settings.num_samples", "be at least 1", "use 1"),
+                (
+                    js.mode == "mean",
+                    "judge_settings.mode",
+                    "be 'mean' (each judgement is a written text with its own score)",
+                    "remove the key",
+                ),
+                *_sampling_rules(
+                    js.temperature, js.top_p, "judge_settings.temperature", "judge_settings.top_p"
+                ),
+            ],
+        )
+        js.validate("judge_settings")
+        check_generation_override(self.generation, "generation")
+
+
+Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage | EFTBuildStage
 # settings that cannot change a stage's records or model: not part of its fingerprint
 _FREE_STAGE_KEYS = ("min_parse_rate",)
 _FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
@@ -300,10 +407,11 @@ STAGE_TYPES: dict[str, type] = {
     "prompt_generation": PromptGenerationStage,
     "self_reward_dpo": PreferenceStage,
     "external_reward_dpo": PreferenceStage,
+    "eft_build": EFTBuildStage,
 }
 STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
 #: the stages that sample the policy (and take a generation: override)
-SAMPLING_STAGES = (SPINStage, PromptGenerationStage, PreferenceStage)
+SAMPLING_STAGES = (SPINStage, PromptGenerationStage, PreferenceStage, EFTBuildStage)
 
 
 #: how a run that cannot resume starts afresh (one spelling in every message that says so)

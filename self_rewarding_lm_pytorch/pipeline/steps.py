@@ -1,5 +1,6 @@
-"""Running one stage's work: SFT, SPIN, prompt generation and a preference stage's DPO
-training, each on data the runner prepared, in the stage's folder of the run directory."""
+"""Running one stage's work: SFT, SPIN, prompt generation, the EFT build and a preference
+stage's DPO training, each on data the runner prepared, in the stage's folder of the run
+directory."""
 
 from __future__ import annotations
 
@@ -20,10 +21,18 @@ from ..store import JsonlStore, atomic_write_json, read_jsonl
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from ..trainers.checkpoint import save_checkpoint
 from ..utils import derive_seed
+from .eft import build_eft
 from .report import plain
-from .stages import PreferenceStage, PromptGenerationStage, SFTStage, SPINStage, Stage
+from .stages import (
+    EFTBuildStage,
+    PreferenceStage,
+    PromptGenerationStage,
+    SFTStage,
+    SPINStage,
+    Stage,
+)
 
-__all__ = ["StageContext", "generated_prompts", "save_policy"]
+__all__ = ["StageContext", "generated_eft", "generated_prompts", "save_policy"]
 
 
 def save_policy(model: nn.Module, tokenizer: Tokenizer, accelerator: Any, path: Path) -> None:
@@ -138,6 +147,30 @@ class StageContext:
             "stats": stats,
         }
 
+    def run_eft_build(
+        self,
+        index: int,
+        stage: EFTBuildStage,
+        stage_dir: Path,
+        rows: list[dict],
+        judge: Any,
+        device: Any,
+    ) -> dict:
+        """The EFT data from ``judge``'s judgements of ``rows`` (see :mod:`.eft`); the record."""
+        stats = build_eft(
+            index=index,
+            stage=stage,
+            stage_dir=stage_dir,
+            rows=rows,
+            judge=judge,
+            reward_config=judge.config,
+            seed=self.seed,
+            device=device,
+            main=self.accelerator.is_main_process,
+        )
+        self.accelerator.wait_for_everyone()  # the files are complete before any rank reads
+        return {"eft": str((stage_dir / "eft.jsonl").relative_to(self.run_dir)), "stats": stats}
+
     def run_dpo(
         self,
         stage: PreferenceStage,
@@ -196,3 +229,22 @@ def generated_prompts(
     if not prompts:
         raise ValueError(f"the prompt-generation stage wrote no prompts to {path}")
     return prompts
+
+
+def generated_eft(stages: Sequence[Stage], stage_dirs: Sequence[Path], index: int) -> list[dict]:
+    """The EFT rows (``eft.jsonl``) of the latest eft_build stage before stage ``index``."""
+    gen = [j for j in range(index) if isinstance(stages[j], EFTBuildStage)]
+    if not gen:
+        raise ValueError(
+            "datasets 'generated_eft' needs an eft_build stage before this stage; add one or "
+            "remove the name"
+        )
+    path = stage_dirs[gen[-1]] / "eft.jsonl"
+    rows = read_jsonl(path)
+    if not rows:
+        raise ValueError(
+            f"the eft_build stage kept no EFT examples ({path} is empty; see stats.json "
+            "beside it): fine-tune on IFT first so the model writes judgements that parse, "
+            "use a reward_config whose regex matches what it writes, or give more inputs"
+        )
+    return rows
