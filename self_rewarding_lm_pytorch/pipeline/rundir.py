@@ -115,21 +115,44 @@ def stage_fingerprint(
     return out
 
 
+def stage_defaults(stage: Stage) -> dict[str, dict[str, Any]]:
+    """The stage's settings at their defaults, keyed as :func:`stage_fingerprint` keys
+    them: what a run directory written before a setting existed did."""
+    raw = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(stage)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    for key in ("trainer", "generation", *_FREE_STAGE_KEYS):
+        raw.pop(key, None)
+    judge = {k: raw.pop(k) for k in _JUDGE_KEYS if k in raw}
+    return {"settings": flatten(identity(raw)), "judge": flatten(identity(judge))}
+
+
 def check_fingerprints(
-    state: dict, fingerprints: Sequence[dict], stage_dirs: Sequence[Path]
+    state: dict,
+    fingerprints: Sequence[dict],
+    stage_dirs: Sequence[Path],
+    defaults: Sequence[dict] | None = None,
 ) -> None:
     """Refuse changed settings of a stage that finished or has records; a stage whose
     only change is its judge, and that has not finished, has its judgements set aside
     and is judged again. Stages not yet started may change freely. ``fingerprints[i]``
-    is stage ``i``'s :func:`stage_fingerprint`; ``state["fingerprints"]`` is updated."""
+    is stage ``i``'s :func:`stage_fingerprint`; ``state["fingerprints"]`` is updated.
+    A setting the stored fingerprint lacks (the library gained it later) counts as
+    unchanged when it is at its default in ``defaults[i]`` (:func:`stage_defaults`)."""
     stored = state.setdefault("fingerprints", {})
     finished = {r["stage"] for r in state["finished"]}
-    for name, new, stage_dir in zip(state["plan"], fingerprints, stage_dirs):
+    defaults = list(defaults) if defaults is not None else [{}] * len(fingerprints)
+    for name, new, stage_dir, default in zip(state["plan"], fingerprints, stage_dirs, defaults):
         old = stored.get(name)
         done = name in finished
         if old is not None and (done or _has_records(stage_dir)):
             groups = sorted(set(old) | set(new))
-            diffs = {g: changed_keys(old.get(g, {}), new.get(g, {})) for g in groups}
+            diffs = {
+                g: changed_keys(old.get(g, {}), _added_at_default(old, new, default, g))
+                for g in groups
+            }
             settings = [d for g in groups if g != "judge" for d in diffs[g]]
             judge = diffs.get("judge", [])
             if settings or (judge and done):
@@ -137,6 +160,13 @@ def check_fingerprints(
             if judge:
                 _set_aside_judgements(stage_dir, name, judge)
         stored[name] = new
+
+
+def _added_at_default(old: dict, new: dict, defaults: dict, group: str) -> dict[str, Any]:
+    """``new[group]`` without the keys ``old[group]`` lacks whose value is their default."""
+    before, base = old.get(group, {}), defaults.get(group, {})
+    missing = object()
+    return {k: v for k, v in new.get(group, {}).items() if k in before or base.get(k, missing) != v}
 
 
 def _has_records(stage_dir: Path) -> bool:

@@ -33,7 +33,13 @@ from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
 from .report import config_yaml, write_report
-from .rundir import check_fingerprints, load_state, set_aside_interrupted_metrics, stage_fingerprint
+from .rundir import (
+    check_fingerprints,
+    load_state,
+    set_aside_interrupted_metrics,
+    stage_defaults,
+    stage_fingerprint,
+)
 from .seed_api import seed_stages
 from .stages import (
     GENERATED_EFT,
@@ -368,6 +374,7 @@ class SelfRewardingTrainer:
             state,
             [self._fingerprint(s) for s in self.stages],
             [self._stage_dir(i, s) for i, s in enumerate(self.stages)],
+            [stage_defaults(s) for s in self.stages],
         )
         atomic_write_json(self.state_path, state)  # first: it marks the folder as a run
         if not (run_dir / "config.yaml").exists():
