@@ -346,6 +346,7 @@ def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
         backend=cfg.generation,
         # an unchanged Hugging Face folder is where a vLLM engine starts
         model_path=model_path,
+        shard_parameters=cfg.accelerate.shard_parameters,
     )
     model.to(trainer.accelerator.device)
     return trainer

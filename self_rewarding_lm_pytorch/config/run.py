@@ -358,6 +358,10 @@ class AccelerateConfig:
         default="self-rewarding-lm", metadata=_help("run name given to the trackers")
     )
     cpu: bool = field(default=False, metadata=_help("run on the CPU even with a GPU"))
+    shard_parameters: bool = field(
+        default=False,
+        metadata=_help("shard weights, gradients, optimizer state over processes (FSDP2)"),
+    )
 
     @property
     def trackers(self) -> list[str]:

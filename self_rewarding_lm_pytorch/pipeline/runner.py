@@ -28,6 +28,7 @@ from ..store import (
     ensure_run_dir,
 )
 from ..trainers.checkpoint import load_checkpoint
+from ..trainers.sharding import gathered, is_sharded, load_full_state_dict, shard_model
 from .backends import StageSamplers
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
@@ -81,6 +82,12 @@ class SelfRewardingTrainer:
     stage serves that stage's checkpoint (``load_weights``). A vLLM engine starts from
     ``model_path`` (the Hugging Face folder the model was loaded from, unchanged) or the
     latest checkpoint, else from ``<checkpoints_folder>/policy-initial``.
+
+    ``shard_parameters`` shards the policy over the processes (FSDP2 FULL_SHARD per decoder
+    layer, :func:`~self_rewarding_lm_pytorch.trainers.shard_model`): every rank holds
+    about ``1 / world_size`` of the weights, gradients and optimizer state while training;
+    the torch backend samples with the weights gathered whole on every rank (a vLLM
+    backend serves the gathered stage checkpoints instead).
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class SelfRewardingTrainer:
         progress: bool = True,
         backend: str | BackendConfig | GenerationBackend = "torch",
         model_path: str | Path | None = None,
+        shard_parameters: bool = False,
     ) -> None:
         self.lm: CausalLM = wrap_model(model)
         self.model = self.lm.module
@@ -210,6 +218,12 @@ class SelfRewardingTrainer:
         self._run_open = False
         self._state: dict = {"finished": []}
         self._model_identity: str | None = None
+        if shard_parameters:  # after everything that reads the whole model
+            from ..fingerprint import model_identity
+
+            self._model_identity = model_identity(self.model)
+            self.model.to(self.accelerator.device)
+            shard_model(self.model)
 
     # ------------------------------------------------------------------ set-up
 
@@ -450,25 +464,30 @@ class SelfRewardingTrainer:
                 rows = generated_eft(self.stages, dirs, index)
                 examples = examples + [tokenize_sft_item(r, self.tokenizer) for r in rows]
             if stage.init == "base":  # the model as given, not the previous stage's
-                self.model.load_state_dict(self._base_weights, strict=False)
+                if is_sharded(self.model):
+                    load_full_state_dict(self.model, self._base_weights)
+                else:
+                    self.model.load_state_dict(self._base_weights, strict=False)
             return ctx.run_sft(stage, stage_dir, examples)
         if isinstance(stage, SPINStage):
             return ctx.run_spin(stage, stage_dir, self._inputs.sft_examples([stage.dataset]))
         if isinstance(stage, EFTBuildStage):
             judge = self._judge_for(stage, sampler)
             rows = self._inputs.rows(stage.inputs)
-            return ctx.run_eft_build(index, stage, stage_dir, rows, judge, self.lm.device)
+            with gathered(self.model):  # sharded: whole weights while the ranks sample
+                return ctx.run_eft_build(index, stage, stage_dir, rows, judge, self.lm.device)
         if isinstance(stage, PromptGenerationStage):
             if stage.generator_model != "self":
                 sampler = self.models[stage.generator_model]
-            return ctx.run_prompt_generation(
-                index,
-                stage,
-                stage_dir,
-                sampler,
-                self._inputs.prompts(stage.seed_dataset),
-                generated_prompts(self.stages, dirs, index, latest=False),
-            )
+            with gathered(self.model):
+                return ctx.run_prompt_generation(
+                    index,
+                    stage,
+                    stage_dir,
+                    sampler,
+                    self._inputs.prompts(stage.seed_dataset),
+                    generated_prompts(self.stages, dirs, index, latest=False),
+                )
         prompts = (
             generated_prompts(self.stages, dirs, index, latest=True)
             if stage.prompts == "generated"
@@ -490,7 +509,8 @@ class SelfRewardingTrainer:
             progress=self.progress,
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
-        pairs = builder.build(prompts, budgets)
+        with gathered(self.model):  # the ranks sample different chunks: no collectives
+            pairs = builder.build(prompts, budgets)
         self.samplers.pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
         return ctx.run_dpo(stage, stage_dir, pairs, replay)

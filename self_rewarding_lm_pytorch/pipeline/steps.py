@@ -20,6 +20,7 @@ from ..prompts import generate_prompts
 from ..store import JsonlStore, atomic_write_json, read_jsonl
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer
 from ..trainers.checkpoint import save_checkpoint
+from ..trainers.sharding import full_state_dict, is_sharded
 from ..utils import derive_seed
 from .eft import build_eft
 from .report import plain
@@ -37,9 +38,11 @@ __all__ = ["StageContext", "generated_eft", "generated_prompts", "save_policy"]
 
 def save_policy(model: nn.Module, tokenizer: Tokenizer, accelerator: Any, path: Path) -> None:
     """Write the policy (and an HF tokenizer, so ``from_pretrained(path)`` finds both) to
-    ``path`` on the main process; every rank waits for it."""
+    ``path`` on the main process; every rank waits for it. A sharded policy is gathered
+    first (every rank takes part) and written whole."""
+    full = full_state_dict(model) if is_sharded(model) else None
     if accelerator.is_main_process:
-        save_checkpoint(model, path)
+        save_checkpoint(model, path, state_dict=full)
         hf_tokenizer = getattr(tokenizer, "tokenizer", None)
         if hasattr(hf_tokenizer, "save_pretrained"):
             hf_tokenizer.save_pretrained(path)
