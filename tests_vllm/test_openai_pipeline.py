@@ -8,6 +8,7 @@ part of a fingerprint (its served model is), and the API key is never written to
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -62,13 +63,62 @@ def test_server_address_is_not_fingerprinted(tiny: Path) -> None:
     assert judge("http://127.0.0.1:8000/v1", extra_body={"top_k": 1}) != a
 
     def config(url: str, **kw) -> dict:
-        return backend_fingerprint(BackendConfig.of({"backend": "openai", "openai": {"base_url": url, **kw}}))
+        return backend_fingerprint(
+            BackendConfig.of({"backend": "openai", "openai": {"base_url": url, **kw}})
+        )
 
     b = config("http://127.0.0.1:8000/v1", model="m")
     assert "base_url" not in str(b)
     assert config("http://10.0.0.2:1/v1", model="m", max_retries=1) == b
     assert config("http://127.0.0.1:8000/v1", model="m2") != b
     assert config("http://127.0.0.1:8000/v1", model="m", api="chat") != b
+
+
+def test_http_judge_example_is_a_served_judge() -> None:
+    """examples/http_judge.yaml: an llm judge asked over HTTP (completions, token ids, its
+    tokenizer given), and the hosted chat variant its comments describe."""
+    example = ROOT / "examples" / "http_judge.yaml"
+    cfg = load_run_config(example, check_files=False)
+    (stage,) = [s for s in cfg.stage_objects if s.kind == "external_reward_dpo"]
+    judge = cfg.judges[stage.judge]
+    assert judge.kind == "llm" and judge.path is None and judge.tokenizer is not None
+    assert judge.generation.backend == "openai" and judge.generation.openai.api == "completions"
+    assert judge.generation.openai.base_url.startswith("http://") and judge.temperature == 0
+    chat = load_run_config(
+        example,
+        check_files=False,
+        overrides=[
+            "judges.judge.tokenizer=null",
+            "judges.judge.generation.openai.api=chat",
+            "judges.judge.generation.openai.base_url=https://api.openai.com/v1",
+        ],
+    )
+    assert chat.judges["judge"].generation.openai.api == "chat"
+    assert "api_key" not in example.read_text().replace("api_key_env", "")  # no key in a file
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "backends.py"), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_backends_benchmark_gpu_mode_plans_and_refuses_without_cuda() -> None:
+    """``--gpu --dry-run`` plans the ~1B bf16 shape; ``--gpu`` without CUDA stops at once
+    with a message (no traceback, nothing built)."""
+    import json
+
+    planned = _bench("--gpu", "--dry-run", "--prompts", "4")
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    plan = json.loads(planned.stdout)
+    shape = json.loads((ROOT / "examples/shapes/llama-3.2-1b/config.json").read_text())
+    assert plan["shape"]["hidden_size"] == shape["hidden_size"] and plan["dtype"] == "bfloat16"
+    assert 1.1e9 < plan["parameters"] < 1.4e9 and plan["prompts"] == 4
+    refused = _bench("--gpu")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "no CUDA device" in refused.stderr and "drop --gpu" in refused.stderr
+    bad = _bench("--gpu", "--gpu-memory-utilization", "0.9")
+    assert bad.returncode == 2 and "two engines share the GPU" in bad.stderr
 
 
 def _config(folder: Path, tiny: Path, url: str) -> Path:
@@ -98,7 +148,7 @@ def _config(folder: Path, tiny: Path, url: str) -> Path:
                 "kind": "external_reward_dpo",
                 "judge": "served",
                 "prompts": "prompts",
-                "num_preference_pairs": 6,
+                "num_preference_pairs": 4,  # 1, 2, 5 pairs after chunks 0-2: all 3 are judged
                 "num_candidates": 2,
                 "max_new_tokens": 6,
                 "chunk_size": 4,
@@ -150,7 +200,9 @@ def test_judge_server_killed_mid_stage_resumes_on_a_new_port(tiny: Path, tmp_pat
         proc = subprocess.Popen(_srlm(config, killed), env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
         t0 = time.monotonic()
-        while _lines(cache) < 3 and proc.poll() is None and time.monotonic() - t0 < 300:
+        # kill in the second chunk: the first chunk's records are written (so the stage's
+        # settings are fixed), three of the second's answers are cached
+        while _lines(cache) < PER_CHUNK + 3 and proc.poll() is None and time.monotonic() - t0 < 300:
             time.sleep(0.01)
         old_url = server.base_url
         server.kill()
@@ -160,19 +212,26 @@ def test_judge_server_killed_mid_stage_resumes_on_a_new_port(tiny: Path, tmp_pat
         print(f"stopped {stopped_s:.1f} s after the kill; message: {stderr.strip()[-600:]}")
         assert proc.returncode != 0
         assert old_url in stderr and "check that the server is running" in stderr
+        assert "openai.base_url (a server that moved: set its new URL and rerun" in stderr
         assert stopped_s < 60  # bounded: 3 attempts, 0.1-0.2 s apart
         sent = _lines(cache)
-        assert 3 <= sent < PER_CHUNK, "the kill did not land in the first chunk"
+        assert PER_CHUNK + 3 <= sent < 2 * PER_CHUNK, "the kill did not land in the second chunk"
 
         server.start()  # a new free port
         assert server.base_url != old_url
         moved = f"judges.served.generation.openai.base_url={server.base_url}"
+        # another served model is another judge (on a copy of the run): the stage's judged
+        # candidates are set aside and judged again, none of the cached answers is reused
+        copy = tmp_path / "copy"
+        shutil.copytree(killed, copy)
         other = "judges.served.generation.openai.model=another-model"
-        refused = subprocess.run(_srlm(config, killed, moved, other), env=_env(),
+        changed = subprocess.run(_srlm(config, copy, moved, other), env=_env(),
                                  capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert refused.returncode != 0
-        assert "another-model" in refused.stderr and "model" in refused.stderr
-        print(f"changed model: {refused.stderr.strip()[-600:]}")
+        print(f"changed model: {changed.stderr.strip()[-900:]}")
+        assert 'judge_identity.backend.model: "tiny" -> "another-model"' in changed.stderr
+        assert "base_url" not in changed.stderr.split("srlm run: error")[0]  # no change
+        assert (next(copy.glob("*/stale-judge-1")) / "candidates.jsonl").exists()
+        assert changed.returncode != 0 and "`another-model` does not exist" in changed.stderr
         again = subprocess.run(_srlm(config, killed, moved), env=_env(), capture_output=True,
                                text=True, timeout=600)  # fmt: skip
         assert again.returncode == 0, again.stderr[-3000:]
@@ -183,7 +242,7 @@ def test_judge_server_killed_mid_stage_resumes_on_a_new_port(tiny: Path, tmp_pat
         (b,) = killed.glob(f"*/{name}")
         assert a.read_bytes() == b.read_bytes(), name
     resumed = _usage(killed)
-    assert resumed["cached"] == sent  # the first launch's answers, not sent again
+    assert resumed["cached"] == sent - PER_CHUNK  # the second chunk's answers, not sent again
     assert resumed["requests"] + sent == total["requests"]
     assert _lines(cache) == total["requests"]  # every request sent once
     for path in killed.rglob("*"):
