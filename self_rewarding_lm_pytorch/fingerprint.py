@@ -117,7 +117,8 @@ def dataset_digest(dataset: Any) -> str:
 def identity(obj: Any, depth: int = 0) -> Any:
     """A stable, JSON-plain description of a setting's value: functions and classes by
     qualified name, models and tokenizers by :func:`model_identity` /
-    :func:`tokenizer_identity`, dataclasses and other objects by their public fields."""
+    :func:`tokenizer_identity`, objects with a ``fingerprint()`` method by what it returns
+    (what of them changes results), dataclasses and other objects by their public fields."""
     from torch import Tensor, nn
 
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -140,6 +141,8 @@ def identity(obj: Any, depth: int = 0) -> Any:
         return tokenizer_identity(obj)
     if inspect.isclass(obj) or inspect.isroutine(obj):
         return _name(obj)
+    if callable(getattr(obj, "fingerprint", None)):
+        return {"type": _name(obj), **identity(obj.fingerprint(), depth + 1)}
     if isinstance(obj, functools.partial):
         return {
             "type": _name(obj),

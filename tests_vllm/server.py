@@ -18,7 +18,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["VLLMServer", "free_port"]
+__all__ = ["CPU_ARGS", "VLLMServer", "free_port"]
+
+#: the server flags of the CPU engine (the defaults of ``VLLMServer(args=...)``)
+CPU_ARGS = ("--enforce-eager", "--block-size", "32", "--no-enable-chunked-prefill")
 
 
 def free_port() -> int:
@@ -38,9 +41,12 @@ class VLLMServer:
         name: str = "tiny",
         max_model_len: int = 128,
         log: Path | None = None,
+        dtype: str = "float32",
+        args: tuple[str, ...] = CPU_ARGS,
     ) -> None:
+        """``args``: further server flags (the default: the CPU engine's settings)."""
         self.folder, self.name, self.max_model_len = Path(folder), name, max_model_len
-        self.log = log
+        self.log, self.dtype, self.args = log, dtype, tuple(args)
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.start_s = 0.0
@@ -55,8 +61,7 @@ class VLLMServer:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.folder), "--host", "127.0.0.1", "--port", str(self.port),
-            "--dtype", "float32", "--enforce-eager", "--block-size", "32",
-            "--no-enable-chunked-prefill", "--max-model-len", str(self.max_model_len),
+            "--dtype", self.dtype, *self.args, "--max-model-len", str(self.max_model_len),
             "--served-model-name", self.name,
         ]  # fmt: skip
         # the engine in the server's own process: ready in ~27 s instead of 80-140 s here

@@ -324,7 +324,7 @@ class JudgeSpec(JudgeConfig):
                     "sends token ids: give tokenizer: <tokenizer folder> (or path:), or use "
                     "generation.openai.api: chat (the server's own tokenizer)"
                 )
-        elif self.kind in ("llm", "reward_model") and self.path is None:
+        elif self.kind in ("llm", "reward_model") and self.path is None and not remote:
             raise ConfigError(f"a judge of kind {self.kind!r} needs path: <local model folder>")
         if self.kind == "python" and (self.function is None or ":" not in self.function):
             raise ConfigError(

@@ -157,7 +157,9 @@ class JSONClient:
                 time.sleep(self._delay(attempt, retry_after))
         raise ConnectionError(
             f"{url} failed {self.max_retries + 1} attempts (last: {last}); check that the "
-            "server is running and reachable at base_url, or raise max_retries / timeout_s"
+            "server is running and reachable at openai.base_url (a server that moved: set its "
+            "new URL and rerun; cached answers are not sent again), or raise "
+            "openai.max_retries / openai.timeout_s"
         )
 
     def post(self, endpoint: str, body: dict[str, Any]) -> dict[str, Any]:

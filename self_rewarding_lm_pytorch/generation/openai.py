@@ -26,7 +26,11 @@ from .engine import _StopChecker
 from .http import USAGE_KEYS, JSONClient
 from .vllm import _finish, _request_seeds
 
-__all__ = ["ByteTokenizer", "OpenAIBackend", "OpenAIConfig"]
+__all__ = ["SERVED_KEYS", "ByteTokenizer", "OpenAIBackend", "OpenAIConfig"]
+
+#: the settings that change what a server samples; the rest (base_url: where it is,
+#: retries, timeouts) do not, so a judge server that moved resumes a run
+SERVED_KEYS = ("model", "api", "extra_body")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -185,6 +189,13 @@ class OpenAIBackend:
         if self.max_seq_len is None and self.config.api == "completions":
             length = entry.get("max_model_len")
             self.max_seq_len = int(length) if length else None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What of this backend changes its samples (a stage's fingerprint): the served
+        model (as the server names it), the API, ``extra_body``, the context and tokenizer."""
+        served = {k: getattr(self.config, k) for k in SERVED_KEYS}
+        return {**served, "model": self.model, "max_seq_len": self.max_seq_len,
+                "tokenizer": self.tokenizer}  # fmt: skip
 
     # ------------------------------------------------------------------ usage
     @property

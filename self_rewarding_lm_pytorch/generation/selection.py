@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config.core import ConfigError, from_dict, to_dict
 from .backend import GenerationBackend, TorchBackend
-from .openai import OpenAIConfig
+from .openai import SERVED_KEYS, OpenAIConfig
 from .vllm import VLLMConfig
 
 __all__ = [
@@ -41,11 +41,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "vllm", "openai")
-#: settings that change what a backend samples (the rest: speed, memory, retries)
-_FINGERPRINT_KEYS = {
-    "vllm": ("dtype", "max_model_len"),
-    "openai": ("base_url", "model", "api", "extra_body"),
-}
+#: settings that change what a backend samples (the rest: speed, memory, retries, and a
+#: server's address: the same served model elsewhere samples the same)
+_FINGERPRINT_KEYS = {"vllm": ("dtype", "max_model_len"), "openai": SERVED_KEYS}
 
 
 def _help(text: str) -> dict[str, str]:
