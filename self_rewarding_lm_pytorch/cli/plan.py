@@ -34,9 +34,9 @@ from ..memory_plan import (
 STRATEGY_NAMES = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
 NOTES = (
     "ZeRO-2 = DeepSpeed stage 2 / FSDP SHARD_GRAD_OP; ZeRO-3 = stage 3 / FSDP FULL_SHARD. "
-    "srlm run samples candidates and judgements on the unwrapped model, which needs whole "
-    "weights on every rank: ZeRO-3 rows count them gathered for sampling, but srlm run "
-    "supports ZeRO-2 / SHARD_GRAD_OP today (docs/cli.md, DeepSpeed and FSDP).",
+    "With the torch backend srlm run samples with whole weights on every rank: ZeRO-3 rows "
+    "(accelerate.shard_parameters) count them gathered for sampling; with vLLM the engine "
+    "holds its own copy (docs/cli.md, DeepSpeed and FSDP).",
     "adamw8bit rows: a stage's trainer: {optimizer: adamw8bit} (bitsandbytes' AdamW8bit, "
     "pip install 'self-rewarding-lm-pytorch[bnb]'); adamw rows: torch.optim.AdamW. Every "
     "row assumes all stages use its optimizer.",
