@@ -90,6 +90,19 @@ def test_vllm_refuses_an_x_transformers_policy_before_any_work(tmp_path):
     _trainer(tmp_path / "run2", [SFTStage()], backend="vllm")
 
 
+def test_vllm_under_several_processes_is_refused_before_any_work(tmp_path, monkeypatch):
+    """vLLM's data-parallel engines step together, and the ranks' sampling rounds differ
+    (a rank without a chunk, judge calls of other sizes): refused, never a wait."""
+    pytest.importorskip("transformers")
+    from self_rewarding_lm_pytorch.hf import build_tiny_model, load_model
+
+    model = load_model(build_tiny_model(tmp_path / "m", hidden_size=32, num_heads=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"several processes \(WORLD_SIZE=2\).*backend: torch"):
+        _trainer(tmp_path / "run", [_dpo()], model=model, backend="vllm")
+    assert not (tmp_path / "run").exists()
+
+
 def test_vllm_not_installed_names_the_install_command(tmp_path):
     pytest.importorskip("transformers")
     try:

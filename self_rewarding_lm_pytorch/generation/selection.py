@@ -33,6 +33,7 @@ __all__ = [
     "build_backend",
     "check_generation_override",
     "check_servable",
+    "check_single_process",
     "merge_generation",
     "resolve_backend",
     "usage_delta",
@@ -177,11 +178,26 @@ def backend_fingerprint(backend: BackendConfig | GenerationBackend) -> dict[str,
     }
 
 
+def check_single_process(config: BackendConfig, where: str = "generation") -> None:
+    """Refuse vLLM under several processes: one in-process engine per rank forms a
+    data-parallel group whose engines must step together, while the ranks' sampling
+    rounds differ (a rank without a chunk, judge calls of other sizes), so they would wait
+    on each other for ever."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.backend == "vllm" and world > 1:
+        raise ConfigError(
+            f"{where}.backend: vllm under several processes (WORLD_SIZE={world}) is not "
+            "supported: the ranks' engines would wait on each other; run the sampling stages "
+            "in one process (e.g. without torchrun), or use backend: torch under torchrun"
+        )
+
+
 def check_servable(config: BackendConfig, model: nn.Module, where: str = "generation") -> None:
     """Refuse, before any work, a backend that cannot serve ``model`` (vLLM serves Hugging
     Face and PEFT models only) or that is not installed."""
     if config.backend != "vllm":
         return
+    check_single_process(config, where)
     from ..models import detect_kind, unwrap_model
 
     kind = detect_kind(unwrap_model(model))
@@ -242,10 +258,7 @@ def build_backend(
     )
     if tokenizer_dir is not None:
         kwargs["tokenizer"] = tokenizer_dir
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # torchrun / accelerate: one engine per rank, on the rank's own device
-        kwargs.setdefault("distributed_executor_backend", "external_launcher")
-        kwargs.setdefault("data_parallel_size", world)
+    check_single_process(config)
     if model is not None:
         from ..models import is_peft_model, unwrap_model
 

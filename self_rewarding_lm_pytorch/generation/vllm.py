@@ -363,8 +363,6 @@ class VLLMBackend:
                 "save_checkpoint (or save_pretrained) for this model"
             )
         engine = self._engine()
-        if not self._reload_in_place:
-            self._refuse_restart_under_launcher(folder)
         self._drop_adapter()
         try:
             if self._reload_in_place:
@@ -379,16 +377,6 @@ class VLLMBackend:
                 f"({exc}); the checkpoint must be a Hugging Face model of the same architecture "
                 "(save_checkpoint of the model this backend serves)"
             ) from exc
-
-    def _refuse_restart_under_launcher(self, folder: Path) -> None:
-        """On CPU new weights need a new engine, and in vLLM 0.30 a second engine start
-        under ``external_launcher`` (one engine per rank) never finishes: refuse, not hang."""
-        if self._kwargs.get("distributed_executor_backend") == "external_launcher":
-            raise RuntimeError(
-                f"vLLM on CPU under several processes cannot restart its engines to serve "
-                f"{folder}; the checkpoint is saved: rerun the same command to resume (a new "
-                "launch starts the engines from the latest checkpoint), or run on one process"
-            )
 
     def load_adapter(self, adapter_dir: str | Path) -> None:
         """Serve the PEFT LoRA adapter in ``adapter_dir`` on the base model (a new adapter id
