@@ -279,6 +279,13 @@ def score(prompt, response):
 '''
 
 
+def _as_from_a_terminal() -> None:
+    """A command started from a shell gets Ctrl-C: SIGINT neither ignored nor blocked (a
+    test worker may have inherited either from the libraries it loaded)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_during_a_stage(tmp_path, monkeypatch):
     (tmp_path / "srlm_slow_judge.py").write_text(SLOW_JUDGE)
     cfg = yaml.safe_load(config_text())
@@ -309,7 +316,13 @@ def test_ctrl_c_during_a_stage(tmp_path, monkeypatch):
         "OMP_NUM_THREADS": "1",
     }
     command = [sys.executable, "-m", "self_rewarding_lm_pytorch.cli", "-q", "run", str(config)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_as_from_a_terminal,
+    )
     deadline = time.monotonic() + 120
     while not judging.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
