@@ -16,8 +16,8 @@ import torch
 
 from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
 from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
+from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS
 from self_rewarding_lm_pytorch.demo.config import (
-    ARMS,
     RandomJudge,
     demo_reward_config,
     quick_config,
