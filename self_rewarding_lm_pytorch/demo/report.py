@@ -237,6 +237,15 @@ def _last_label(arms: dict[str, Any]) -> str:
     return f"M{max((len(a['pct_fully_correct']) for a in arms.values()), default=1)}"
 
 
+def _other_arm_checks(checks: dict[str, Any], arms: Sequence[str]) -> list[str]:
+    """The bar check of every arm the issue does not name, one line each."""
+    return [
+        f"- {arm} gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(checks[f'{arm}_clears_bar'])}"
+        for arm in arms
+        if arm not in _NAMED_ARMS
+    ]
+
+
 def _checks_lines(summary: dict[str, Any]) -> list[str]:
     last = _last_label(summary["arms"])
     lines = [
@@ -260,12 +269,7 @@ def _checks_lines(summary: dict[str, Any]) -> list[str]:
         f"points): {_fmt(c['self_judge_kept'])}",
         f"- controls ordered at {last} (oracle >= self >= random): {_fmt(c['controls_ordered'])}",
     ]
-    lines += [
-        f"- {arm} gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(c[f'{arm}_clears_bar'])}"
-        for arm in summary["arms"]
-        if arm not in _NAMED_ARMS
-    ]
-    return lines
+    return lines + _other_arm_checks(c, summary["arms"])
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -487,12 +491,7 @@ def render_aggregate(agg: dict[str, Any]) -> str:
         f"- self-reward judge kept (mean change >= -{BAR_JUDGE_DROP:g}): {_fmt(c['self_judge_kept'])}",
         f"- controls ordered (mean {last}: oracle >= self >= random): {_fmt(c['controls_ordered'])}",
     ]
-    lines += [
-        f"- {arm} gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(c[f'{arm}_clears_bar'])}"
-        for arm in agg["arms"]
-        if arm not in _NAMED_ARMS
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + _other_arm_checks(c, agg["arms"]))
 
 
 def main(argv: list[str] | None = None) -> int:
