@@ -9,10 +9,12 @@ median over rounds.  Variants: the plain eager fp32 step with torch's AdamW (the
 trainer's optimizer) split into collate / forward / backward / clip / optimizer; AdamW
 ``foreach=True`` and ``fused=True``; bf16 autocast; ``torch.compile`` (its compile time
 reported apart); and the library's ``SFTTrainer`` itself (its per-step overhead over the
-bare loop).
+bare loop); and the plain step on the data with ``n_meta_eft`` meta-judge examples mixed
+in (their longer sequences set the batch's padded length).
 
     OMP_NUM_THREADS=1 python benchmarks/demo_sft_step.py              # 6 rounds of 8 steps
     OMP_NUM_THREADS=1 python benchmarks/demo_sft_step.py --rounds 3 --steps 4
+    OMP_NUM_THREADS=1 python benchmarks/demo_sft_step.py --skip-slow   # no bf16 / compile
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from self_rewarding_lm_pytorch.losses import nll_loss
 from self_rewarding_lm_pytorch.trainers import SFTTrainer
 
 
-def _examples(cfg: DemoConfig) -> list[SFTExample]:
+def _examples(cfg: DemoConfig, n_meta: int = 0) -> list[SFTExample]:
     tok = DemoTokenizer()
     pairs = [(e.prompt, e.response) for e in task.ift_data(cfg.n_ift, 0)]
     pairs += [(e.prompt, e.response) for e in task.eft_data(cfg.n_eft, 0, letters=True)]
+    pairs += [(e.prompt, e.response) for e in task.meta_eft_data(n_meta, 0)]
     out = []
     for p, r in pairs:
         ids = tok.encode(p)
@@ -78,9 +81,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=8, help="steps per variant per round")
+    p.add_argument("--n-meta", type=int, default=1000, help="meta-judge examples mixed in")
+    p.add_argument("--skip-slow", action="store_true", help="leave out bf16 and compile")
     args = p.parse_args()
     cfg = DemoConfig()
     examples = _examples(cfg)
+    with_meta = _examples(cfg, args.n_meta)
     rng = random.Random(0)
     lens = [len(e.input_ids) for e in examples]
     print(
@@ -92,13 +98,19 @@ def main() -> None:
         "plain (AdamW for-loop)": _Loop(cfg, adam={}),
         "AdamW foreach": _Loop(cfg, adam={"foreach": True}),
         "AdamW fused": _Loop(cfg, adam={"fused": True}),
-        "bf16 autocast": _Loop(cfg, adam={}, bf16=True),
-        "torch.compile": _Loop(cfg, adam={}, compile=True),
+        f"plain, {args.n_meta} meta-judge examples mixed in": _Loop(cfg, adam={}),
     }
-    t = time.process_time()
-    loops["torch.compile"].step(rng.sample(examples, cfg.sft_batch_size))  # compiles
-    loops["torch.compile"].step(rng.sample(examples, cfg.sft_batch_size))  # new shape
-    compile_s = time.process_time() - t
+    data = {name: examples for name in loops}
+    data[f"plain, {args.n_meta} meta-judge examples mixed in"] = with_meta
+    compile_s = None
+    if not args.skip_slow:
+        loops["bf16 autocast"] = _Loop(cfg, adam={}, bf16=True)
+        loops["torch.compile"] = _Loop(cfg, adam={}, compile=True)
+        data["bf16 autocast"] = data["torch.compile"] = examples
+        t = time.process_time()
+        loops["torch.compile"].step(rng.sample(examples, cfg.sft_batch_size))  # compiles
+        loops["torch.compile"].step(rng.sample(examples, cfg.sft_batch_size))  # new shape
+        compile_s = time.process_time() - t
     for loop in loops.values():
         loop.parts = dict.fromkeys(loop.parts, 0.0)
 
@@ -117,7 +129,7 @@ def main() -> None:
         for name, loop in loops.items():
             t = time.process_time()
             for _ in range(args.steps):
-                loop.step(rng.sample(examples, cfg.sft_batch_size))
+                loop.step(rng.sample(data[name], cfg.sft_batch_size))
             per_round[name].append((time.process_time() - t) / args.steps)
         t = time.process_time()
         trainer.step = 0
@@ -129,10 +141,11 @@ def main() -> None:
     for name, xs in per_round.items():
         m = statistics.median(xs)
         print(f"| {name} | {1000 * m:.1f} | {m / base:.2f} |")
-    print(
-        f"\ntorch.compile: {compile_s:.1f} CPU-s to compile (2 batches, dynamic shapes; "
-        "excluded from the per-step figure)"
-    )
+    if compile_s is not None:
+        print(
+            f"\ntorch.compile: {compile_s:.1f} CPU-s to compile (2 batches, dynamic shapes; "
+            "excluded from the per-step figure)"
+        )
     plain = loops["plain (AdamW for-loop)"].parts
     total = sum(plain.values())
     print(

@@ -19,6 +19,7 @@ from self_rewarding_lm_pytorch.demo import (
     count_parameters,
 )
 from self_rewarding_lm_pytorch.demo import task as T
+from self_rewarding_lm_pytorch.demo.config import DemoConfig
 from self_rewarding_lm_pytorch.models import Tokenizer, wrap_model
 
 # ---------------------------------------------------------------------- oracle
@@ -343,8 +344,8 @@ def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> Non
         wrong = T.parse_judgement(e.wrong, len(spec.criteria))
         diff = [c for c, a, b in zip(spec.criteria, right_v, wrong.verdicts) if a != b]
         assert diff == [e.flipped]  # exactly one verdict differs: the flipped criterion's
-        assert wrong.score == T.score_from_verdicts(wrong.verdicts) != T.score(
-            spec, e.task_response
+        assert (
+            wrong.score == T.score_from_verdicts(wrong.verdicts) != T.score(spec, e.task_response)
         )
         # the letters restated are the prompt's in both judgements (only a verdict differs)
         assert [c for c in e.wrong if c.isupper()] == [c for c in e.right if c.isupper()]
@@ -384,3 +385,6 @@ def test_meta_sets_are_seeded_and_held_out() -> None:
     assert all(T.prompt_split(e.task_prompt) == "train" for e in T.meta_eft_data(300, 2))
     with pytest.raises(ValueError, match="non-negative int"):
         T.meta_eft_data(-1, 0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"n_meta_eft must be an int >= 0 \(0 = off\)"):
+            DemoConfig(n_meta_eft=bad)  # type: ignore[arg-type]
