@@ -14,7 +14,7 @@ from ..generation import GenerationBackend, GenerationConfig, generate_text
 from ..pairs import anchored_pair
 from .stages import PreferenceStage
 
-__all__ = ["add_anchors", "anchored_pairs_of"]
+__all__ = ["add_anchors", "anchored_choice"]
 
 
 def add_anchors(
@@ -53,9 +53,10 @@ def add_anchors(
             record["anchor_oracle_scores"] = [oracle(record["prompt"], x) for x in rs]
 
 
-def anchored_pairs_of(record: dict, stage: PreferenceStage) -> list[dict]:
-    """The record's anchored pair (at most one, TRL columns + scores): the best policy
-    candidate against the worst candidate of the frozen model ``stage.rejected_from``."""
+def anchored_choice(record: dict, stage: PreferenceStage) -> list[tuple[int, int]]:
+    """The record's anchored ``(chosen, rejected)`` pair, at most one: the best policy
+    candidate (an index into ``responses``) against the worst candidate of the frozen
+    model ``stage.rejected_from`` (an index into ``anchor_responses``)."""
     pair = anchored_pair(
         record["responses"],
         record["scores"],
@@ -65,21 +66,4 @@ def anchored_pairs_of(record: dict, stage: PreferenceStage) -> list[dict]:
         margin=stage.pair_margin,
         length_tolerance=stage.length_tolerance,
     )
-    if pair is None:
-        return []
-    c, r = pair
-    return [
-        {
-            "id": f"{record['id']}/{c}-anchor{r}",
-            "prompt_id": record["id"],
-            "prompt": record["prompt"],
-            "chosen": record["responses"][c],
-            "rejected": record["anchor_responses"][r],
-            "chosen_index": c,
-            "rejected_index": r,
-            "chosen_from": "policy",
-            "rejected_from": stage.rejected_from,
-            "score_chosen": record["scores"][c],
-            "score_rejected": record["anchor_scores"][r],
-        }
-    ]
+    return [] if pair is None else [pair]

@@ -23,7 +23,7 @@ from ..models import Tokenizer
 from ..pairs import select_pairs
 from ..store import JsonlStore, atomic_write_json
 from ..utils import derive_seed, make_generator
-from .anchors import add_anchors, anchored_pairs_of
+from .anchors import add_anchors, anchored_choice
 from .report import candidate_stats
 from .stages import START_AFRESH, PreferenceStage, _stage_slug
 
@@ -355,26 +355,33 @@ def pairs_of(record: dict, stage: PreferenceStage, room: int) -> list[dict]:
     """At most ``room`` preference pairs from one judged record (TRL columns + scores)."""
     if room <= 0:
         return []
-    if "anchor_responses" in record:
-        return anchored_pairs_of(record, stage)
-    chosen_rejected = select_pairs(
-        record["responses"],
-        record["scores"],
-        strategy=stage.pair_strategy,
-        margin=stage.pair_margin,
-        length_tolerance=stage.length_tolerance,
+    # anchored (rejected_from): the rejected side is the frozen model's candidates
+    anchored = "anchor_responses" in record
+    side, tag = ("anchor_", "anchor") if anchored else ("", "")
+    origin = {"chosen_from": "policy", "rejected_from": stage.rejected_from} if anchored else {}
+    chosen_rejected = (
+        anchored_choice(record, stage)
+        if anchored
+        else select_pairs(
+            record["responses"],
+            record["scores"],
+            strategy=stage.pair_strategy,
+            margin=stage.pair_margin,
+            length_tolerance=stage.length_tolerance,
+        )
     )
     return [
         {
-            "id": f"{record['id']}/{c}-{r}",
+            "id": f"{record['id']}/{c}-{tag}{r}",
             "prompt_id": record["id"],
             "prompt": record["prompt"],
             "chosen": record["responses"][c],
-            "rejected": record["responses"][r],
+            "rejected": record[f"{side}responses"][r],
             "chosen_index": c,
             "rejected_index": r,
+            **origin,
             "score_chosen": record["scores"][c],
-            "score_rejected": record["scores"][r],
+            "score_rejected": record[f"{side}scores"][r],
         }
         for c, r in chosen_rejected[:room]
     ]

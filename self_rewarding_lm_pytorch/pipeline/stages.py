@@ -203,11 +203,11 @@ class PreferenceStage:
     )
     rejected_from: str = field(
         default="policy",
-        metadata={"help": "rejected responses from: policy, initial or an earlier stage's model"},
+        metadata={"help": "rejected responses from 'policy', 'initial' or an earlier stage"},
     )
     judge_model: str = field(
         default="policy",
-        metadata={"help": "the self judge samples with: policy, initial or an earlier stage"},
+        metadata={"help": "the self judge samples 'policy', 'initial' or an earlier stage"},
     )
     judge_health: JudgeHealthConfig | None = field(
         default=None,
