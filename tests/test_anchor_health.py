@@ -174,6 +174,9 @@ def test_judge_model_samples_the_frozen_weights(tmp_path):
     report = _trainer(tmp_path, stages, reward_prompt_config=REWARD, max_seq_len=256).run()
     records = read_jsonl(tmp_path / "02-self-reward-dpo" / "candidates.jsonl")
     assert _record_texts(records) == _judge_texts(tiny_model(max_seq_len=256), records)
+    # a later stage with health settings keeps the frozen judge (measured healthy with it)
+    assert third["judge_model"] == "initial" and third["judge_health"]["decision"] == "ok"
+    assert "frozen by stage 02-self-reward-dpo" in third["judge_reason"]
     policy = _weights(tmp_path, "01-external-reward-dpo", 256)  # the live policy's weights
     assert _record_texts(records) != _judge_texts(policy, records)
     assert report["stages"][1]["judge_model"] == "initial"
@@ -184,9 +187,9 @@ def test_freeze_judges_with_the_last_healthy_stages_model(tmp_path):
     def health(min_accuracy):
         return {"rows": "ranked", "min_accuracy": min_accuracy, "action": "freeze"}
 
-    stages = [_self_stage(judge_health=health(0.0)), _self_stage(judge_health=health(1.0))]
+    stages = [_self_stage(judge_health=health(m)) for m in (0.0, 1.0, 0.0)]
     report = _trainer(tmp_path, stages, reward_prompt_config=REWARD, max_seq_len=256).run()
-    first, second = report["stages"]
+    first, second, third = report["stages"]
     assert first["judge_model"] == "initial" and first["judge_health"]["decision"] == "ok"
     assert second["judge_health"]["decision"] == "freeze"
     assert second["judge_health"]["accuracy"] < 1.0
@@ -201,6 +204,9 @@ def test_freeze_judges_with_the_last_healthy_stages_model(tmp_path):
     assert stats["judge_health"]["judge_model"] == "initial"
     records = read_jsonl(tmp_path / "02-self-reward-dpo" / "candidates.jsonl")
     assert _record_texts(records) == _judge_texts(tiny_model(max_seq_len=256), records)
+    # a later stage with health settings keeps the frozen judge (measured healthy with it)
+    assert third["judge_model"] == "initial" and third["judge_health"]["decision"] == "ok"
+    assert "frozen by stage 02-self-reward-dpo" in third["judge_reason"]
 
 
 def _row_judge(calls):

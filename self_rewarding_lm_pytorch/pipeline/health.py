@@ -193,6 +193,11 @@ def check_health(
         "judge_model": judge_model,
         "frozen": bool(frozen),
     }
+    if frozen and why is None:
+        record["reason"] = (
+            f"judged with {judge_model!r}, frozen by stage {frozen['stage']} (judge_health "
+            "action: freeze); measured healthy"
+        )
     if why is not None and config.action == "freeze":
         healthy = [e for e in earlier if e.get("healthy")]
         if healthy:
