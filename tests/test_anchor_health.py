@@ -174,9 +174,6 @@ def test_judge_model_samples_the_frozen_weights(tmp_path):
     report = _trainer(tmp_path, stages, reward_prompt_config=REWARD, max_seq_len=256).run()
     records = read_jsonl(tmp_path / "02-self-reward-dpo" / "candidates.jsonl")
     assert _record_texts(records) == _judge_texts(tiny_model(max_seq_len=256), records)
-    # a later stage with health settings keeps the frozen judge (measured healthy with it)
-    assert third["judge_model"] == "initial" and third["judge_health"]["decision"] == "ok"
-    assert "frozen by stage 02-self-reward-dpo" in third["judge_reason"]
     policy = _weights(tmp_path, "01-external-reward-dpo", 256)  # the live policy's weights
     assert _record_texts(records) != _judge_texts(policy, records)
     assert report["stages"][1]["judge_model"] == "initial"
