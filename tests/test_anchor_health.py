@@ -114,7 +114,9 @@ def test_anchored_rejection_samples_the_frozen_model_and_pairs_best_vs_worst(tmp
         quick_preference(trainer=TRAIN, rejected_from="initial", pair_margin=0.5),
         quick_preference(trainer=TRAIN, rejected_from="01-external-reward-dpo"),
     ]
-    _trainer(tmp_path, stages, oracle=lambda p, r: float(len(r))).run()
+    trainer = _trainer(tmp_path, stages, oracle=lambda p, r: float(len(r)))
+    trainer.run()
+    assert trainer.snapshots._loaded == {}  # no later stage needs one: every frozen model freed
     anchors = {2: tiny_model(), 3: _weights(tmp_path, "01-external-reward-dpo")}
     for index, anchor in anchors.items():
         folder = tmp_path / f"0{index}-external-reward-dpo"
@@ -254,6 +256,9 @@ def test_max_drop_compares_with_the_best_earlier_accuracy(tmp_path):
         check_health("c", config, tmp_path, earlier, "b", lambda: measured)
     record = check_health("c", config, tmp_path, earlier[1:], "b", lambda: measured)
     assert record["healthy"] and record["judge_model"] == "b"
+    freeze = JudgeHealthConfig(rows="ranked", min_accuracy=0.9, action="freeze")
+    with pytest.raises(JudgeHealthError, match="no earlier stage measured healthy"):
+        check_health("c", freeze, tmp_path / "c", [], "initial", lambda: measured)
 
 
 def test_plan_refuses_bad_references():
@@ -289,6 +294,8 @@ def test_unsupported_setups_are_refused_before_any_work(tmp_path):
     stage = quick_preference(rejected_from="initial")
     with pytest.raises(ConfigError, match="sample frozen models with the torch engine"):
         _trainer(tmp_path, [stage], backend=DelegatingBackend(tiny_model()))
+    with pytest.raises(ConfigError, match="which a sharded run"):
+        _trainer(tmp_path, [stage], shard_parameters=True)
     health = quick_preference(judge_health={"prompts": "prompts", "min_accuracy": 0.5})
     with pytest.raises(ConfigError, match="judge_health.prompts: measuring the judge"):
         _trainer(tmp_path, [health])
