@@ -115,12 +115,21 @@ def measure(
     oracle: Callable[[str, str], float] | None,
     seed: int,
     device: Any,
+    budgets: Callable[[list[str]], list[int]] | None = None,
 ) -> dict[str, Any]:
     """The judge's pairwise accuracy: on ``data`` prompts (``backend``'s candidates, seeded
-    by ``seed``, against ``oracle``) or on ``data`` rows (against their human ranks)."""
+    by ``seed``, against ``oracle``; ``budgets(prompts)``: each one's limit on new tokens)
+    or on ``data`` rows (against their human ranks)."""
     generator = make_generator(seed, device)
     if config.prompts is not None:
-        responses = generate_text(backend, tokenizer, data, gen_config, generator=generator)
+        responses = generate_text(
+            backend,
+            tokenizer,
+            data,
+            gen_config,
+            generator=generator,
+            max_new_tokens_per_prompt=budgets(data) if budgets is not None else None,
+        )
         items = [(p, r, g) for g, (p, rs) in enumerate(zip(data, responses)) for r in rs]
         gold = [float(oracle(p, r)) for p, r, _ in items]  # type: ignore[misc]
     else:

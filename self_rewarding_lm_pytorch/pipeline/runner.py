@@ -34,7 +34,7 @@ from .backends import StageSamplers
 from .health import check_oracle, stage_health
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
-from .preference import PairBuilder, candidate_config, prompts_tried
+from .preference import PairBuilder, candidate_config, prompt_budgets, prompts_tried
 from .report import config_yaml, write_report
 from .rundir import (
     check_fingerprints,
@@ -573,6 +573,15 @@ class SelfRewardingTrainer:
             oracle=self.oracle,
             seed=derive_seed(self.seed, index, "judge_health"),
             device=self.lm.device,
+            budgets=lambda prompts: prompt_budgets(
+                name,
+                stage,
+                prompts,
+                config.prompts,
+                self.tokenizer,
+                self.lm.max_seq_len,
+                self.preference_max_seq_len,
+            ),
         )
 
     def _judge_for(
