@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+from .snapshots import check_references
 from .stages import (
     GENERATED_EFT,
     EFTBuildStage,
@@ -41,7 +42,9 @@ def datasets_of(stage: Stage) -> list[str]:
         return [stage.dataset]
     if isinstance(stage, PromptGenerationStage):
         return [stage.seed_dataset]
-    return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
+    health = stage.judge_health
+    health_data = [health.prompts, health.rows] if health is not None else []
+    return [n for n in (stage.prompts, stage.replay, *health_data) if n not in (None, "generated")]
 
 
 @dataclass(frozen=True)
@@ -182,3 +185,9 @@ def check_plan(
                         f"{v.setting('kind', 'self_reward_dpo')}"
                     )
                 raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
+            if stage.judge_health is not None:
+                for key in ("prompts", "rows"):
+                    ds = getattr(stage.judge_health, key)
+                    if ds is not None:
+                        need(ds, i, name, f"judge_health.{key}")
+    check_references(stages, plan_names(stages), pre, v.key)

@@ -29,10 +29,12 @@ from ..store import (
 )
 from ..trainers.checkpoint import load_checkpoint
 from ..trainers.sharding import gathered, is_sharded, load_full_state_dict, shard_model
+from ..utils import derive_seed
 from .backends import StageSamplers
+from .health import check_oracle, stage_health
 from .inputs import StageInputs
 from .plan import check_plan, datasets_of, plan_names
-from .preference import PairBuilder, prompts_tried
+from .preference import PairBuilder, candidate_config, prompt_budgets, prompts_tried
 from .report import config_yaml, write_report
 from .rundir import (
     check_fingerprints,
@@ -42,6 +44,7 @@ from .rundir import (
     stage_fingerprint,
 )
 from .seed_api import seed_stages
+from .snapshots import POLICY, Snapshots, capture_base, check_support, needs_base, policy_reference
 from .stages import (
     GENERATED_EFT,
     SAMPLING_STAGES,
@@ -204,15 +207,16 @@ class SelfRewardingTrainer:
                 UserWarning,
                 stacklevel=2,
             )
-        #: for SFT stages with init="base": the trainable weights the run started from, on
-        #: CPU (frozen ones, e.g. a LoRA model's base, never change)
-        self._base_weights = None
-        if any(isinstance(s, SFTStage) and s.init == "base" for s in self.stages):
-            self._base_weights = {
-                k: p.detach().to("cpu", copy=True)
-                for k, p in self.model.named_parameters()
-                if p.requires_grad
-            }
+        #: for SFT stages with init="base" and references to "initial": the trainable
+        #: weights the run started from, on CPU
+        self._base_weights = capture_base(self.model) if needs_base(self.stages) else None
+        #: frozen earlier models (rejected_from, judge_model, a frozen judge)
+        self.snapshots = Snapshots(self.model, lambda: self._base_weights, self.run_dir)
+        self._finished: dict[str, dict] = {}
+        check_support(
+            self.stages, self._plan(), shard_parameters, lambda s, n: self.samplers.config_of(s, n)
+        )
+        check_oracle(self.stages, self._plan(), oracle)
         self._accelerator = None
         self._lock = RunLock(self.run_dir)
         self._run_open = False
@@ -413,6 +417,7 @@ class SelfRewardingTrainer:
         plan = self._plan()
         main = self.accelerator.is_main_process
         finished = {r["stage"]: r for r in state["finished"]}
+        self._finished = finished  # what frozen references load
         last_ckpt = None
         for name in plan:
             if name in finished and finished[name].get("checkpoint"):
@@ -438,6 +443,7 @@ class SelfRewardingTrainer:
             state["finished"].append(record)
             self._save_state(state)
             finished[name] = record
+            self.snapshots.release(self.snapshots.keep_for(self.stages[index + 1 :]))
         return write_report(self.run_dir, state["finished"], main=main)
 
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
@@ -494,6 +500,14 @@ class SelfRewardingTrainer:
             else self._inputs.prompts(stage.prompts)
         )
         name = self._plan()[index]
+        own = self._judge_model(index, stage)
+        health = None
+        if stage.judge_health is not None:  # measured before anything is judged
+            health = self._judge_health(index, stage, stage_dir, sampler, own)
+        judge_model = health["judge_model"] if health else own
+        anchor = None
+        if stage.rejected_from != POLICY:
+            anchor = self.snapshots.backend(stage.rejected_from, self._finished)
         builder = PairBuilder(
             name=name,
             index=index,
@@ -502,27 +516,94 @@ class SelfRewardingTrainer:
             backend=sampler,
             device=self.lm.device,
             tokenizer=self.tokenizer,
-            judge=self._judge_for(stage, sampler),
+            judge=self._judge_for(stage, sampler, self._frozen(index, judge_model)),
             accelerator=self.accelerator,
             seed=self.seed,
             oracle=self.oracle,
             progress=self.progress,
+            anchor=anchor,
+            health=health,
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
         with gathered(self.model):  # the ranks sample different chunks: no collectives
             pairs = builder.build(prompts, budgets)
         self.samplers.pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
-        return ctx.run_dpo(stage, stage_dir, pairs, replay)
+        result = ctx.run_dpo(stage, stage_dir, pairs, replay)
+        if stage.judge == "self":  # which model judged, and why
+            result["judge_model"] = judge_model
+            result["judge_reason"] = (
+                health["reason"]
+                if health and health["frozen"]
+                else f"judge_model: {stage.judge_model}"
+            )
+        if health is not None:
+            result["judge_health"] = {k: health[k] for k in ("accuracy", "pairs", "decision")}
+        return result
 
-    def _judge_for(self, stage: PreferenceStage, backend: GenerationBackend | None = None):
+    def _judge_model(self, index: int, stage: PreferenceStage) -> str:
+        """The model the stage's self judge samples with: ``judge_model`` resolved ("policy"
+        is the latest earlier checkpoint's stage, or "initial")."""
+        current = policy_reference(self._plan(), self._finished, index)
+        return current if stage.judge_model == POLICY else stage.judge_model
+
+    def _frozen(self, index: int, model: str) -> str | None:
+        """``model``, or None when it is the weights the live policy holds at stage ``index``."""
+        return None if model == policy_reference(self._plan(), self._finished, index) else model
+
+    def _judge_health(self, index, stage, stage_dir, sampler, own: str) -> dict:
+        """Measure the judge the stage is about to use (:mod:`.health`); may raise."""
+        config, name = stage.judge_health, self._plan()[index]
+        return stage_health(
+            name,
+            config,
+            stage_dir,
+            [self._stage_dir(j, s) for j, s in enumerate(self.stages[:index])],
+            own,
+            judge_for=lambda model: self._judge_for(stage, sampler, self._frozen(index, model)),
+            data=lambda: (
+                self._inputs.prompts(config.prompts)
+                if config.prompts is not None
+                else self._inputs.rows(config.rows, stage=name)
+            ),
+            main=self.accelerator.is_main_process,
+            backend=sampler,
+            tokenizer=self.tokenizer,
+            gen_config=candidate_config(stage, self.tokenizer.eos_id),
+            oracle=self.oracle,
+            seed=derive_seed(self.seed, index, "judge_health"),
+            device=self.lm.device,
+            budgets=lambda prompts: prompt_budgets(
+                name,
+                stage,
+                prompts,
+                config.prompts,
+                self.tokenizer,
+                self.lm.max_seq_len,
+                self.preference_max_seq_len,
+            ),
+        )
+
+    def _judge_for(
+        self,
+        stage: PreferenceStage,
+        backend: GenerationBackend | None = None,
+        model: str | None = None,
+    ):
         """The stage's judge; the self judge samples through ``backend`` (the stage's
-        sampler; the torch engine when not given, as in the pre-flight checks)."""
+        sampler; the torch engine when not given, as in the pre-flight checks), or with
+        the frozen weights of ``model`` (a reference) when it is not the live policy's."""
         if stage.judge != "self":
             judge = self.judges[stage.judge]
             return judge if hasattr(judge, "score") else CallableJudge(judge)
         settings = stage.judge_settings
         backend = self.backend if backend is None else backend
+        if model is not None:
+            frozen = self.snapshots.lm(model, self._finished)
+            sampler = frozen if settings.engine_options() else TorchBackend(frozen)
+            return LLMJudge(
+                sampler, self.tokenizer, self.reward_config, **dataclasses.asdict(settings)
+            )
         # settings that configure the torch engine need a judge engine of their own, over
         # the same live module
         torch_engine = backend is self.backend

@@ -20,6 +20,7 @@ from ..config import ConfigError, from_dict, renamed_key
 from ..generation.selection import check_generation_override
 from ..judge import JudgeConfig
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
+from .health import JudgeHealthConfig
 
 __all__ = [
     "SAMPLING_STAGES",
@@ -200,6 +201,18 @@ class PreferenceStage:
         default_factory=dict,
         metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
     )
+    rejected_from: str = field(
+        default="policy",
+        metadata={"help": "rejected responses from 'policy', 'initial' or an earlier stage"},
+    )
+    judge_model: str = field(
+        default="policy",
+        metadata={"help": "the self judge samples 'policy', 'initial' or an earlier stage"},
+    )
+    judge_health: JudgeHealthConfig | None = field(
+        default=None,
+        metadata={"help": "measure the judge before judging; stop or freeze when unhealthy"},
+    )
 
     # keys of earlier versions, now under judge_settings: refused, naming the new key
     _renamed_keys: ClassVar[dict[str, str]] = {
@@ -215,6 +228,8 @@ class PreferenceStage:
         _plain_trainer(self)
         if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
             self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
+        if isinstance(self.judge_health, dict):  # judge_health={"rows": "eft_heldout", ...}
+            self.judge_health = from_dict(JudgeHealthConfig, self.judge_health, path="judge_health")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
@@ -296,10 +311,28 @@ class PreferenceStage:
                     _did_you_mean(self.pair_strategy, PAIR_STRATEGIES)
                     or "use e.g. best_worst (the paper's rule)",
                 ),
+                (
+                    self.rejected_from == "policy"
+                    or self.pair_strategy in ("best_worst", "length_aware"),
+                    "pair_strategy",
+                    "be best_worst or length_aware with rejected_from (one pair per prompt: "
+                    "the best policy candidate against the worst anchor candidate)",
+                    "remove pair_strategy or rejected_from",
+                ),
+                (
+                    self.judge_health is None
+                    or self.judge_health.action == "stop"
+                    or self.judge == "self",
+                    "judge_health.action",
+                    "be stop with an external judge (freeze switches the self judge's weights)",
+                    "use action: stop, or judge: self",
+                ),
             ],
         )
         js.validate("judge_settings")  # its other keys (mode, batch_size, ...)
         check_generation_override(self.generation, "generation")
+        if self.judge_health is not None:
+            self.judge_health.validate()
 
 
 @dataclass
@@ -400,7 +433,7 @@ _FREE_STAGE_KEYS = ("min_parse_rate",)
 _FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
 # a preference stage's judge settings: when only these change in an unfinished stage,
 # its candidates are judged again instead of refused
-_JUDGE_KEYS = ("judge", "judge_settings")
+_JUDGE_KEYS = ("judge", "judge_settings", "judge_model")
 STAGE_TYPES: dict[str, type] = {
     "sft": SFTStage,
     "spin": SPINStage,
