@@ -31,6 +31,7 @@ from ..trainers.checkpoint import load_checkpoint
 from ..trainers.sharding import gathered, is_sharded, load_full_state_dict, shard_model
 from .backends import StageSamplers
 from .inputs import StageInputs
+from .meta import build_judge_pairs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, prompts_tried
 from .report import config_yaml, write_report
@@ -47,6 +48,7 @@ from .stages import (
     SAMPLING_STAGES,
     START_AFRESH,
     EFTBuildStage,
+    MetaRewardStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -509,11 +511,16 @@ class SelfRewardingTrainer:
             progress=self.progress,
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
+        meta = isinstance(stage, MetaRewardStage)
         with gathered(self.model):  # the ranks sample different chunks: no collectives
             pairs = builder.build(prompts, budgets)
+            judge_pairs = build_judge_pairs(builder, pairs) if meta else []
         self.samplers.pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
-        return ctx.run_dpo(stage, stage_dir, pairs, replay)
+        record = ctx.run_dpo(stage, stage_dir, pairs + judge_pairs, replay)
+        if meta:  # the model also judged its own judgements (Meta-Rewarding)
+            record["judge_pairs"] = str((stage_dir / "judge_pairs.jsonl").relative_to(self.run_dir))
+        return record
 
     def _judge_for(self, stage: PreferenceStage, backend: GenerationBackend | None = None):
         """The stage's judge; the self judge samples through ``backend`` (the stage's
