@@ -564,7 +564,7 @@ class MetaRewardStage(PreferenceStage):
                     self.judge == "self",
                     "judge",
                     "be 'self' (the meta-judge is the policy, judging its own judgements)",
-                    "remove the key, or use kind: external_reward_dpo for an external judge",
+                    "remove the key (an external judge belongs in an external_reward_dpo stage)",
                 ),
                 (
                     js.mode == "mean",
