@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_eft_stage import ScriptedJudgeBackend
 from tiny import char_tokenizer, tiny_model
 
 from self_rewarding_lm_pytorch.config import ConfigError, load_run_config
@@ -90,7 +91,7 @@ def test_meta_templates_parse_compact_and_default_verdicts():
         MetaJudgeTemplate(prompt_template="{{ prompt }}{{ response }}{{ judgement_a }}")
 
 
-class ScriptedPolicy:
+class ScriptedPolicy(ScriptedJudgeBackend):  # its other protocol methods: stubs
     """A generation backend playing the three roles by the prompt it gets: a candidate
     ``ans<d>``; a judgement ``n<d> Score: <d % 4>`` (``d`` drawn from the request's
     generator, so the files show its seeding); a meta-verdict naming the judgement with the
@@ -131,15 +132,6 @@ class ScriptedPolicy:
                     reply = f"ans{d}"
                 out.append(self.tok.encode(reply))
         return GenerationOutput(sequences=out, finish_reasons=["eos"] * len(out))
-
-    def next_token_logprobs(self, sequences, token_ids):
-        raise NotImplementedError
-
-    def load_weights(self, checkpoint) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def meta_stage(**kw) -> MetaRewardStage:
@@ -314,3 +306,16 @@ def test_the_example_yaml_runs_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["stages"][0]["judge_pairs"] == "01-meta-reward-dpo/judge_pairs.jsonl"
     assert (stage / "checkpoint").is_dir()
+
+
+def test_a_judge_change_sets_the_meta_files_aside(tmp_path):
+    with pytest.raises(RuntimeError, match="scripted crash"):
+        run_meta(tmp_path, ScriptedPolicy(crash_at=2))  # 4 judgements per response
+    three = JudgeConfig(num_samples=3, max_new_tokens=16)
+    run_meta(tmp_path, ScriptedPolicy(), judge_settings=three)
+    stage = tmp_path / "01-meta-reward-dpo"
+    old = read(stage / "stale-judge-1" / "meta_judgements.jsonl")
+    assert old and max(i for m in old for i in m["judgement_indices"]) == 3
+    new = read(stage / "meta_judgements.jsonl")
+    assert new and max(i for m in new for i in m["judgement_indices"]) <= 2
+    assert all(p["chosen_index"] <= 2 for p in read(stage / "judge_pairs.jsonl"))
