@@ -7,8 +7,10 @@ resume to the same bytes, validation, and ``srlm run`` of the example."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +35,8 @@ from self_rewarding_lm_pytorch.judge.meta import (
 from self_rewarding_lm_pytorch.pipeline import MetaRewardStage, SelfRewardingTrainer
 from self_rewarding_lm_pytorch.pipeline.meta import balance_by_score, cap_share
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "meta_rewarding.yaml"
+HERE = Path(__file__).parent
+EXAMPLE = HERE.parent / "examples" / "meta_rewarding.yaml"
 REWARD = RewardConfig(
     prompt_template="judge {{ prompt }} => {{ response }} :",
     reward_regex_template="Score: {{ reward }}",
@@ -44,6 +47,9 @@ META = MetaJudgeTemplate(
     labels=("A", "B", "="),
 )
 PROMPTS = [f"q{i}" for i in range(8)]
+#: the two-process run's pairs: every prompt (4 chunks, 2 rounds of 2 ranks), so one
+#: process judges the same prompts as two (a round is never cut short by the target)
+DDP_STAGE = {"num_preference_pairs": 8}
 
 
 def neg_log_likelihood(theta: torch.Tensor, battles: np.ndarray, prior: float) -> torch.Tensor:
@@ -319,3 +325,21 @@ def test_a_judge_change_sets_the_meta_files_aside(tmp_path):
     new = read(stage / "meta_judgements.jsonl")
     assert new and max(i for m in new for i in m["judgement_indices"]) <= 2
     assert all(p["chosen_index"] <= 2 for p in read(stage / "judge_pairs.jsonl"))
+
+
+def test_two_processes_write_the_files_of_one(tmp_path):
+    run_meta(tmp_path / "one", ScriptedPolicy(), **DDP_STAGE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(port), str(HERE / "meta_ddp_job.py"), str(tmp_path / "two")]
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    calls = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert all(c["meta_calls"] > 0 for c in calls), calls  # both ranks meta-judged chunks
+    for name in ("candidates.jsonl", "pairs.jsonl", "meta_judgements.jsonl", "judge_pairs.jsonl"):
+        one = (tmp_path / "one" / "01-meta-reward-dpo" / name).read_bytes()
+        assert (tmp_path / "two" / "run" / "01-meta-reward-dpo" / name).read_bytes() == one, name

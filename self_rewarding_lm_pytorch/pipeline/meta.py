@@ -205,23 +205,17 @@ def build_judge_pairs(builder: Any, actor_pairs: list[dict]) -> list[dict]:
     """The judge pairs of the stage ``builder`` (a :class:`~.preference.PairBuilder` whose
     ``build`` finished) built: the meta-judge is the policy, sampled through the stage's
     backend with ``meta_judge_settings``; the judge prompt is rendered with the self judge's
-    reward config. The main process meta-judges and writes; every rank returns the pairs."""
+    reward config. With several processes the chunks are dealt round-robin to the ranks and
+    the main process appends every round's records in chunk order (the files do not depend
+    on the number of processes); every rank returns the pairs."""
     stage: MetaRewardStage = builder.stage
     stage_dir: Path = builder.stage_dir
     acc = builder.accelerator
-    path = stage_dir / "judge_pairs.jsonl"
-    if acc.is_main_process:
-        _write_judge_pairs(builder, stage, stage_dir, actor_pairs)
-    acc.wait_for_everyone()
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def _write_judge_pairs(
-    builder: Any, stage: MetaRewardStage, stage_dir: Path, actor_pairs: list[dict]
-) -> None:
-    records = JsonlStore(stage_dir / "candidates.jsonl").records
+    main = acc.is_main_process
+    records = JsonlStore(stage_dir / "candidates.jsonl", repair=False).records
     items, too_long = meta_items(records, stage)
-    store = JsonlStore(stage_dir / "meta_judgements.jsonl")
+    store = JsonlStore(stage_dir / "meta_judgements.jsonl", repair=main)  # one writer
+    acc.wait_for_everyone()
     done = store.ids
     meta_judge = MetaJudge(
         builder.backend,
@@ -237,18 +231,45 @@ def _write_judge_pairs(
         initial=len(items) - sum(len(chunks[c]) for c in todo),
         desc=f"{_stage_slug(stage)}: meta-judge",
         unit="response",
-        disable=not builder.progress,
+        disable=not (builder.progress and main),
     )
+    world, rank = acc.num_processes, acc.process_index
     try:
-        for c in todo:
-            generator = make_generator(
-                derive_seed(builder.seed, builder.index, "meta", c), builder.device
-            )
-            store.extend(_judge_chunk(meta_judge, chunks[c], c, generator))
-            bar.update(len(chunks[c]))
+        for start in range(0, len(todo), world):
+            mine = todo[start + rank] if start + rank < len(todo) else None
+            fresh = []
+            if mine is not None:
+                seed = derive_seed(builder.seed, builder.index, "meta", mine)
+                generator = make_generator(seed, builder.device)
+                fresh = _judge_chunk(meta_judge, chunks[mine], mine, generator)
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                parts = gather_object([fresh])
+                fresh = sorted((r for part in parts for r in part), key=lambda r: r["chunk"])
+            if main:
+                store.extend(fresh)
+            bar.update(len(fresh))
     finally:
         bar.close()
-    by_id = {m["id"]: m for m in store.records}
+    if main:
+        _write_judge_pairs(builder, stage, items, store.records, actor_pairs, too_long)
+    acc.wait_for_everyone()
+    path = stage_dir / "judge_pairs.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _write_judge_pairs(
+    builder: Any,
+    stage: MetaRewardStage,
+    items: list[dict],
+    metas: list[dict],
+    actor_pairs: list[dict],
+    too_long: int,
+) -> None:
+    """Pair, balance and cap; write ``judge_pairs.jsonl`` and the statistics."""
+    stage_dir: Path = builder.stage_dir
+    by_id = {m["id"]: m for m in metas}
     candidates = [_judge_pair(by_id[it["id"]], it, builder.judge.reward_config) for it in items]
     candidates = [p for p in candidates if p is not None]
     rng = random.Random(derive_seed(builder.seed, builder.index, "judge-pairs"))
@@ -257,9 +278,8 @@ def _write_judge_pairs(
     text = "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs)
     atomic_write_text(stage_dir / "judge_pairs.jsonl", text)
     stats = json.loads((stage_dir / "stats.json").read_text())
-    metas = [by_id[it["id"]] for it in items]
     extra = _stats(
-        metas,
+        [by_id[it["id"]] for it in items],
         pairs,
         len(actor_pairs),
         judgements_too_long=too_long,
