@@ -101,7 +101,7 @@ class ScriptedPolicy(ScriptedJudgeBackend):  # its other protocol methods: stubs
     """A generation backend playing the three roles by the prompt it gets: a candidate
     ``ans<d>``; a judgement ``n<d> Score: <d % 4>`` (``d`` drawn from the request's
     generator, so the files show its seeding); a meta-verdict naming the judgement with the
-    larger ``n`` (``consistent``) or always ``A`` (``biased``). It records the judge prompts
+    larger ``n`` (``consistent``), always ``A`` (``biased``) or no verdict (``mute``). It records the judge prompts
     (token ids) and raises on meta call ``crash_at`` (a crash mid-stage)."""
 
     max_seq_len = None
@@ -115,6 +115,8 @@ class ScriptedPolicy(ScriptedJudgeBackend):  # its other protocol methods: stubs
     def _verdict(self, text: str) -> str:
         if self.meta == "biased":
             return "A"
+        if self.meta == "mute":
+            return "hmm"
         a, b = (int(re.search(r"n(\d+)", part).group(1)) for part in text.split("|")[1:3])
         return "A" if a > b else "B" if b > a else "="
 
