@@ -345,3 +345,19 @@ def test_two_processes_write_the_files_of_one(tmp_path):
     for name in ("candidates.jsonl", "pairs.jsonl", "meta_judgements.jsonl", "judge_pairs.jsonl"):
         one = (tmp_path / "one" / "01-meta-reward-dpo" / name).read_bytes()
         assert (tmp_path / "two" / "run" / "01-meta-reward-dpo" / name).read_bytes() == one, name
+
+
+def test_battle_matrix_counts_samples_ties_and_expected_mode_probabilities():
+    sampled = {"verdicts_ab": ["a", "tie", None], "verdicts_ba": ["b", "a"]}
+    expected = {
+        "verdicts_ab": ["a"],
+        "verdicts_ba": ["b"],
+        "distribution_ab": {"a": 0.6, "b": 0.3, "tie": 0.1},
+        "distribution_ba": {"a": 0.2, "b": 0.7, "tie": 0.1},
+    }
+    b = battle_matrix(3, [(0, 2, sampled), (1, 2, expected)])
+    # sampled: a + a = 2 wins of 0 over 2, b = 1 of 2 over 0, the tie 1/2 each way
+    assert b[0, 2] == 2.5 and b[2, 0] == 1.5
+    # expected mode: each order adds p(a) + p(tie)/2 and p(b) + p(tie)/2
+    assert b[1, 2] == pytest.approx(0.65 + 0.25) and b[2, 1] == pytest.approx(0.35 + 0.75)
+    assert b.diagonal().sum() == 0 and b[0, 1] == b[1, 0] == 0
