@@ -317,15 +317,25 @@ def test_the_example_yaml_runs_end_to_end(tmp_path):
 
 
 def test_a_judge_change_sets_the_meta_files_aside(tmp_path):
+    def verdicts_per_order(metas: list[dict]) -> set[int]:
+        return {len(c["verdicts_ab"]) for m in metas for c in m["comparisons"]}
+
     with pytest.raises(RuntimeError, match="scripted crash"):
-        run_meta(tmp_path, ScriptedPolicy(crash_at=2))  # 4 judgements per response
-    three = JudgeConfig(num_samples=3, max_new_tokens=16)
-    run_meta(tmp_path, ScriptedPolicy(), judge_settings=three)
+        run_meta(tmp_path, ScriptedPolicy(crash_at=2))  # 4 judgements, 1 verdict per order
+    two = JudgeConfig(num_samples=2, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="scripted crash"):  # the meta-judge changed
+        run_meta(tmp_path, ScriptedPolicy(crash_at=2), meta_judge_settings=two)
+    three = JudgeConfig(num_samples=3, max_new_tokens=16)  # then the judge as well
+    run_meta(tmp_path, ScriptedPolicy(), judge_settings=three, meta_judge_settings=two)
     stage = tmp_path / "01-meta-reward-dpo"
-    old = read(stage / "stale-judge-1" / "meta_judgements.jsonl")
-    assert old and max(i for m in old for i in m["judgement_indices"]) == 3
+    first = read(stage / "stale-judge-1" / "meta_judgements.jsonl")
+    assert first and verdicts_per_order(first) == {1}
+    second = read(stage / "stale-judge-2" / "meta_judgements.jsonl")
+    assert second and verdicts_per_order(second) == {2}
+    assert max(i for m in second for i in m["judgement_indices"]) == 3  # 4 judgements
     new = read(stage / "meta_judgements.jsonl")
-    assert new and max(i for m in new for i in m["judgement_indices"]) <= 2
+    assert new and verdicts_per_order(new) == {2}
+    assert max(i for m in new for i in m["judgement_indices"]) <= 2
     assert all(p["chosen_index"] <= 2 for p in read(stage / "judge_pairs.jsonl"))
 
 

@@ -241,7 +241,15 @@ def build_judge_pairs(builder: Any, actor_pairs: list[dict]) -> list[dict]:
             if mine is not None:
                 seed = derive_seed(builder.seed, builder.index, "meta", mine)
                 generator = make_generator(seed, builder.device)
-                fresh = _judge_chunk(meta_judge, chunks[mine], mine, generator)
+                try:
+                    fresh = _judge_chunk(meta_judge, chunks[mine], mine, generator)
+                except ValueError as exc:  # a meta-judge prompt that does not fit the context
+                    raise ValueError(
+                        f"stage {builder.name}: the meta-judge: {exc}. In the stage: set "
+                        "meta_judge_settings.on_too_long: truncate_response, lower "
+                        "max_judgement_chars or meta_judge_settings.max_new_tokens (a rerun in "
+                        "the same run folder then judges the stage's candidates again)"
+                    ) from exc
             if world > 1:
                 from accelerate.utils import gather_object
 

@@ -609,6 +609,14 @@ class MetaRewardStage(PreferenceStage):
 
 
 Stage = Stage | MetaRewardStage
+# what the meta-judge judges and how: a change in an unfinished stage judges it again
+_JUDGE_KEYS = (
+    *_JUDGE_KEYS,
+    "meta_judge_settings",
+    "meta_template",
+    "judge_pairs_per_prompt",
+    "max_judgement_chars",
+)
 STAGE_TYPES["meta_reward_dpo"] = MetaRewardStage
 STAGE_TRAINERS[MetaRewardStage] = DPOTrainer
 SAMPLING_STAGES = (*SAMPLING_STAGES, MetaRewardStage)
