@@ -59,3 +59,14 @@ def test_meta_judge_verdicts_that_never_parse(tmp_path, caplog):
     assert stats["judge_pairs"] == 0 and stats["pairs"] == 6  # DPO on the actor pairs alone
     assert read(tmp_path / "01-meta-reward-dpo" / "judge_pairs.jsonl") == []
     assert "the meta-judge's verdicts parsed for only 0.0% of its outputs" in caplog.text
+
+
+def test_meta_judge_prompt_too_long_for_the_context(tmp_path):
+    policy = ScriptedPolicy()
+    policy.max_seq_len = 40  # judge prompts fit (about 20 + 16), meta-judge prompts do not
+    with pytest.raises(ValueError) as e:
+        run_meta(tmp_path, policy)
+    msg = str(e.value)
+    assert msg.startswith("stage 01-meta-reward-dpo: the meta-judge: item 0:"), msg
+    assert "meta_judge_settings.on_too_long: truncate_response" in msg
+    assert read(tmp_path / "01-meta-reward-dpo" / "pairs.jsonl")  # the actor pairs are kept

@@ -31,8 +31,9 @@ __all__ = [
     "bradley_terry",
 ]
 
-#: The meta-judge prompt, after the paper's (Fig. 3): the judge's rubric, the response and
-#: two judgements of it; the meta-judge says which judgement applies the rubric better.
+#: The meta-judge prompt, in our words after the paper's: the judge's rubric (the
+#: self-rewarding paper's 5-point one), the response and two judgements of it; the
+#: meta-judge says which judgement applies the rubric better, as "Winner: Judgement A|B".
 DEFAULT_META_JUDGE_PROMPT = """
 Below are a user's question, a response to it and two judgements of that response. Each
 judgement was asked to score the response with this additive 5-point rubric:
