@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -286,16 +287,25 @@ def test_refused_values_name_the_key(kw, key):
         MetaRewardStage(**kw).validate()
 
 
-def test_the_example_yaml_runs_end_to_end(tmp_path):
+def _srlm_run(model: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
+    """``srlm run`` of the example with chunks of 1 (one meta-judge chunk per response); ``env`` is added
+    (``SRLM_FAULT`` arms the SIGKILL traps of ``tests/fault_inject``)."""
+    cmd = [sys.executable, "-m", "self_rewarding_lm_pytorch.cli", "run", str(EXAMPLE)]
+    cmd += [f"model.path={model}", f"out={out}", "accelerate.log_with=null"]
+    cmd += ["stages.0.chunk_size=1"]
+    path = os.pathsep.join([str(HERE / "fault_inject"), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, "PYTHONPATH": path, **env}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_example_yaml_runs_end_to_end_and_resumes_after_a_sigkill(tmp_path):
     model = build_tiny_model(tmp_path / "tiny")
     out = tmp_path / "run"
     config = load_run_config(EXAMPLE, check_files=False)
     stage_config = config.stage_objects[0]
     assert stage_config.meta_template.labels == ("1", "2", "0")  # a YAML mapping, converted
     assert stage_config.meta_judge_settings.num_samples == 2
-    cmd = [sys.executable, "-m", "self_rewarding_lm_pytorch.cli", "run", str(EXAMPLE)]
-    cmd += [f"model.path={model}", f"out={out}", "accelerate.log_with=null"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = _srlm_run(model, out)
     assert done.returncode == 0, done.stderr[-3000:]
     stage = out / "01-meta-reward-dpo"
     stats = json.loads((stage / "stats.json").read_text())
@@ -304,6 +314,7 @@ def test_the_example_yaml_runs_end_to_end(tmp_path):
     judge_pairs = read(stage / "judge_pairs.jsonl")
     assert len(read(stage / "pairs.jsonl")) == stats["pairs"] == 2
     assert stats["meta_judged_responses"] == len(metas) <= len(records)
+    assert [m["chunk"] for m in metas] == [0, 1]
     assert stats["judge_pairs"] == len(judge_pairs) <= 2  # share <= 0.5 of the stage's pairs
     verdicts = [
         v for m in metas for c in m["comparisons"] for v in c["verdicts_ab"] + c["verdicts_ba"]
@@ -314,6 +325,18 @@ def test_the_example_yaml_runs_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["stages"][0]["judge_pairs"] == "01-meta-reward-dpo/judge_pairs.jsonl"
     assert (stage / "checkpoint").is_dir()
+    # SIGKILL in the middle of the second meta-judgements append (its line torn), then resume
+    cut = tmp_path / "cut"
+    trap = {"SRLM_FAULT": "torn-meta_judgements:01:2", "SRLM_FAULT_RUN": str(cut)}
+    killed = _srlm_run(model, cut, **trap)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    torn = (cut / "01-meta-reward-dpo" / "meta_judgements.jsonl").read_bytes()
+    assert not torn.endswith(b"\n") and not (cut / "01-meta-reward-dpo" / "checkpoint").exists()
+    resumed = _srlm_run(model, cut)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    names = ("candidates.jsonl", "pairs.jsonl", "meta_judgements.jsonl", "judge_pairs.jsonl")
+    for name in (*names, "stats.json"):
+        assert (cut / "01-meta-reward-dpo" / name).read_bytes() == (stage / name).read_bytes()
 
 
 def test_a_judge_change_sets_the_meta_files_aside(tmp_path):
