@@ -49,6 +49,7 @@ FIXED = {
     "kind": "selects the stage dataclass (each case is one kind)",
     "self_reward_dpo.judge": "a self_reward_dpo stage judges with the model itself",
     "external_reward_dpo.judge_model": "only the self judge samples a frozen model",
+    "meta_reward_dpo.judge": "the meta-judge is the policy: it judges with the model itself",
 }
 #: a value to try for a field whose type says too little (a partial mapping)
 SAMPLES: dict[str, Any] = {

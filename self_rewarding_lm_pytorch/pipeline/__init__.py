@@ -20,7 +20,8 @@ losing or duplicating a record.
 
 Modules: :mod:`.stages` (stage configs and plan rules), :mod:`.runner` (the entry point),
 :mod:`.seed_api` (the seed's keywords as stages), :mod:`.steps` (one stage's work),
-:mod:`.preference` (generate -> judge -> pair), :mod:`.eft` (the EFT build), :mod:`.rundir` (state and fingerprints),
+:mod:`.preference` (generate -> judge -> pair), :mod:`.eft` (the EFT build),
+:mod:`.meta` (Meta-Rewarding's judge pairs), :mod:`.rundir` (state and fingerprints),
 :mod:`.report` (statistics and reports).
 """
 
@@ -33,6 +34,8 @@ from .stages import (
     STAGE_TRAINERS,
     STAGE_TYPES,
     EFTBuildStage,
+    MetaJudgeConfig,
+    MetaRewardStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -47,6 +50,8 @@ __all__ = [
     "STAGE_TYPES",
     "EFTBuildStage",
     "JudgeParseError",
+    "MetaJudgeConfig",
+    "MetaRewardStage",
     "NotEnoughPairsError",
     "PreferenceStage",
     "PromptGenerationStage",

@@ -193,7 +193,8 @@ def _set_aside_judgements(stage_dir: Path, name: str, changes: list[str]) -> Non
         k += 1
     aside = stage_dir / f"stale-judge-{k}"
     aside.mkdir()
-    for file in ("candidates.jsonl", "pairs.jsonl", "judgements.jsonl", "stats.json"):
+    judged = ("candidates.jsonl", "pairs.jsonl", "judgements.jsonl", "stats.json")
+    for file in (*judged, "meta_judgements.jsonl", "judge_pairs.jsonl"):
         if (stage_dir / file).exists():
             (stage_dir / file).rename(aside / file)
     log.warning(

@@ -33,6 +33,7 @@ from ..utils import derive_seed
 from .backends import StageSamplers
 from .health import check_oracle, stage_health
 from .inputs import StageInputs
+from .meta import build_judge_pairs
 from .plan import check_plan, datasets_of, plan_names
 from .preference import PairBuilder, candidate_config, prompt_budgets, prompts_tried
 from .report import config_yaml, write_report
@@ -50,6 +51,7 @@ from .stages import (
     SAMPLING_STAGES,
     START_AFRESH,
     EFTBuildStage,
+    MetaRewardStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -525,11 +527,15 @@ class SelfRewardingTrainer:
             health=health,
         )
         budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
+        meta = isinstance(stage, MetaRewardStage)
         with gathered(self.model):  # the ranks sample different chunks: no collectives
             pairs = builder.build(prompts, budgets)
+            judge_pairs = build_judge_pairs(builder, pairs) if meta else []
         self.samplers.pool.sleep()
         replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
-        result = ctx.run_dpo(stage, stage_dir, pairs, replay)
+        result = ctx.run_dpo(stage, stage_dir, pairs + judge_pairs, replay)
+        if meta:  # the model also judged its own judgements (Meta-Rewarding)
+            result["judge_pairs"] = str((stage_dir / "judge_pairs.jsonl").relative_to(self.run_dir))
         if stage.judge == "self":  # which model judged, and why
             result["judge_model"] = judge_model
             result["judge_reason"] = (

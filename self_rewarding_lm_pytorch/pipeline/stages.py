@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from ..config import ConfigError, from_dict, renamed_key
 from ..generation.selection import check_generation_override
 from ..judge import JudgeConfig
+from ..judge.meta import MetaJudgeTemplate
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
 from .health import JudgeHealthConfig
 
@@ -28,6 +29,8 @@ __all__ = [
     "STAGE_TYPES",
     "EFTBuildStage",
     "EFTJudgeConfig",
+    "MetaJudgeConfig",
+    "MetaRewardStage",
     "PreferenceStage",
     "PromptGenerationStage",
     "SFTStage",
@@ -525,3 +528,128 @@ def check_trainer_kwargs(stage: Stage) -> None:
     if trainer_cls is None or not kwargs:
         return
     build_config(trainer_cls, kwargs, "trainer")
+
+
+@dataclass
+class MetaJudgeConfig(JudgeConfig):
+    """:class:`JudgeConfig` of the meta-judge: one verdict per order by default (both
+    orders of every comparison are always judged)."""
+
+    num_samples: int = field(
+        default=1, metadata={"help": "verdicts sampled per order of each comparison"}
+    )
+
+
+@_refuse_renamed
+@dataclass
+class MetaRewardStage(PreferenceStage):
+    """One Meta-Rewarding iteration (Wu et al. 2024): a self-rewarding iteration whose DPO
+    data also holds judge pairs. The policy judges each candidate ``judge_settings.
+    num_samples`` times (actor pairs as in ``self_reward_dpo``), then as meta-judge compares
+    every two judgements of the response whose scores vary most, in both orders; the
+    Bradley–Terry strongest vs weakest judgement is a pair whose prompt is the judge prompt.
+    """
+
+    kind: Literal["meta_reward_dpo"] = "meta_reward_dpo"
+    meta_judge_settings: MetaJudgeConfig | JudgeConfig = field(
+        default_factory=MetaJudgeConfig,
+        metadata={"help": "how the meta-judge samples its verdicts (num_samples per order, mode)"},
+    )
+    meta_template: MetaJudgeTemplate | None = field(
+        default=None,
+        metadata={"help": "the meta-judge prompt and verdict (MetaJudgeTemplate; null: paper's)"},
+    )
+    judge_pairs_per_prompt: int = field(
+        default=1, metadata={"help": "responses meta-judged per prompt (highest score variance)"}
+    )
+    max_judge_pair_share: float = field(
+        default=0.15,
+        metadata={"help": "judge pairs' share of the stage's DPO pairs at most (excess dropped)"},
+    )
+    balance_judge_scores: bool = field(
+        default=True,
+        metadata={"help": "downsample judge pairs to the rarest chosen-judgement score's count"},
+    )
+    max_judgement_chars: int | None = field(
+        default=None,
+        metadata={"help": "judgements longer than this are not meta-judged (null: no limit)"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.meta_judge_settings, dict):
+            self.meta_judge_settings = from_dict(
+                MetaJudgeConfig, self.meta_judge_settings, path="meta_judge_settings"
+            )
+        if isinstance(self.meta_template, dict):
+            self.meta_template = from_dict(
+                MetaJudgeTemplate, self.meta_template, path="meta_template"
+            )
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        super().validate()
+        js, ms = self.judge_settings, self.meta_judge_settings
+        _check(
+            self,
+            [
+                (
+                    self.judge == "self",
+                    "judge",
+                    "be 'self' (the meta-judge is the policy, judging its own judgements)",
+                    "remove the key (an external judge belongs in an external_reward_dpo stage)",
+                ),
+                (
+                    js.mode == "mean",
+                    "judge_settings.mode",
+                    "be 'mean' (the meta-judge compares several written judgements)",
+                    "remove the key",
+                ),
+                (
+                    js.num_samples >= 2,
+                    "judge_settings.num_samples",
+                    "be at least 2 (the meta-judge compares judgements of one response)",
+                    "use e.g. 3 or more",
+                ),
+                (
+                    js.temperature > 0,
+                    "judge_settings.temperature",
+                    "be above 0 (greedy judgements are all the same: nothing to compare)",
+                    "use e.g. 0.7",
+                ),
+                (
+                    self.judge_pairs_per_prompt >= 1,
+                    "judge_pairs_per_prompt",
+                    "be at least 1",
+                    "the paper meta-judges 1 response per prompt",
+                ),
+                (
+                    0 <= self.max_judge_pair_share < 1,
+                    "max_judge_pair_share",
+                    "lie in [0, 1)",
+                    "use e.g. 0.15 (more made the judge give every response the top score)",
+                ),
+                (
+                    self.max_judgement_chars is None or self.max_judgement_chars >= 1,
+                    "max_judgement_chars",
+                    "be at least 1 (or null: no limit)",
+                    "use e.g. 2000",
+                ),
+                (ms.num_samples >= 1, "meta_judge_settings.num_samples", "be at least 1", "use 1"),
+            ],
+        )
+        ms.validate("meta_judge_settings")
+
+
+Stage = Stage | MetaRewardStage
+# what the meta-judge judges and how: a change in an unfinished stage judges it again
+_JUDGE_KEYS = (
+    *_JUDGE_KEYS,
+    "meta_judge_settings",
+    "meta_template",
+    "judge_pairs_per_prompt",
+    "max_judgement_chars",
+)
+STAGE_TYPES["meta_reward_dpo"] = MetaRewardStage
+STAGE_TRAINERS[MetaRewardStage] = DPOTrainer
+SAMPLING_STAGES = (*SAMPLING_STAGES, MetaRewardStage)
