@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+from .head_to_head_stage import baseline_dataset
 from .stages import (
     GENERATED_EFT,
     EFTBuildStage,
+    HeadToHeadStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -41,6 +43,8 @@ def datasets_of(stage: Stage) -> list[str]:
         return [stage.dataset]
     if isinstance(stage, PromptGenerationStage):
         return [stage.seed_dataset]
+    if isinstance(stage, HeadToHeadStage):
+        return [n for n in (stage.prompts, baseline_dataset(stage)) if n is not None]
     return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
 
 
@@ -182,3 +186,38 @@ def check_plan(
                         f"{v.setting('kind', 'self_reward_dpo')}"
                     )
                 raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
+        elif isinstance(stage, HeadToHeadStage):
+            _check_head_to_head(stage, i, name, stages, need, judges, pre, v)
+
+
+def _check_head_to_head(
+    stage: HeadToHeadStage,
+    i: int,
+    name: str,
+    stages: Sequence[Stage],
+    need: Any,
+    judges: set[str],
+    pre: str,
+    v: PlanVocabulary,
+) -> None:
+    """A head_to_head stage's prompts, baseline and judge (see :func:`check_plan`)."""
+    need(stage.prompts, i, name, "prompts")
+    earlier = [
+        (j, n)
+        for j, n in enumerate(plan_names(stages)[:i])
+        if isinstance(stages[j], HeadToHeadStage)
+    ]
+    if baseline_dataset(stage) is None and stage.baseline != "first":
+        if stage.baseline not in {n for _, n in earlier}:
+            names = ", ".join(f"{v.stage(j, n)} ({n})" for j, n in earlier) or "none"
+            raise ConfigError(
+                f"{pre}{v.key(i, name, 'baseline')}: {stage.baseline!r} is not an earlier "
+                f"head_to_head stage (earlier ones: {names}); name one of those by its folder "
+                f"name, {v.setting('baseline', 'first')} (the run's first head_to_head stage) "
+                "or a dataset of reference rows {prompt, response}"
+            )
+    elif baseline_dataset(stage) is not None:
+        need(stage.baseline, i, name, "baseline")
+    if stage.judge != "self" and stage.judge not in judges:
+        at = v.key(i, name, "judge")
+        raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
