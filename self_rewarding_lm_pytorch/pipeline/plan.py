@@ -187,7 +187,7 @@ def check_plan(
                     )
                 raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
         elif isinstance(stage, HeadToHeadStage):
-            _check_head_to_head(stage, i, name, stages, need, judges, pre, v)
+            _check_head_to_head(stage, i, name, stages, datasets, judges, pre, v)
 
 
 def _check_head_to_head(
@@ -195,29 +195,33 @@ def _check_head_to_head(
     i: int,
     name: str,
     stages: Sequence[Stage],
-    need: Any,
+    datasets: set[str],
     judges: set[str],
     pre: str,
     v: PlanVocabulary,
 ) -> None:
     """A head_to_head stage's prompts, baseline and judge (see :func:`check_plan`)."""
-    need(stage.prompts, i, name, "prompts")
+    if stage.prompts not in datasets:
+        at = v.key(i, name, "prompts")
+        raise ConfigError(pre + v.undefined(at, "dataset", stage.prompts, datasets, v.datasets))
+    base = stage.baseline
     earlier = [
         (j, n)
         for j, n in enumerate(plan_names(stages)[:i])
         if isinstance(stages[j], HeadToHeadStage)
     ]
-    if baseline_dataset(stage) is None and stage.baseline != "first":
-        if stage.baseline not in {n for _, n in earlier}:
-            names = ", ".join(f"{v.stage(j, n)} ({n})" for j, n in earlier) or "none"
-            raise ConfigError(
-                f"{pre}{v.key(i, name, 'baseline')}: {stage.baseline!r} is not an earlier "
-                f"head_to_head stage (earlier ones: {names}); name one of those by its folder "
-                f"name, {v.setting('baseline', 'first')} (the run's first head_to_head stage) "
-                "or a dataset of reference rows {prompt, response}"
-            )
-    elif baseline_dataset(stage) is not None:
-        need(stage.baseline, i, name, "baseline")
+    stage_ok = baseline_dataset(stage) is None and base in {"first", *(n for _, n in earlier)}
+    if not stage_ok and (baseline_dataset(stage) is None or base not in datasets):
+        shown = ", ".join(f"{v.stage(j, n)} ({n})" for j, n in earlier) or "none"
+        close = _did_you_mean(base, ["first", *(n for _, n in earlier), *sorted(datasets)])
+        known = ", ".join(sorted(datasets)) or "none"
+        raise ConfigError(
+            f"{pre}{v.key(i, name, 'baseline')}: {base!r} is neither 'first', an earlier "
+            f"head_to_head stage (earlier ones: {shown}) nor a dataset {v.defined} "
+            f"{v.datasets} (known: {known}){'; ' + close if close else ''}; "
+            f"use {v.setting('baseline', 'first')} (the run's first head_to_head stage), an "
+            "earlier one's folder name, or a dataset of reference rows {prompt, response}"
+        )
     if stage.judge != "self" and stage.judge not in judges:
         at = v.key(i, name, "judge")
         raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
