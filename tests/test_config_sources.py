@@ -42,6 +42,7 @@ JUDGES = {"rm", "rm2"}
 BASE = {kind: {"kind": kind} for kind in STAGE_TYPES} | {
     "external_reward_dpo": {"kind": "external_reward_dpo", "judge": "rm"},
     "eft_build": {"kind": "eft_build", "inputs": "sft"},
+    "head_to_head": {"kind": "head_to_head", "prompts": "prompts"},
 }
 #: stage fields whose value the kind itself fixes, with the rule that says so
 FIXED = {
@@ -49,7 +50,7 @@ FIXED = {
     "self_reward_dpo.judge": "a self_reward_dpo stage judges with the model itself",
 }
 #: a value to try for a field whose type says too little (a partial mapping)
-SAMPLES: dict[str, Any] = {"generation": {"backend": "vllm"}}
+SAMPLES: dict[str, Any] = {"generation": {"backend": "vllm"}, "baseline": "prompts", "judge": "rm2"}
 #: YAML-only refusals: a srlm run file has no models: section
 YAML_ONLY_REFUSED = {"prompt_generation.generator_model"}
 
