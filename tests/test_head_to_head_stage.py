@@ -245,3 +245,52 @@ def test_a_changed_judge_of_an_unfinished_stage_judges_its_outputs_again(tmp_pat
     )  # n y's vs 3 z's
     with pytest.raises(RunDirError, match=r"stage 01-head-to-head finished with other settings"):
         trainer(tmp_path, stages, backend=ScriptedPolicy()).run()  # finished: kept
+
+
+def test_two_sharded_ranks_write_the_files_of_one_process(tmp_path):
+    """The chunks dealt to two real ranks (parameters sharded, gathered to sample), the
+    self judge's too: the same files as one process (nothing trains between the stages)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from self_rewarding_lm_pytorch.cli import main
+    from self_rewarding_lm_pytorch.hf import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    judge = {"num_samples": 1, "max_new_tokens": 4, "temperature": 1.0}
+    config = {
+        "model": {"path": str(model), "dtype": "float32"},
+        "data": {"heldout": {"rows": [{"prompt": p} for p in HELDOUT[:3]]}},  # 3 chunks, 2 ranks
+        "reward_config": {
+            "prompt_template": "rate {{ response }} for {{ prompt }} : ",
+            "reward_regex_template": "{{ reward }}",
+        },
+        "stages": [
+            {"kind": "head_to_head", "max_new_tokens": 4, "chunk_size": 1},
+            {"kind": "head_to_head", "max_new_tokens": 4, "chunk_size": 1, "judge_settings": judge},
+        ],
+        "accelerate": {"cpu": True},
+        "seed": 0,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["-q", "run", str(path), f"out={tmp_path / 'one'}"]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={port}", "-m", "self_rewarding_lm_pytorch.cli", "-q", "run",
+           str(path), f"out={tmp_path / 'two'}", "accelerate.shard_parameters=true"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "gathered whole" in done.stderr  # it sampled with the gathered weights
+    for name in FILES:
+        one = (tmp_path / "one" / "02-head-to-head" / name).read_bytes()
+        assert (tmp_path / "two" / "02-head-to-head" / name).read_bytes() == one, name
+    rows = read(tmp_path / "two" / "02-head-to-head" / "judgements.jsonl")
+    assert len(rows) == 3 and all(r["response_a"] == r["response_b"] for r in rows)
