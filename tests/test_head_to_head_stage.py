@@ -138,7 +138,7 @@ def test_win_rates_against_the_first_a_named_stage_and_reference_rows(tmp_path):
     stages = [
         h2h(),  # version 0: n y's; it records the baseline
         SFTStage(trainer=SMALL_SFT),  # the scripted policy's version 1: 2n y's
-        h2h(),  # vs 01: 2n > n on every prompt
+        h2h(bootstrap=20),  # vs 01: 2n > n on every prompt
         h2h(baseline="ref"),  # vs "zzz": 2n > 3 for n >= 2, below for n = 1
         h2h(baseline="03-head-to-head"),  # the same outputs: all ties
         h2h(baseline="ref", judge="self", pairwise=True),  # the policy compares both orders
@@ -157,6 +157,8 @@ def test_win_rates_against_the_first_a_named_stage_and_reference_rows(tmp_path):
         assert got[name]["baseline"] == baseline, name
         assert (h["win_rate"], h["tie_rate"], h["judged"]) == (pytest.approx(rate), ties, 6)
         assert (h["mean_chars_a"], h["mean_chars_b"]) == (7.0, chars_b)  # 2 * mean(1..6)
+    assert got["03-head-to-head"]["head_to_head"]["bootstrap_ci95"] == [1.0, 1.0]  # all wins
+    assert got["04-head-to-head"]["head_to_head"]["bootstrap_ci95"] is None  # bootstrap: 0
     full = json.loads((run / "06-head-to-head" / "head_to_head.json").read_text())
     assert (full["judge"], full["position_consistency"]) == ("pairwise", 1.0)
     assert full["name_a"] == "06-head-to-head" and full["name_b"] == "ref"

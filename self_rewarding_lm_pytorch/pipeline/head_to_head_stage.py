@@ -33,7 +33,7 @@ __all__ = [
 
 #: the summary's keys a stage record (and the run report) carries
 RECORD_KEYS = ("win_rate", "ci95", "lc_win_rate", "tie_rate", "judged", "items_total")
-RECORD_KEYS += ("wins", "ties", "losses", "mean_chars_a", "mean_chars_b")
+RECORD_KEYS += ("wins", "ties", "losses", "mean_chars_a", "mean_chars_b", "bootstrap_ci95")
 _STAGE_NAME = re.compile(r"\d{2,}-[a-z0-9-]+")
 
 
