@@ -43,6 +43,7 @@ JUDGES = {"rm", "rm2"}
 BASE = {kind: {"kind": kind} for kind in STAGE_TYPES} | {
     "external_reward_dpo": {"kind": "external_reward_dpo", "judge": "rm"},
     "eft_build": {"kind": "eft_build", "inputs": "sft"},
+    "head_to_head": {"kind": "head_to_head", "prompts": "prompts"},
 }
 #: stage fields whose value the kind itself fixes, with the rule that says so
 FIXED = {
@@ -55,6 +56,8 @@ FIXED = {
 SAMPLES: dict[str, Any] = {
     "generation": {"backend": "vllm"},
     "judge_health": JudgeHealthConfig(rows="sft", min_accuracy=0.5),
+    "baseline": "prompts",
+    "judge": "rm2",
 }
 #: YAML-only refusals: a srlm run file has no models: section
 YAML_ONLY_REFUSED = {"prompt_generation.generator_model"}

@@ -10,6 +10,8 @@ Stages (each a config dataclass, :mod:`.stages`) run in the order listed:
 * :class:`PreferenceStage` — one DPO iteration on pairs built from N sampled candidates
   judged by the model itself (``judge="self"``, the paper's §2.3) or by an external judge
   (OAIF style); gives M(t+1).
+* :class:`HeadToHeadStage` — the policy's greedy responses to held-out prompts, judged
+  against a baseline's (M1's outputs by default): the win rate per iteration.
 
 The pipeline owns ordering, the run directory, checkpoints and resume
 (:class:`SelfRewardingTrainer`, :mod:`.runner`); trainers own the training loops and
@@ -34,6 +36,7 @@ from .stages import (
     STAGE_TRAINERS,
     STAGE_TYPES,
     EFTBuildStage,
+    HeadToHeadStage,
     MetaJudgeConfig,
     MetaRewardStage,
     PreferenceStage,
@@ -49,6 +52,7 @@ __all__ = [
     "STAGE_TRAINERS",
     "STAGE_TYPES",
     "EFTBuildStage",
+    "HeadToHeadStage",
     "JudgeParseError",
     "MetaJudgeConfig",
     "MetaRewardStage",

@@ -31,6 +31,7 @@ from ..trainers.checkpoint import load_checkpoint
 from ..trainers.sharding import gathered, is_sharded, load_full_state_dict, shard_model
 from ..utils import derive_seed
 from .backends import StageSamplers
+from .head_to_head_stage import resolve_baseline, run_head_to_head, stage_judge
 from .health import check_oracle, stage_health
 from .inputs import StageInputs
 from .meta import build_judge_pairs
@@ -51,6 +52,7 @@ from .stages import (
     SAMPLING_STAGES,
     START_AFRESH,
     EFTBuildStage,
+    HeadToHeadStage,
     MetaRewardStage,
     PreferenceStage,
     PromptGenerationStage,
@@ -484,6 +486,15 @@ class SelfRewardingTrainer:
             rows = self._inputs.rows(stage.inputs)
             with gathered(self.model):  # sharded: whole weights while the ranks sample
                 return ctx.run_eft_build(index, stage, stage_dir, rows, judge, self.lm.device)
+        if isinstance(stage, HeadToHeadStage):
+            name, prompts = self._plan()[index], self._inputs.prompts(stage.prompts)
+            judge = stage_judge(stage, self._judge_for(stage, sampler), name)
+            base = resolve_baseline(index, self.stages, self._plan(), dirs, self.datasets)
+            with gathered(self.model):  # sharded: whole weights while the ranks sample
+                return run_head_to_head(
+                    ctx, index=index, name=name, stage=stage, stage_dir=stage_dir,
+                    prompts=prompts, judge=judge, baseline=base, device=self.lm.device,
+                )  # fmt: skip
         if isinstance(stage, PromptGenerationStage):
             if stage.generator_model != "self":
                 sampler = self.models[stage.generator_model]

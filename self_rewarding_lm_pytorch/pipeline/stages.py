@@ -31,6 +31,7 @@ __all__ = [
     "EFTJudgeConfig",
     "MetaJudgeConfig",
     "MetaRewardStage",
+    "HeadToHeadStage",
     "PreferenceStage",
     "PromptGenerationStage",
     "SFTStage",
@@ -430,7 +431,84 @@ class EFTBuildStage:
         check_generation_override(self.generation, "generation")
 
 
+@dataclass
+class HeadToHeadStage:
+    """The policy's greedy responses to held-out prompts (``outputs.jsonl``), judged
+    against a baseline's: the win rate of the paper's head-to-head evaluations (M_t vs M1).
+    Trains nothing.
+
+    ``baseline="first"`` compares with the outputs of the run's first ``head_to_head``
+    stage (that stage itself only records its outputs); an earlier head_to_head stage's
+    name (``"05-head-to-head"``) or a dataset of rows ``{prompt, response}`` names another
+    baseline. ``judge="self"`` is the current policy judging itself against the baseline
+    with the run's reward template: biased towards its own outputs (prefer an external
+    judge from ``judges:``).
+    """
+
+    kind: Literal["head_to_head"] = "head_to_head"
+    prompts: str = field(
+        default="heldout", metadata={"help": "dataset of evaluation prompts (held out)"}
+    )
+    max_prompts: int | None = field(
+        default=None, metadata={"help": "the first N prompts only; null: all"}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens per response at most"})
+    temperature: float = field(
+        default=0.0, metadata={"help": "response sampling temperature (0: greedy)"}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "response nucleus top-p (1: off)"})
+    baseline: str = field(
+        default="first",
+        metadata={"help": "'first', an earlier head_to_head stage's name, or a dataset"},
+    )
+    judge: str = field(
+        default="self",
+        metadata={"help": "a judge from judges:, or 'self' (the policy: biased to itself)"},
+    )
+    pairwise: bool = field(
+        default=False,
+        metadata={"help": "an LLM judge compares both orders instead of scoring each"},
+    )
+    judge_settings: JudgeConfig = field(
+        default_factory=JudgeConfig,
+        metadata={"help": "how the self judge samples its judgements"},
+    )
+    bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples (0: off)"})
+    chunk_size: int = field(default=16, metadata={"help": "prompts sampled (and saved) together"})
+    generation: dict[str, Any] = field(  # merged over the run's generation: section
+        default_factory=dict,
+        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
+            self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
+        _check_types(self)
+        _check(
+            self,
+            [
+                (
+                    self.max_prompts is None or self.max_prompts >= 1,
+                    "max_prompts",
+                    "be at least 1 (or null: every prompt)",
+                    "use e.g. 256",
+                ),
+                (self.max_new_tokens >= 1, "max_new_tokens", "be at least 1", "use e.g. 512"),
+                *_sampling_rules(self.temperature, self.top_p, "temperature", "top_p"),
+                (bool(self.baseline), "baseline", "name a baseline", "use 'first'"),
+                (self.bootstrap >= 0, "bootstrap", "be >= 0", "use e.g. 1000, or 0 (off)"),
+                (self.chunk_size >= 1, "chunk_size", "be at least 1", "use e.g. 16"),
+            ],
+        )
+        self.judge_settings.validate("judge_settings")
+        check_generation_override(self.generation, "generation")
+
+
 Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage | EFTBuildStage
+Stage = Stage | HeadToHeadStage
 # settings that cannot change a stage's records or model: not part of its fingerprint
 _FREE_STAGE_KEYS = ("min_parse_rate",)
 _FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
@@ -444,10 +522,12 @@ STAGE_TYPES: dict[str, type] = {
     "self_reward_dpo": PreferenceStage,
     "external_reward_dpo": PreferenceStage,
     "eft_build": EFTBuildStage,
+    "head_to_head": HeadToHeadStage,
 }
 STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
 #: the stages that sample the policy (and take a generation: override)
 SAMPLING_STAGES = (SPINStage, PromptGenerationStage, PreferenceStage, EFTBuildStage)
+SAMPLING_STAGES += (HeadToHeadStage,)
 
 
 #: how a run that cannot resume starts afresh (one spelling in every message that says so)
