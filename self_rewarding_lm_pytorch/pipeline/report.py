@@ -96,7 +96,15 @@ def render_report_md(report: dict) -> str:
     lines = [f"# Run report: {report['run_dir']}", ""]
     for rec in report["stages"]:
         lines += [f"## {rec['stage']}", ""]
-        for key in ("checkpoint", "pairs", "judge_pairs", "prompts", "eft", "outputs", "judgements"):
+        for key in (
+            "checkpoint",
+            "pairs",
+            "judge_pairs",
+            "prompts",
+            "eft",
+            "outputs",
+            "judgements",
+        ):
             if rec.get(key):
                 lines.append(f"- {key}: `{rec[key]}`")
         for section in ("stats", "metrics"):
