@@ -1,32 +1,39 @@
-"""The stage configs of the pipeline and their validation rules.
+"""The stage configs of the pipeline: the training stages (SFT, SPIN, prompt generation,
+preference/DPO, Meta-Rewarding) defined here, the judging ones (:mod:`.judging_stages`),
+and the registries of kinds, trainers and sampling stages.
 
-Each stage is a config dataclass (SFT, SPIN, prompt generation, preference/DPO);
-:func:`check_trainer_kwargs` checks a stage's values and trainer arguments. The names a
-list of stages uses are checked by :func:`~.plan.check_plan`.
+:func:`check_trainer_kwargs` checks a stage's values and trainer arguments; the names a list
+of stages uses are checked by :func:`~.plan.check_plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import math
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..config import ConfigError, from_dict, renamed_key
+from ..config import ConfigError, from_dict
 from ..generation.selection import check_generation_override
 from ..judge import JudgeConfig
 from ..judge.meta import MetaJudgeTemplate
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
 from .health import JudgeHealthConfig
+from .judging_stages import EFTBuildStage, EFTJudgeConfig, HeadToHeadStage
+from .stage_rules import (
+    START_AFRESH,
+    _check,
+    _check_types,
+    _did_you_mean,
+    _non_negative,
+    _refuse_renamed,
+    _sampling_rules,
+)
 
 __all__ = [
     "SAMPLING_STAGES",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
+    "START_AFRESH",
     "EFTBuildStage",
     "EFTJudgeConfig",
     "MetaJudgeConfig",
@@ -152,21 +159,6 @@ class PromptGenerationStage:
                 ),
             ],
         )
-
-
-def _refuse_renamed(cls: type) -> type:
-    """Make ``cls(old_key=...)`` name the key that replaced ``old_key`` (``cls._renamed_keys``;
-    the YAML loader reads the same map)."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        for key in sorted(kwargs.keys() & cls._renamed_keys.keys()):
-            raise renamed_key(cls.__name__, key, cls._renamed_keys[key], kwargs[key], python=True)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
 
 
 @_refuse_renamed
@@ -340,277 +332,6 @@ class PreferenceStage:
 
 
 @dataclass
-class EFTJudgeConfig(JudgeConfig):
-    """:class:`JudgeConfig` with one sampled judgement per response by default: the paper
-    trains on single judgements (one chain of thought + score each), not on averages."""
-
-    num_samples: int = field(
-        default=1,
-        metadata={"help": "judgement sets sampled per row, each checked against the humans"},
-    )
-
-
-@dataclass
-class EFTBuildStage:
-    """The paper's EFT data (§3.1): the policy judges human-ranked responses with the run's
-    reward template; the judgements whose scores order the responses as the humans did are
-    kept, balanced over scores and split by prompt. Trains nothing.
-
-    ``inputs`` names a dataset of rows ``{prompt, responses, human_ranks}`` (``srlm prepare
-    oasst``'s ``eft_inputs.jsonl``); a later SFT stage reads the result as
-    ``datasets: [..., generated_eft]``.
-    """
-
-    kind: Literal["eft_build"] = "eft_build"
-    inputs: str = field(default="eft_inputs", metadata={"help": "dataset of human-ranked rows"})
-    judge_settings: EFTJudgeConfig = field(
-        default_factory=EFTJudgeConfig,
-        metadata={"help": "how the policy samples its judgements (num_samples sets per row)"},
-    )
-    agreement: Literal["all_pairs", "best_worst"] = field(
-        default="all_pairs",
-        metadata={"help": "which differently-ranked pairs the scores must order as the humans"},
-    )
-    balance: bool = field(
-        default=True, metadata={"help": "downsample every score to the rarest one's count"}
-    )
-    heldout_fraction: float = field(
-        default=0.25, metadata={"help": "share of prompts (seeded) written to eft_heldout.jsonl"}
-    )
-    max_examples: int | None = field(
-        default=None, metadata={"help": "training examples at most (seeded choice); null: all"}
-    )
-    chunk_size: int = field(default=16, metadata={"help": "rows judged (and saved) together"})
-    generation: dict[str, Any] = field(  # merged over the run's generation: section
-        default_factory=dict,
-        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
-    )
-
-    #: the self judge writes the judgements (the runner's judge lookup reads this)
-    judge: ClassVar[str] = "self"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.judge_settings, dict):  # judge_settings={"temperature": 0.7}
-            self.judge_settings = from_dict(
-                EFTJudgeConfig, self.judge_settings, path="judge_settings"
-            )
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
-        _check_types(self)
-        js = self.judge_settings
-        _check(
-            self,
-            [
-                (
-                    0 <= self.heldout_fraction < 1,
-                    "heldout_fraction",
-                    "lie in [0, 1)",
-                    "use e.g. 0.25 (the paper holds out 531 of 2,161)",
-                ),
-                (
-                    self.max_examples is None or self.max_examples >= 1,
-                    "max_examples",
-                    "be at least 1 (or null: every kept example)",
-                    "use e.g. 1630 (the paper's count)",
-                ),
-                (self.chunk_size >= 1, "chunk_size", "be at least 1", "use e.g. 16"),
-                (js.num_samples >= 1, "judge_settings.num_samples", "be at least 1", "use 1"),
-                (
-                    js.mode == "mean",
-                    "judge_settings.mode",
-                    "be 'mean' (each judgement is a written text with its own score)",
-                    "remove the key",
-                ),
-                *_sampling_rules(
-                    js.temperature, js.top_p, "judge_settings.temperature", "judge_settings.top_p"
-                ),
-            ],
-        )
-        js.validate("judge_settings")
-        check_generation_override(self.generation, "generation")
-
-
-@dataclass
-class HeadToHeadStage:
-    """The policy's greedy responses to held-out prompts (``outputs.jsonl``), judged
-    against a baseline's: the win rate of the paper's head-to-head evaluations (M_t vs M1).
-    Trains nothing.
-
-    ``baseline="first"`` compares with the outputs of the run's first ``head_to_head``
-    stage (that stage itself only records its outputs); an earlier head_to_head stage's
-    name (``"05-head-to-head"``) or a dataset of rows ``{prompt, response}`` names another
-    baseline. ``judge="self"`` is the current policy judging itself against the baseline
-    with the run's reward template: biased towards its own outputs (prefer an external
-    judge from ``judges:``).
-    """
-
-    kind: Literal["head_to_head"] = "head_to_head"
-    prompts: str = field(
-        default="heldout", metadata={"help": "dataset of evaluation prompts (held out)"}
-    )
-    max_prompts: int | None = field(
-        default=None, metadata={"help": "the first N prompts only; null: all"}
-    )
-    max_new_tokens: int = field(default=256, metadata={"help": "tokens per response at most"})
-    temperature: float = field(
-        default=0.0, metadata={"help": "response sampling temperature (0: greedy)"}
-    )
-    top_p: float = field(default=1.0, metadata={"help": "response nucleus top-p (1: off)"})
-    baseline: str = field(
-        default="first",
-        metadata={"help": "'first', an earlier head_to_head stage's name, or a dataset"},
-    )
-    judge: str = field(
-        default="self",
-        metadata={"help": "a judge from judges:, or 'self' (the policy: biased to itself)"},
-    )
-    pairwise: bool = field(
-        default=False,
-        metadata={"help": "an LLM judge compares both orders instead of scoring each"},
-    )
-    judge_settings: JudgeConfig = field(
-        default_factory=JudgeConfig,
-        metadata={"help": "how the self judge samples its judgements"},
-    )
-    bootstrap: int = field(default=0, metadata={"help": "bootstrap resamples (0: off)"})
-    chunk_size: int = field(default=16, metadata={"help": "prompts sampled (and saved) together"})
-    generation: dict[str, Any] = field(  # merged over the run's generation: section
-        default_factory=dict,
-        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
-            self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
-        _check_types(self)
-        _check(
-            self,
-            [
-                (
-                    self.max_prompts is None or self.max_prompts >= 1,
-                    "max_prompts",
-                    "be at least 1 (or null: every prompt)",
-                    "use e.g. 256",
-                ),
-                (self.max_new_tokens >= 1, "max_new_tokens", "be at least 1", "use e.g. 512"),
-                *_sampling_rules(self.temperature, self.top_p, "temperature", "top_p"),
-                (bool(self.baseline), "baseline", "name a baseline", "use 'first'"),
-                (self.bootstrap >= 0, "bootstrap", "be >= 0", "use e.g. 1000, or 0 (off)"),
-                (self.chunk_size >= 1, "chunk_size", "be at least 1", "use e.g. 16"),
-            ],
-        )
-        self.judge_settings.validate("judge_settings")
-        check_generation_override(self.generation, "generation")
-
-
-Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage | EFTBuildStage
-Stage = Stage | HeadToHeadStage
-# settings that cannot change a stage's records or model: not part of its fingerprint
-_FREE_STAGE_KEYS = ("min_parse_rate",)
-_FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
-# a preference stage's judge settings: when only these change in an unfinished stage,
-# its candidates are judged again instead of refused
-_JUDGE_KEYS = ("judge", "judge_settings", "judge_model")
-STAGE_TYPES: dict[str, type] = {
-    "sft": SFTStage,
-    "spin": SPINStage,
-    "prompt_generation": PromptGenerationStage,
-    "self_reward_dpo": PreferenceStage,
-    "external_reward_dpo": PreferenceStage,
-    "eft_build": EFTBuildStage,
-    "head_to_head": HeadToHeadStage,
-}
-STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
-#: the stages that sample the policy (and take a generation: override)
-SAMPLING_STAGES = (SPINStage, PromptGenerationStage, PreferenceStage, EFTBuildStage)
-SAMPLING_STAGES += (HeadToHeadStage,)
-
-
-#: how a run that cannot resume starts afresh (one spelling in every message that says so)
-START_AFRESH = "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
-
-
-def _plain_trainer(stage: Any) -> None:
-    """``trainer=SFTConfig(batch_size=8)`` stored as ``{"batch_size": 8}``: the plain dict of
-    the config's non-default fields (what fingerprints and config.yaml hold)."""
-    config = stage.trainer
-    if not isinstance(config, TrainingConfig):
-        return
-    expected = STAGE_TRAINERS[type(stage)].config_class
-    if type(config) is not expected:
-        raise ConfigError(
-            f"{type(stage).__name__}: trainer must be {expected.__name__}(...) or a dict of "
-            f"its fields, got {type(config).__name__}(...); the stage's trainer is "
-            f"{STAGE_TRAINERS[type(stage)].__name__}"
-        )
-    defaults = expected()
-    stage.trainer = {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if getattr(config, f.name) != getattr(defaults, f.name)
-    }
-
-
-def _stage_slug(stage: Stage) -> str:
-    return stage.kind.replace("_", "-")
-
-
-def _check(stage: Any, rules: list[tuple[bool, str, str, str]]) -> None:
-    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value
-    (a dotted key names a field of a nested config, e.g. ``judge_settings.top_p``)."""
-    for ok, key, rule, fix in rules:
-        if not ok:
-            value = functools.reduce(getattr, key.split("."), stage)
-            raise ConfigError(f"{key} must {rule}, got {value!r}; {fix}")
-
-
-def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) -> list:
-    return [
-        (_non_negative(temperature), t_key, "be a finite number >= 0 (0 = greedy)", "use e.g. 0.7"),
-        (0 < top_p <= 1, p_key, "lie in (0, 1] (1 disables it)", "use e.g. 0.9"),
-    ]
-
-
-def _did_you_mean(value: Any, valid: Sequence[str]) -> str:
-    """``"did you mean 'x'?"`` for the valid name closest to ``value``, or ``""``."""
-    close = difflib.get_close_matches(str(value), list(valid), n=1)
-    return f"did you mean {close[0]!r}?" if close else ""
-
-
-def _non_negative(x: float) -> bool:
-    return math.isfinite(x) and x >= 0
-
-
-def _check_types(stage: Any) -> None:
-    """Each field of a stage config against its annotation (the rules of the YAML loader)."""
-    from ..config import _convert
-
-    hints = typing.get_type_hints(type(stage))
-    for f in dataclasses.fields(stage):
-        if f.name == "pair_strategy":  # a name or a callable: checked by validate()
-            continue
-        _convert(getattr(stage, f.name), hints[f.name], f.name)
-
-
-def check_trainer_kwargs(stage: Stage) -> None:
-    """Check a stage's values (its ``validate()``) and its trainer keyword arguments (names,
-    types and ranges, against the trainer's config) before any work starts.
-
-    Raises :class:`ConfigError` naming the key, the problem and the fix.
-    """
-    stage.validate()
-    trainer_cls = STAGE_TRAINERS.get(type(stage))
-    kwargs = getattr(stage, "trainer", {})
-    if trainer_cls is None or not kwargs:
-        return
-    build_config(trainer_cls, kwargs, "trainer")
-
-
-@dataclass
 class MetaJudgeConfig(JudgeConfig):
     """:class:`JudgeConfig` of the meta-judge: one verdict per order by default (both
     orders of every comparison are always judged)."""
@@ -721,15 +442,90 @@ class MetaRewardStage(PreferenceStage):
         ms.validate("meta_judge_settings")
 
 
-Stage = Stage | MetaRewardStage
-# what the meta-judge judges and how: a change in an unfinished stage judges it again
+Stage = (
+    SFTStage
+    | SPINStage
+    | PromptGenerationStage
+    | PreferenceStage
+    | MetaRewardStage
+    | EFTBuildStage
+    | HeadToHeadStage
+)
+# settings that cannot change a stage's records or model: not part of its fingerprint
+_FREE_STAGE_KEYS = ("min_parse_rate",)
+_FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
+# a preference stage's judge settings (and a meta-reward stage's meta-judge settings): when
+# only these change in an unfinished stage, its candidates are judged again instead of refused
 _JUDGE_KEYS = (
-    *_JUDGE_KEYS,
+    "judge",
+    "judge_settings",
+    "judge_model",
     "meta_judge_settings",
     "meta_template",
     "judge_pairs_per_prompt",
     "max_judgement_chars",
 )
-STAGE_TYPES["meta_reward_dpo"] = MetaRewardStage
-STAGE_TRAINERS[MetaRewardStage] = DPOTrainer
-SAMPLING_STAGES = (*SAMPLING_STAGES, MetaRewardStage)
+STAGE_TYPES: dict[str, type] = {
+    "sft": SFTStage,
+    "spin": SPINStage,
+    "prompt_generation": PromptGenerationStage,
+    "self_reward_dpo": PreferenceStage,
+    "external_reward_dpo": PreferenceStage,
+    "meta_reward_dpo": MetaRewardStage,
+    "eft_build": EFTBuildStage,
+    "head_to_head": HeadToHeadStage,
+}
+STAGE_TRAINERS = {
+    SFTStage: SFTTrainer,
+    SPINStage: SPINTrainer,
+    PreferenceStage: DPOTrainer,
+    MetaRewardStage: DPOTrainer,
+}
+#: the stages that sample the policy (and take a generation: override)
+SAMPLING_STAGES = (
+    SPINStage,
+    PromptGenerationStage,
+    PreferenceStage,
+    EFTBuildStage,
+    HeadToHeadStage,
+    MetaRewardStage,
+)
+
+
+def _plain_trainer(stage: Any) -> None:
+    """``trainer=SFTConfig(batch_size=8)`` stored as ``{"batch_size": 8}``: the plain dict of
+    the config's non-default fields (what fingerprints and config.yaml hold)."""
+    config = stage.trainer
+    if not isinstance(config, TrainingConfig):
+        return
+    expected = STAGE_TRAINERS[type(stage)].config_class
+    if type(config) is not expected:
+        raise ConfigError(
+            f"{type(stage).__name__}: trainer must be {expected.__name__}(...) or a dict of "
+            f"its fields, got {type(config).__name__}(...); the stage's trainer is "
+            f"{STAGE_TRAINERS[type(stage)].__name__}"
+        )
+    defaults = expected()
+    stage.trainer = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(defaults, f.name)
+    }
+
+
+def _stage_slug(stage: Stage) -> str:
+    return stage.kind.replace("_", "-")
+
+
+def check_trainer_kwargs(stage: Stage) -> None:
+    """Check a stage's values (its ``validate()``) and its trainer keyword arguments (names,
+    types and ranges, against the trainer's config) before any work starts.
+
+    Raises :class:`ConfigError` naming the key, the problem and the fix.
+    """
+    stage.validate()
+    trainer_cls = STAGE_TRAINERS.get(type(stage))
+    kwargs = getattr(stage, "trainer", {})
+    if trainer_cls is None or not kwargs:
+        return
+    build_config(trainer_cls, kwargs, "trainer")
