@@ -48,9 +48,9 @@ META = MetaJudgeTemplate(
     labels=("A", "B", "="),
 )
 PROMPTS = [f"q{i}" for i in range(8)]
-#: the two-process run's pairs: every prompt (4 chunks, 2 rounds of 2 ranks), so one
-#: process judges the same prompts as two (a round is never cut short by the target)
-DDP_STAGE = {"num_preference_pairs": 8}
+#: the two-process run's pairs: one per prompt, so the target is reached by the third of the
+#: four chunks, in the middle of the second round of two ranks (one process stops there)
+DDP_STAGE = {"num_preference_pairs": 6}
 
 
 def neg_log_likelihood(theta: torch.Tensor, battles: np.ndarray, prior: float) -> torch.Tensor:

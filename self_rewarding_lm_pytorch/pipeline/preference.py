@@ -158,8 +158,9 @@ class PairBuilder:
         Each chunk's randomness is seeded by (run seed, stage, chunk), so a resumed run
         regenerates an interrupted chunk exactly and appends only its missing records.
         With several processes, chunks are dealt round-robin to the ranks; every round's
-        records are gathered, and the main process writes them in chunk order, so the
-        files do not depend on the number of processes.
+        records are gathered, and the main process writes them in chunk order up to the
+        chunk that reaches the target (where one process stops), so the files do not
+        depend on the number of processes.
         """
         index, stage, stage_dir = self.index, self.stage, self.stage_dir
         acc = self.accelerator
@@ -223,20 +224,19 @@ class PairBuilder:
                         mine, chunk_ids[mine], prompts, gen_config, done_ids, budgets
                     )
                 )
+                parts = [fresh]
                 if world > 1:
                     from accelerate.utils import gather_object
 
-                    fresh = gather_object([fresh])
-                    fresh = [
-                        r
-                        for part in sorted(fresh, key=lambda p: p[0]["chunk"] if p else -1)
-                        for r in part
-                    ]
-                before = len(pairs)
-                add(fresh)
-                bar.update(min(len(pairs), target) - min(before, target))
-                check_parse_rate(self.name, stage, records)
-                check_ties(self.name, stage, stage_dir, records, pairs, max_prompts)
+                    parts = sorted((p for p in gather_object([fresh]) if p), key=_chunk_of)
+                for part in parts:  # in chunk order, as one process makes them
+                    if len(pairs) >= target:
+                        break  # one process stops after the chunk that reached the target
+                    before = len(pairs)
+                    add(part)
+                    bar.update(min(len(pairs), target) - min(before, target))
+                    check_parse_rate(self.name, stage, records)
+                    check_ties(self.name, stage, stage_dir, records, pairs, max_prompts)
         finally:
             bar.close()
         stats = candidate_stats(records, pairs)
@@ -338,6 +338,10 @@ def candidate_config(stage: PreferenceStage, eos_id: int | None) -> GenerationCo
         eos_token_id=eos_id,
         num_return_sequences=stage.num_candidates,
     )
+
+
+def _chunk_of(part: list[dict]) -> int:
+    return part[0]["chunk"]
 
 
 def _snapshot(backend: Any) -> dict[str, int] | None:
