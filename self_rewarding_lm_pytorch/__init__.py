@@ -15,6 +15,8 @@ from .judge import (
     CallableJudge,
     JudgeConfig,
     LLMJudge,
+    MetaJudge,
+    MetaJudgeTemplate,
     PairwiseJudge,
     PairwiseResult,
     PairwiseTemplate,
@@ -39,6 +41,7 @@ from .models import (
 )
 from .pipeline import (
     JudgeParseError,
+    MetaRewardStage,
     NotEnoughPairsError,
     PreferenceStage,
     PromptGenerationStage,
@@ -75,6 +78,9 @@ __all__ = [
     "HFTokenizer",
     "JudgeParseError",
     "LLMJudge",
+    "MetaJudge",
+    "MetaJudgeTemplate",
+    "MetaRewardStage",
     "PairwiseJudge",
     "PairwiseResult",
     "PairwiseTemplate",

@@ -16,7 +16,14 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["PAIR_STRATEGIES", "Pair", "PairStrategy", "register_pair_strategy", "select_pairs"]
+__all__ = [
+    "PAIR_STRATEGIES",
+    "Pair",
+    "PairStrategy",
+    "anchored_pair",
+    "register_pair_strategy",
+    "select_pairs",
+]
 
 
 class Pair(NamedTuple):
@@ -187,3 +194,44 @@ def select_pairs(
             )
         pairs.append(Pair(keep[c], keep[r]))
     return pairs
+
+
+def anchored_pair(
+    responses: Sequence[str],
+    scores: Sequence[float | None],
+    anchor_responses: Sequence[str],
+    anchor_scores: Sequence[float | None],
+    *,
+    strategy: str = "best_worst",
+    margin: float = 0.0,
+    length_tolerance: float = 0.0,
+) -> Pair | None:
+    """Anchored rejection (Temporal Self-Rewarding, Wang et al. 2025, arXiv 2508.06026):
+    chosen is the best-scored of the policy's ``responses``, rejected the worst-scored of
+    a frozen earlier model's ``anchor_responses`` (``Pair.rejected`` indexes those); None
+    unless ``score_chosen > score_rejected + margin``. Unparsable scores are skipped.
+
+    ``strategy="length_aware"`` applies Meta-Rewarding's length control within each side:
+    the shortest policy response within ``length_tolerance`` of the best, the longest
+    anchor response within ``length_tolerance`` of the worst.
+    """
+    if strategy not in ("best_worst", "length_aware"):
+        raise ValueError(f"anchored pairs take best_worst or length_aware, not {strategy!r}")
+    mine = [i for i, s in enumerate(scores) if _is_score(s)]
+    theirs = [j for j, s in enumerate(anchor_scores) if _is_score(s)]
+    if not mine or not theirs:
+        return None
+    hi = max(scores[i] for i in mine)  # type: ignore[type-var]
+    lo = min(anchor_scores[j] for j in theirs)  # type: ignore[type-var]
+    tol = length_tolerance if strategy == "length_aware" else 0.0
+    top = [i for i in mine if scores[i] >= hi - tol]  # type: ignore[operator]
+    bottom = [j for j in theirs if anchor_scores[j] <= lo + tol]  # type: ignore[operator]
+    if strategy == "length_aware":
+        top.sort(key=lambda i: (len(responses[i]), i))
+    for c in top:
+        partners = [j for j in bottom if scores[c] - anchor_scores[j] > margin]  # type: ignore[operator]
+        if partners:
+            if strategy == "length_aware":
+                return Pair(c, max(partners, key=lambda j: (len(anchor_responses[j]), -j)))
+            return Pair(c, partners[0])
+    return None

@@ -30,6 +30,7 @@ from self_rewarding_lm_pytorch.generation import GenerationConfig
 from self_rewarding_lm_pytorch.judge import JudgeConfig
 from self_rewarding_lm_pytorch.pairs import PAIR_STRATEGIES
 from self_rewarding_lm_pytorch.pipeline import STAGE_TRAINERS, STAGE_TYPES, check_plan
+from self_rewarding_lm_pytorch.pipeline.health import JudgeHealthConfig
 from self_rewarding_lm_pytorch.pipeline.plan import YAML_PLAN
 from self_rewarding_lm_pytorch.pipeline.stages import check_trainer_kwargs
 from self_rewarding_lm_pytorch.trainers import build_config
@@ -42,14 +43,22 @@ JUDGES = {"rm", "rm2"}
 BASE = {kind: {"kind": kind} for kind in STAGE_TYPES} | {
     "external_reward_dpo": {"kind": "external_reward_dpo", "judge": "rm"},
     "eft_build": {"kind": "eft_build", "inputs": "sft"},
+    "head_to_head": {"kind": "head_to_head", "prompts": "prompts"},
 }
 #: stage fields whose value the kind itself fixes, with the rule that says so
 FIXED = {
     "kind": "selects the stage dataclass (each case is one kind)",
     "self_reward_dpo.judge": "a self_reward_dpo stage judges with the model itself",
+    "external_reward_dpo.judge_model": "only the self judge samples a frozen model",
+    "meta_reward_dpo.judge": "the meta-judge is the policy: it judges with the model itself",
 }
 #: a value to try for a field whose type says too little (a partial mapping)
-SAMPLES: dict[str, Any] = {"generation": {"backend": "vllm"}}
+SAMPLES: dict[str, Any] = {
+    "generation": {"backend": "vllm"},
+    "judge_health": JudgeHealthConfig(rows="sft", min_accuracy=0.5),
+    "baseline": "prompts",
+    "judge": "rm2",
+}
 #: YAML-only refusals: a srlm run file has no models: section
 YAML_ONLY_REFUSED = {"prompt_generation.generator_model"}
 

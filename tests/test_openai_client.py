@@ -19,6 +19,7 @@ import pytest
 from self_rewarding_lm_pytorch.generation import GenerationConfig, OpenAIBackend, OpenAIConfig
 from self_rewarding_lm_pytorch.generation.http import JSONClient, ServerRefused
 from self_rewarding_lm_pytorch.generation.openai import ByteTokenizer
+from self_rewarding_lm_pytorch.generation.selection import usage_delta
 
 
 class Script:
@@ -222,7 +223,7 @@ def test_cache_answers_repeats_and_survives_a_torn_line(server, tmp_path):
     snapshot = first.usage
     again = first.generate(prompts, cfg)
     assert again.sequences == ref.sequences
-    assert first.usage_since(snapshot) == {
+    assert usage_delta(snapshot, first.usage) == {
         "requests": 0, "cached": 3, "retries": 0, "prompt_tokens": 0, "completion_tokens": 0,
     }  # fmt: skip
     cache = tmp_path / "requests.jsonl"

@@ -239,6 +239,7 @@ def close_judges(judges: dict[str, Any]) -> None:
 def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
     from ..pipeline import (
         EFTBuildStage,
+        HeadToHeadStage,
         PreferenceStage,
         PromptGenerationStage,
         SFTStage,
@@ -261,6 +262,12 @@ def _dataset_roles(cfg: RunConfig) -> dict[str, set[str]]:
                 roles.setdefault(stage.prompts, set()).add("prompts")
             if stage.replay is not None:
                 roles.setdefault(stage.replay, set()).add("sft")
+        elif isinstance(stage, HeadToHeadStage):  # reference rows {prompt, response}: "sft"
+            from ..pipeline.head_to_head_stage import baseline_dataset
+
+            roles.setdefault(stage.prompts, set()).add("prompts")
+            if baseline_dataset(stage) is not None:
+                roles.setdefault(stage.baseline, set()).add("sft")
     return roles
 
 
@@ -306,6 +313,10 @@ def _with_prefix(exc: Exception, where: str) -> Exception:
         return exc
 
 
+#: the stage kinds that name an external judge (built only for them)
+_JUDGED_KINDS = ("external_reward_dpo", "head_to_head")
+
+
 def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -> Any:
     """The :class:`~self_rewarding_lm_pytorch.pipeline.SelfRewardingTrainer` of a config
     (loads the tokenizer, model, data and judges unless given)."""
@@ -316,7 +327,7 @@ def build_trainer(cfg: RunConfig, *, model: Any = None, tokenizer: Any = None) -
     model = model if model is not None else build_model(cfg, tokenizer)
     datasets = build_datasets(cfg, tokenizer)
     used_judges = sorted(
-        {s.judge for s in cfg.stage_objects if getattr(s, "kind", "") == "external_reward_dpo"}
+        {s.judge for s in cfg.stage_objects if getattr(s, "kind", "") in _JUDGED_KINDS} - {"self"}
     )
     accelerate_kwargs = build_accelerate_kwargs(cfg.accelerate, cfg.out)
     from accelerate import PartialState

@@ -23,7 +23,7 @@ from ..models import encode_response, wrap_tokenizer
 from ..utils import with_overrides
 from .config import GenerationConfig, GenerationOutput, _check_prompts, _eos_set, prepare_request
 from .engine import _StopChecker
-from .http import USAGE_KEYS, JSONClient
+from .http import JSONClient
 from .vllm import _finish, _request_seeds
 
 __all__ = ["SERVED_KEYS", "ByteTokenizer", "OpenAIBackend", "OpenAIConfig"]
@@ -203,11 +203,6 @@ class OpenAIBackend:
         """``requests`` sent, ``cached`` answers, ``retries``, ``prompt_tokens`` and
         ``completion_tokens`` (server counts, sent requests only) since the backend began."""
         return dict(self.client.usage)
-
-    def usage_since(self, snapshot: dict[str, int]) -> dict[str, int]:
-        """What was used since ``snapshot`` (an earlier :attr:`usage`), e.g. by one stage."""
-        now = self.usage
-        return {k: now[k] - int(snapshot.get(k, 0)) for k in USAGE_KEYS}
 
     # ------------------------------------------------------------------ sampling
     def _shape(self) -> SimpleNamespace:

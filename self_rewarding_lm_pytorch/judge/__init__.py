@@ -4,12 +4,20 @@ Modules: :mod:`.templates` (sandboxed Jinja2, :class:`RewardConfig`, score parsi
 default prompt), :mod:`.base` (:class:`JudgeResult`, the :class:`Judge` protocol,
 :class:`CallableJudge`), :mod:`.config` (:class:`JudgeConfig`), :mod:`.llm`
 (:class:`LLMJudge`), :mod:`.pairwise` (:class:`PairwiseJudge`, two responses compared in
-both orders), :mod:`.reward_model` (:class:`RewardModelJudge`).
+both orders), :mod:`.meta`
+(:class:`MetaJudge`, Meta-Rewarding's judge of judgements, :func:`bradley_terry`), :mod:`.reward_model` (:class:`RewardModelJudge`).
 """
 
 from .base import CallableJudge, Judge, JudgeResult
 from .config import JudgeConfig
 from .llm import LLMJudge
+from .meta import (
+    DEFAULT_META_JUDGE_PROMPT,
+    DEFAULT_META_TEMPLATE,
+    MetaJudge,
+    MetaJudgeTemplate,
+    bradley_terry,
+)
 from .pairwise import (
     DEFAULT_PAIRWISE_PROMPT,
     DEFAULT_PAIRWISE_TEMPLATE,
@@ -33,6 +41,8 @@ __all__ = [
     "DEFAULT_PAIRWISE_PROMPT",
     "DEFAULT_PAIRWISE_TEMPLATE",
     "DEFAULT_JUDGE_PROMPT",
+    "DEFAULT_META_JUDGE_PROMPT",
+    "DEFAULT_META_TEMPLATE",
     "DEFAULT_REWARD_CONFIG",
     "DEFAULT_REWARD_REGEX_TEMPLATE",
     "NUMBER_PATTERN",
@@ -41,6 +51,8 @@ __all__ = [
     "JudgeConfig",
     "JudgeResult",
     "LLMJudge",
+    "MetaJudge",
+    "MetaJudgeTemplate",
     "PairwiseJudge",
     "PairwiseResult",
     "PairwiseTemplate",
@@ -48,5 +60,6 @@ __all__ = [
     "RewardModelJudge",
     "ScoreRange",
     "TemplateSecurityError",
+    "bradley_terry",
     "render_template",
 ]

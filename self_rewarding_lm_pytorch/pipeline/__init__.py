@@ -10,6 +10,8 @@ Stages (each a config dataclass, :mod:`.stages`) run in the order listed:
 * :class:`PreferenceStage` — one DPO iteration on pairs built from N sampled candidates
   judged by the model itself (``judge="self"``, the paper's §2.3) or by an external judge
   (OAIF style); gives M(t+1).
+* :class:`HeadToHeadStage` — the policy's greedy responses to held-out prompts, judged
+  against a baseline's (M1's outputs by default): the win rate per iteration.
 
 The pipeline owns ordering, the run directory, checkpoints and resume
 (:class:`SelfRewardingTrainer`, :mod:`.runner`); trainers own the training loops and
@@ -20,7 +22,8 @@ losing or duplicating a record.
 
 Modules: :mod:`.stages` (stage configs and plan rules), :mod:`.runner` (the entry point),
 :mod:`.seed_api` (the seed's keywords as stages), :mod:`.steps` (one stage's work),
-:mod:`.preference` (generate -> judge -> pair), :mod:`.eft` (the EFT build), :mod:`.rundir` (state and fingerprints),
+:mod:`.preference` (generate -> judge -> pair), :mod:`.eft` (the EFT build),
+:mod:`.meta` (Meta-Rewarding's judge pairs), :mod:`.rundir` (state and fingerprints),
 :mod:`.report` (statistics and reports).
 """
 
@@ -33,6 +36,9 @@ from .stages import (
     STAGE_TRAINERS,
     STAGE_TYPES,
     EFTBuildStage,
+    HeadToHeadStage,
+    MetaJudgeConfig,
+    MetaRewardStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -46,7 +52,10 @@ __all__ = [
     "STAGE_TRAINERS",
     "STAGE_TYPES",
     "EFTBuildStage",
+    "HeadToHeadStage",
     "JudgeParseError",
+    "MetaJudgeConfig",
+    "MetaRewardStage",
     "NotEnoughPairsError",
     "PreferenceStage",
     "PromptGenerationStage",

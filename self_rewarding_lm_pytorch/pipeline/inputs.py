@@ -12,10 +12,12 @@ from ..data import SFTExample, as_prompt_list, materialize, tokenize_sft_item
 from ..generation import response_budget
 from ..models import Tokenizer
 from .eft import check_eft_rows
+from .head_to_head_stage import preflight_head_to_head
 from .preference import prompt_budgets
 from .stages import (
     GENERATED_EFT,
     EFTBuildStage,
+    HeadToHeadStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -93,6 +95,9 @@ class StageInputs:
                     )
             elif isinstance(stage, PromptGenerationStage):
                 self.prompts(stage.seed_dataset)
+            elif isinstance(stage, HeadToHeadStage):
+                prompts = self.prompts(stage.prompts)
+                preflight_head_to_head(stage, name, prompts, self.datasets, judge_for(stage))
             elif isinstance(stage, PreferenceStage):
                 if stage.prompts != "generated":
                     self.prompt_budgets(name, stage, self.prompts(stage.prompts))

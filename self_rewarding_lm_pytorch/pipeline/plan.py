@@ -10,9 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
+from .head_to_head_stage import baseline_dataset
+from .snapshots import check_references
 from .stages import (
     GENERATED_EFT,
     EFTBuildStage,
+    HeadToHeadStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -41,7 +44,11 @@ def datasets_of(stage: Stage) -> list[str]:
         return [stage.dataset]
     if isinstance(stage, PromptGenerationStage):
         return [stage.seed_dataset]
-    return [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
+    if isinstance(stage, HeadToHeadStage):
+        return [n for n in (stage.prompts, baseline_dataset(stage)) if n is not None]
+    health = stage.judge_health
+    health_data = [health.prompts, health.rows] if health is not None else []
+    return [n for n in (stage.prompts, stage.replay, *health_data) if n not in (None, "generated")]
 
 
 @dataclass(frozen=True)
@@ -182,3 +189,48 @@ def check_plan(
                         f"{v.setting('kind', 'self_reward_dpo')}"
                     )
                 raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))
+            if stage.judge_health is not None:
+                for key in ("prompts", "rows"):
+                    ds = getattr(stage.judge_health, key)
+                    if ds is not None:
+                        need(ds, i, name, f"judge_health.{key}")
+        elif isinstance(stage, HeadToHeadStage):
+            _check_head_to_head(stage, i, name, stages, datasets, judges, pre, v)
+    check_references(stages, plan_names(stages), pre, v.key)
+
+
+def _check_head_to_head(
+    stage: HeadToHeadStage,
+    i: int,
+    name: str,
+    stages: Sequence[Stage],
+    datasets: set[str],
+    judges: set[str],
+    pre: str,
+    v: PlanVocabulary,
+) -> None:
+    """A head_to_head stage's prompts, baseline and judge (see :func:`check_plan`)."""
+    if stage.prompts not in datasets:
+        at = v.key(i, name, "prompts")
+        raise ConfigError(pre + v.undefined(at, "dataset", stage.prompts, datasets, v.datasets))
+    base = stage.baseline
+    earlier = [
+        (j, n)
+        for j, n in enumerate(plan_names(stages)[:i])
+        if isinstance(stages[j], HeadToHeadStage)
+    ]
+    stage_ok = baseline_dataset(stage) is None and base in {"first", *(n for _, n in earlier)}
+    if not stage_ok and (baseline_dataset(stage) is None or base not in datasets):
+        shown = ", ".join(f"{v.stage(j, n)} ({n})" for j, n in earlier) or "none"
+        close = _did_you_mean(base, ["first", *(n for _, n in earlier), *sorted(datasets)])
+        known = ", ".join(sorted(datasets)) or "none"
+        raise ConfigError(
+            f"{pre}{v.key(i, name, 'baseline')}: {base!r} is neither 'first', an earlier "
+            f"head_to_head stage (earlier ones: {shown}) nor a dataset {v.defined} "
+            f"{v.datasets} (known: {known}){'; ' + close if close else ''}; "
+            f"use {v.setting('baseline', 'first')} (the run's first head_to_head stage), an "
+            "earlier one's folder name, or a dataset of reference rows {prompt, response}"
+        )
+    if stage.judge != "self" and stage.judge not in judges:
+        at = v.key(i, name, "judge")
+        raise ConfigError(pre + v.undefined(at, "judge", stage.judge, judges, v.judges))

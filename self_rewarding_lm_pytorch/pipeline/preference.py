@@ -23,6 +23,7 @@ from ..models import Tokenizer
 from ..pairs import select_pairs
 from ..store import JsonlStore, atomic_write_json
 from ..utils import derive_seed, make_generator
+from .anchors import add_anchors, anchored_choice
 from .report import candidate_stats
 from .stages import START_AFRESH, PreferenceStage, _stage_slug
 
@@ -124,6 +125,10 @@ class PairBuilder:
     seed: int
     oracle: Any = None
     progress: bool = True
+    #: samples the anchor responses of ``rejected_from`` (a frozen earlier model), or None
+    anchor: GenerationBackend | None = None
+    #: the stage's judge health record (``judge_health.json``), added to its stats
+    health: dict | None = None
     #: what the backends that keep ``.usage`` counters used in this launch, by role
     usage: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -153,8 +158,9 @@ class PairBuilder:
         Each chunk's randomness is seeded by (run seed, stage, chunk), so a resumed run
         regenerates an interrupted chunk exactly and appends only its missing records.
         With several processes, chunks are dealt round-robin to the ranks; every round's
-        records are gathered, and the main process writes them in chunk order, so the
-        files do not depend on the number of processes.
+        records are gathered, and the main process writes them in chunk order up to the
+        chunk that reaches the target (where one process stops), so the files do not
+        depend on the number of processes.
         """
         index, stage, stage_dir = self.index, self.stage, self.stage_dir
         acc = self.accelerator
@@ -167,15 +173,7 @@ class PairBuilder:
         done_ids = {r["id"] for r in records}
         target = stage.num_preference_pairs
         max_prompts = prompts_tried(stage, prompts)
-        gen_config = GenerationConfig(
-            max_new_tokens=stage.max_new_tokens,
-            temperature=stage.temperature,
-            top_p=stage.top_p,
-            top_k=stage.top_k,
-            min_p=stage.min_p,
-            eos_token_id=self.tokenizer.eos_id,
-            num_return_sequences=stage.num_candidates,
-        )
+        gen_config = candidate_config(stage, self.tokenizer.eos_id)
 
         def add(new_records: list[dict]) -> None:
             new_pairs = []
@@ -226,26 +224,27 @@ class PairBuilder:
                         mine, chunk_ids[mine], prompts, gen_config, done_ids, budgets
                     )
                 )
+                parts = [fresh]
                 if world > 1:
                     from accelerate.utils import gather_object
 
-                    fresh = gather_object([fresh])
-                    fresh = [
-                        r
-                        for part in sorted(fresh, key=lambda p: p[0]["chunk"] if p else -1)
-                        for r in part
-                    ]
-                before = len(pairs)
-                add(fresh)
-                bar.update(min(len(pairs), target) - min(before, target))
-                check_parse_rate(self.name, stage, records)
-                check_ties(self.name, stage, stage_dir, records, pairs, max_prompts)
+                    parts = sorted((p for p in gather_object([fresh]) if p), key=_chunk_of)
+                for part in parts:  # in chunk order, as one process makes them
+                    if len(pairs) >= target:
+                        break  # one process stops after the chunk that reached the target
+                    before = len(pairs)
+                    add(part)
+                    bar.update(min(len(pairs), target) - min(before, target))
+                    check_parse_rate(self.name, stage, records)
+                    check_ties(self.name, stage, stage_dir, records, pairs, max_prompts)
         finally:
             bar.close()
         stats = candidate_stats(records, pairs)
         usage = self._gathered_usage()
         if usage:
             stats["usage"] = usage
+        if self.health is not None:
+            stats["judge_health"] = self.health
         if main:
             atomic_write_json(stage_dir / "stats.json", stats)
         acc.wait_for_everyone()
@@ -311,7 +310,38 @@ class PairBuilder:
             if self.oracle is not None:
                 record["oracle_scores"] = [self.oracle(prompt, r) for r in record["responses"]]
             out.append(record)
+        if self.anchor is not None and out:  # rejected_from: the frozen model's candidates
+            seed = derive_seed(self.seed, self.index, chunk_index, "anchor")
+            before = _snapshot(judge_backend)
+            add_anchors(
+                out,
+                self.anchor,
+                self.tokenizer,
+                self.judge,
+                gen_config,
+                budgets=[budgets[int(r["id"].rsplit("-", 1)[1])] for r in out],
+                generator=make_generator(seed, self.device),
+                oracle=self.oracle,
+            )
+            self._count("judge", judge_backend, before)
         return out
+
+
+def candidate_config(stage: PreferenceStage, eos_id: int | None) -> GenerationConfig:
+    """How the stage samples its ``num_candidates`` candidates per prompt."""
+    return GenerationConfig(
+        max_new_tokens=stage.max_new_tokens,
+        temperature=stage.temperature,
+        top_p=stage.top_p,
+        top_k=stage.top_k,
+        min_p=stage.min_p,
+        eos_token_id=eos_id,
+        num_return_sequences=stage.num_candidates,
+    )
+
+
+def _chunk_of(part: list[dict]) -> int:
+    return part[0]["chunk"]
 
 
 def _snapshot(backend: Any) -> dict[str, int] | None:
@@ -329,24 +359,33 @@ def pairs_of(record: dict, stage: PreferenceStage, room: int) -> list[dict]:
     """At most ``room`` preference pairs from one judged record (TRL columns + scores)."""
     if room <= 0:
         return []
-    chosen_rejected = select_pairs(
-        record["responses"],
-        record["scores"],
-        strategy=stage.pair_strategy,
-        margin=stage.pair_margin,
-        length_tolerance=stage.length_tolerance,
+    # anchored (rejected_from): the rejected side is the frozen model's candidates
+    anchored = "anchor_responses" in record
+    side, tag = ("anchor_", "anchor") if anchored else ("", "")
+    origin = {"chosen_from": "policy", "rejected_from": stage.rejected_from} if anchored else {}
+    chosen_rejected = (
+        anchored_choice(record, stage)
+        if anchored
+        else select_pairs(
+            record["responses"],
+            record["scores"],
+            strategy=stage.pair_strategy,
+            margin=stage.pair_margin,
+            length_tolerance=stage.length_tolerance,
+        )
     )
     return [
         {
-            "id": f"{record['id']}/{c}-{r}",
+            "id": f"{record['id']}/{c}-{tag}{r}",
             "prompt_id": record["id"],
             "prompt": record["prompt"],
             "chosen": record["responses"][c],
-            "rejected": record["responses"][r],
+            "rejected": record[f"{side}responses"][r],
             "chosen_index": c,
             "rejected_index": r,
+            **origin,
             "score_chosen": record["scores"][c],
-            "score_rejected": record["scores"][r],
+            "score_rejected": record[f"{side}scores"][r],
         }
         for c, r in chosen_rejected[:room]
     ]

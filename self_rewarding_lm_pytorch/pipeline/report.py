@@ -14,7 +14,14 @@ import torch
 from ..config import to_dict
 from ..store import atomic_write_json, atomic_write_text
 
-__all__ = ["candidate_stats", "config_yaml", "plain", "render_report_md", "write_report"]
+__all__ = [
+    "candidate_stats",
+    "config_yaml",
+    "head_to_head_table",
+    "plain",
+    "render_report_md",
+    "write_report",
+]
 
 
 def candidate_stats(candidates: list[dict], pairs: list[dict]) -> dict:
@@ -89,7 +96,15 @@ def render_report_md(report: dict) -> str:
     lines = [f"# Run report: {report['run_dir']}", ""]
     for rec in report["stages"]:
         lines += [f"## {rec['stage']}", ""]
-        for key in ("checkpoint", "pairs", "prompts", "eft"):
+        for key in (
+            "checkpoint",
+            "pairs",
+            "judge_pairs",
+            "prompts",
+            "eft",
+            "outputs",
+            "judgements",
+        ):
             if rec.get(key):
                 lines.append(f"- {key}: `{rec[key]}`")
         for section in ("stats", "metrics"):
@@ -102,7 +117,29 @@ def render_report_md(report: dict) -> str:
                         v = ", ".join(f"{a}: {b}" for a, b in v.items())
                     lines.append(f"| {k} | {v} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + head_to_head_table(report["stages"]))
+
+
+def head_to_head_table(records: list[dict]) -> list[str]:
+    """The "Head-to-head" section: a row per head_to_head stage that had a baseline."""
+    rows = [r for r in records if r.get("head_to_head")]
+    if not rows:
+        return []
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    lines = ["## Head-to-head", "", "| stage | vs | n | win rate [95% CI] | LC win rate | ties "
+             "| mean chars A / B |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        h = r["head_to_head"]
+        ci = f" [{pct(h['ci95'][0])}, {pct(h['ci95'][1])}]" if h.get("ci95") else ""
+        chars = f"{h['mean_chars_a']:.1f} / {h['mean_chars_b']:.1f}"
+        lines.append(
+            f"| {r['stage']} | {r['baseline']} | {h['judged']} | {pct(h['win_rate'])}{ci} | "
+            f"{pct(h['lc_win_rate'])} | {pct(h['tie_rate'])} | {chars} |"
+        )
+    return lines + [""]
 
 
 def write_report(run_dir: Path, finished: list[dict], *, main: bool) -> dict:

@@ -23,6 +23,7 @@ from .stages import (
     _JUDGE_KEYS,
     START_AFRESH,
     EFTBuildStage,
+    HeadToHeadStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -93,6 +94,12 @@ def stage_fingerprint(
     elif isinstance(stage, EFTBuildStage):
         data = [stage.inputs]
         judge["reward_config"] = reward_config
+    elif isinstance(stage, HeadToHeadStage):  # a baseline stage's outputs: its fingerprint
+        data = [stage.prompts, stage.baseline]
+        if stage.judge == "self":
+            judge["reward_config"] = reward_config
+        else:
+            judge["judge_identity"] = judges[stage.judge]
     else:
         data = [n for n in (stage.prompts, stage.replay) if n not in (None, "generated")]
         if stage.judge == "self":
@@ -172,6 +179,7 @@ def _added_at_default(old: dict, new: dict, defaults: dict, group: str) -> dict[
 def _has_records(stage_dir: Path) -> bool:
     """Whether an unfinished stage already wrote records (candidates, pairs, prompts)."""
     names = ("candidates.jsonl", "pairs.jsonl", "prompts.jsonl", "judgements.jsonl")
+    names += ("outputs.jsonl",)  # a head_to_head stage's
     return any((stage_dir / n).is_file() and (stage_dir / n).stat().st_size > 0 for n in names)
 
 
@@ -193,7 +201,8 @@ def _set_aside_judgements(stage_dir: Path, name: str, changes: list[str]) -> Non
         k += 1
     aside = stage_dir / f"stale-judge-{k}"
     aside.mkdir()
-    for file in ("candidates.jsonl", "pairs.jsonl", "judgements.jsonl", "stats.json"):
+    judged = ("candidates.jsonl", "pairs.jsonl", "judgements.jsonl", "stats.json")
+    for file in (*judged, "meta_judgements.jsonl", "judge_pairs.jsonl"):
         if (stage_dir / file).exists():
             (stage_dir / file).rename(aside / file)
     log.warning(

@@ -4,7 +4,6 @@ order, handing each stage's work to :mod:`.steps` and :mod:`.preference`."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,7 +16,7 @@ from ..config import ConfigError
 from ..data import tokenize_sft_item
 from ..generation import GenerationBackend, TorchBackend
 from ..generation.selection import BackendConfig, backend_fingerprint, check_servable
-from ..judge import DEFAULT_REWARD_CONFIG, CallableJudge, LLMJudge, RewardConfig
+from ..judge import DEFAULT_REWARD_CONFIG, RewardConfig
 from ..models import CausalLM, wrap_model, wrap_tokenizer
 from ..store import (
     RunDirError,
@@ -30,9 +29,11 @@ from ..store import (
 from ..trainers.checkpoint import load_checkpoint
 from ..trainers.sharding import gathered, is_sharded, load_full_state_dict, shard_model
 from .backends import StageSamplers
+from .head_to_head_stage import resolve_baseline, run_head_to_head, stage_judge
+from .health import check_oracle
 from .inputs import StageInputs
+from .iteration import PreferenceIteration
 from .plan import check_plan, datasets_of, plan_names
-from .preference import PairBuilder, prompts_tried
 from .report import config_yaml, write_report
 from .rundir import (
     check_fingerprints,
@@ -42,11 +43,13 @@ from .rundir import (
     stage_fingerprint,
 )
 from .seed_api import seed_stages
+from .snapshots import Snapshots, capture_base, check_support, needs_base
 from .stages import (
     GENERATED_EFT,
     SAMPLING_STAGES,
     START_AFRESH,
     EFTBuildStage,
+    HeadToHeadStage,
     PreferenceStage,
     PromptGenerationStage,
     SFTStage,
@@ -62,7 +65,7 @@ __all__ = ["SelfRewardingTrainer"]
 log = logging.getLogger(__name__)
 
 
-class SelfRewardingTrainer:
+class SelfRewardingTrainer(PreferenceIteration):
     """Run SFT, SPIN, prompt generation and self-/external-reward DPO stages in order.
 
     Either give ``stages`` explicitly, or use the seed's keyword API, which builds the
@@ -204,15 +207,16 @@ class SelfRewardingTrainer:
                 UserWarning,
                 stacklevel=2,
             )
-        #: for SFT stages with init="base": the trainable weights the run started from, on
-        #: CPU (frozen ones, e.g. a LoRA model's base, never change)
-        self._base_weights = None
-        if any(isinstance(s, SFTStage) and s.init == "base" for s in self.stages):
-            self._base_weights = {
-                k: p.detach().to("cpu", copy=True)
-                for k, p in self.model.named_parameters()
-                if p.requires_grad
-            }
+        #: for SFT stages with init="base" and references to "initial": the trainable
+        #: weights the run started from, on CPU
+        self._base_weights = capture_base(self.model) if needs_base(self.stages) else None
+        #: frozen earlier models (rejected_from, judge_model, a frozen judge)
+        self.snapshots = Snapshots(self.model, lambda: self._base_weights, self.run_dir)
+        self._finished: dict[str, dict] = {}
+        check_support(
+            self.stages, self._plan(), shard_parameters, lambda s, n: self.samplers.config_of(s, n)
+        )
+        check_oracle(self.stages, self._plan(), oracle)
         self._accelerator = None
         self._lock = RunLock(self.run_dir)
         self._run_open = False
@@ -413,6 +417,7 @@ class SelfRewardingTrainer:
         plan = self._plan()
         main = self.accelerator.is_main_process
         finished = {r["stage"]: r for r in state["finished"]}
+        self._finished = finished  # what frozen references load
         last_ckpt = None
         for name in plan:
             if name in finished and finished[name].get("checkpoint"):
@@ -438,6 +443,7 @@ class SelfRewardingTrainer:
             state["finished"].append(record)
             self._save_state(state)
             finished[name] = record
+            self.snapshots.release(self.snapshots.keep_for(self.stages[index + 1 :]))
         return write_report(self.run_dir, state["finished"], main=main)
 
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
@@ -476,6 +482,15 @@ class SelfRewardingTrainer:
             rows = self._inputs.rows(stage.inputs)
             with gathered(self.model):  # sharded: whole weights while the ranks sample
                 return ctx.run_eft_build(index, stage, stage_dir, rows, judge, self.lm.device)
+        if isinstance(stage, HeadToHeadStage):
+            name, prompts = self._plan()[index], self._inputs.prompts(stage.prompts)
+            judge = stage_judge(stage, self._judge_for(stage, sampler), name)
+            base = resolve_baseline(index, self.stages, self._plan(), dirs, self.datasets)
+            with gathered(self.model):  # sharded: whole weights while the ranks sample
+                return run_head_to_head(
+                    ctx, index=index, name=name, stage=stage, stage_dir=stage_dir,
+                    prompts=prompts, judge=judge, baseline=base, device=self.lm.device,
+                )  # fmt: skip
         if isinstance(stage, PromptGenerationStage):
             if stage.generator_model != "self":
                 sampler = self.models[stage.generator_model]
@@ -488,51 +503,7 @@ class SelfRewardingTrainer:
                     self._inputs.prompts(stage.seed_dataset),
                     generated_prompts(self.stages, dirs, index, latest=False),
                 )
-        prompts = (
-            generated_prompts(self.stages, dirs, index, latest=True)
-            if stage.prompts == "generated"
-            else self._inputs.prompts(stage.prompts)
-        )
-        name = self._plan()[index]
-        builder = PairBuilder(
-            name=name,
-            index=index,
-            stage=stage,
-            stage_dir=stage_dir,
-            backend=sampler,
-            device=self.lm.device,
-            tokenizer=self.tokenizer,
-            judge=self._judge_for(stage, sampler),
-            accelerator=self.accelerator,
-            seed=self.seed,
-            oracle=self.oracle,
-            progress=self.progress,
-        )
-        budgets = self._inputs.prompt_budgets(name, stage, prompts[: prompts_tried(stage, prompts)])
-        with gathered(self.model):  # the ranks sample different chunks: no collectives
-            pairs = builder.build(prompts, budgets)
-        self.samplers.pool.sleep()
-        replay = self._inputs.sft_examples([stage.replay]) if stage.replay else None
-        return ctx.run_dpo(stage, stage_dir, pairs, replay)
-
-    def _judge_for(self, stage: PreferenceStage, backend: GenerationBackend | None = None):
-        """The stage's judge; the self judge samples through ``backend`` (the stage's
-        sampler; the torch engine when not given, as in the pre-flight checks)."""
-        if stage.judge != "self":
-            judge = self.judges[stage.judge]
-            return judge if hasattr(judge, "score") else CallableJudge(judge)
-        settings = stage.judge_settings
-        backend = self.backend if backend is None else backend
-        # settings that configure the torch engine need a judge engine of their own, over
-        # the same live module
-        torch_engine = backend is self.backend
-        sampler = self.lm if torch_engine and settings.engine_options() else backend
-        return LLMJudge(
-            sampler,
-            self.tokenizer,
-            self.reward_config,
-            **dataclasses.asdict(settings),
-        )
+        return self._run_preference(index, stage, stage_dir, sampler, ctx, dirs)
 
     def _config_yaml(self) -> str:
         return config_yaml(

@@ -1,32 +1,44 @@
-"""The stage configs of the pipeline and their validation rules.
+"""The stage configs of the pipeline: the training stages (SFT, SPIN, prompt generation,
+preference/DPO, Meta-Rewarding) defined here, the judging ones (:mod:`.judging_stages`),
+and the registries of kinds, trainers and sampling stages.
 
-Each stage is a config dataclass (SFT, SPIN, prompt generation, preference/DPO);
-:func:`check_trainer_kwargs` checks a stage's values and trainer arguments. The names a
-list of stages uses are checked by :func:`~.plan.check_plan`.
+:func:`check_trainer_kwargs` checks a stage's values and trainer arguments; the names a list
+of stages uses are checked by :func:`~.plan.check_plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import functools
-import math
-import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from ..config import ConfigError, from_dict, renamed_key
+from ..config import ConfigError, from_dict
 from ..generation.selection import check_generation_override
 from ..judge import JudgeConfig
+from ..judge.meta import MetaJudgeTemplate
 from ..trainers import DPOTrainer, SFTTrainer, SPINTrainer, TrainingConfig, build_config
+from .health import JudgeHealthConfig
+from .judging_stages import EFTBuildStage, EFTJudgeConfig, HeadToHeadStage
+from .stage_rules import (
+    START_AFRESH,
+    _check,
+    _check_types,
+    _did_you_mean,
+    _non_negative,
+    _refuse_renamed,
+    _sampling_rules,
+)
 
 __all__ = [
     "SAMPLING_STAGES",
     "STAGE_TRAINERS",
     "STAGE_TYPES",
+    "START_AFRESH",
     "EFTBuildStage",
     "EFTJudgeConfig",
+    "MetaJudgeConfig",
+    "MetaRewardStage",
+    "HeadToHeadStage",
     "PreferenceStage",
     "PromptGenerationStage",
     "SFTStage",
@@ -149,21 +161,6 @@ class PromptGenerationStage:
         )
 
 
-def _refuse_renamed(cls: type) -> type:
-    """Make ``cls(old_key=...)`` name the key that replaced ``old_key`` (``cls._renamed_keys``;
-    the YAML loader reads the same map)."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        for key in sorted(kwargs.keys() & cls._renamed_keys.keys()):
-            raise renamed_key(cls.__name__, key, cls._renamed_keys[key], kwargs[key], python=True)
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-    return cls
-
-
 @_refuse_renamed
 @dataclass
 class PreferenceStage:
@@ -200,6 +197,18 @@ class PreferenceStage:
         default_factory=dict,
         metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
     )
+    rejected_from: str = field(
+        default="policy",
+        metadata={"help": "rejected responses from 'policy', 'initial' or an earlier stage"},
+    )
+    judge_model: str = field(
+        default="policy",
+        metadata={"help": "the self judge samples 'policy', 'initial' or an earlier stage"},
+    )
+    judge_health: JudgeHealthConfig | None = field(
+        default=None,
+        metadata={"help": "measure the judge before judging; stop or freeze when unhealthy"},
+    )
 
     # keys of earlier versions, now under judge_settings: refused, naming the new key
     _renamed_keys: ClassVar[dict[str, str]] = {
@@ -215,6 +224,8 @@ class PreferenceStage:
         _plain_trainer(self)
         if isinstance(self.judge_settings, dict):  # judge_settings={"num_samples": 1}
             self.judge_settings = from_dict(JudgeConfig, self.judge_settings, path="judge_settings")
+        if isinstance(self.judge_health, dict):  # judge_health={"rows": "eft_heldout", ...}
+            self.judge_health = from_dict(JudgeHealthConfig, self.judge_health, path="judge_health")
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
@@ -296,126 +307,189 @@ class PreferenceStage:
                     _did_you_mean(self.pair_strategy, PAIR_STRATEGIES)
                     or "use e.g. best_worst (the paper's rule)",
                 ),
+                (
+                    self.rejected_from == "policy"
+                    or self.pair_strategy in ("best_worst", "length_aware"),
+                    "pair_strategy",
+                    "be best_worst or length_aware with rejected_from (one pair per prompt: "
+                    "the best policy candidate against the worst anchor candidate)",
+                    "remove pair_strategy or rejected_from",
+                ),
+                (
+                    self.judge_health is None
+                    or self.judge_health.action == "stop"
+                    or self.judge == "self",
+                    "judge_health.action",
+                    "be stop with an external judge (freeze switches the self judge's weights)",
+                    "use action: stop, or judge: self",
+                ),
             ],
         )
         js.validate("judge_settings")  # its other keys (mode, batch_size, ...)
         check_generation_override(self.generation, "generation")
+        if self.judge_health is not None:
+            self.judge_health.validate()
 
 
 @dataclass
-class EFTJudgeConfig(JudgeConfig):
-    """:class:`JudgeConfig` with one sampled judgement per response by default: the paper
-    trains on single judgements (one chain of thought + score each), not on averages."""
+class MetaJudgeConfig(JudgeConfig):
+    """:class:`JudgeConfig` of the meta-judge: one verdict per order by default (both
+    orders of every comparison are always judged)."""
 
     num_samples: int = field(
-        default=1,
-        metadata={"help": "judgement sets sampled per row, each checked against the humans"},
+        default=1, metadata={"help": "verdicts sampled per order of each comparison"}
     )
 
 
+@_refuse_renamed
 @dataclass
-class EFTBuildStage:
-    """The paper's EFT data (§3.1): the policy judges human-ranked responses with the run's
-    reward template; the judgements whose scores order the responses as the humans did are
-    kept, balanced over scores and split by prompt. Trains nothing.
-
-    ``inputs`` names a dataset of rows ``{prompt, responses, human_ranks}`` (``srlm prepare
-    oasst``'s ``eft_inputs.jsonl``); a later SFT stage reads the result as
-    ``datasets: [..., generated_eft]``.
+class MetaRewardStage(PreferenceStage):
+    """One Meta-Rewarding iteration (Wu et al. 2024): a self-rewarding iteration whose DPO
+    data also holds judge pairs. The policy judges each candidate ``judge_settings.
+    num_samples`` times (actor pairs as in ``self_reward_dpo``), then as meta-judge compares
+    every two judgements of the response whose scores vary most, in both orders; the
+    Bradley–Terry strongest vs weakest judgement is a pair whose prompt is the judge prompt.
     """
 
-    kind: Literal["eft_build"] = "eft_build"
-    inputs: str = field(default="eft_inputs", metadata={"help": "dataset of human-ranked rows"})
-    judge_settings: EFTJudgeConfig = field(
-        default_factory=EFTJudgeConfig,
-        metadata={"help": "how the policy samples its judgements (num_samples sets per row)"},
+    kind: Literal["meta_reward_dpo"] = "meta_reward_dpo"
+    meta_judge_settings: MetaJudgeConfig | JudgeConfig = field(
+        default_factory=MetaJudgeConfig,
+        metadata={"help": "how the meta-judge samples its verdicts (num_samples per order, mode)"},
     )
-    agreement: Literal["all_pairs", "best_worst"] = field(
-        default="all_pairs",
-        metadata={"help": "which differently-ranked pairs the scores must order as the humans"},
+    meta_template: MetaJudgeTemplate | None = field(
+        default=None,
+        metadata={"help": "the meta-judge prompt and verdict (MetaJudgeTemplate; null: paper's)"},
     )
-    balance: bool = field(
-        default=True, metadata={"help": "downsample every score to the rarest one's count"}
+    judge_pairs_per_prompt: int = field(
+        default=1, metadata={"help": "responses meta-judged per prompt (highest score variance)"}
     )
-    heldout_fraction: float = field(
-        default=0.25, metadata={"help": "share of prompts (seeded) written to eft_heldout.jsonl"}
+    max_judge_pair_share: float = field(
+        default=0.15,
+        metadata={"help": "judge pairs' share of the stage's DPO pairs at most (excess dropped)"},
     )
-    max_examples: int | None = field(
-        default=None, metadata={"help": "training examples at most (seeded choice); null: all"}
+    balance_judge_scores: bool = field(
+        default=True,
+        metadata={"help": "downsample judge pairs to the rarest chosen-judgement score's count"},
     )
-    chunk_size: int = field(default=16, metadata={"help": "rows judged (and saved) together"})
-    generation: dict[str, Any] = field(  # merged over the run's generation: section
-        default_factory=dict,
-        metadata={"help": "this stage's backend keys, over the run's (e.g. {backend: vllm})"},
+    max_judgement_chars: int | None = field(
+        default=None,
+        metadata={"help": "judgements longer than this are not meta-judged (null: no limit)"},
     )
-
-    #: the self judge writes the judgements (the runner's judge lookup reads this)
-    judge: ClassVar[str] = "self"
 
     def __post_init__(self) -> None:
-        if isinstance(self.judge_settings, dict):  # judge_settings={"temperature": 0.7}
-            self.judge_settings = from_dict(
-                EFTJudgeConfig, self.judge_settings, path="judge_settings"
+        super().__post_init__()
+        if isinstance(self.meta_judge_settings, dict):
+            self.meta_judge_settings = from_dict(
+                MetaJudgeConfig, self.meta_judge_settings, path="meta_judge_settings"
+            )
+        if isinstance(self.meta_template, dict):
+            self.meta_template = from_dict(
+                MetaJudgeTemplate, self.meta_template, path="meta_template"
             )
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the key when a value is of the wrong type or range."""
-        _check_types(self)
-        js = self.judge_settings
+        super().validate()
+        js, ms = self.judge_settings, self.meta_judge_settings
         _check(
             self,
             [
                 (
-                    0 <= self.heldout_fraction < 1,
-                    "heldout_fraction",
-                    "lie in [0, 1)",
-                    "use e.g. 0.25 (the paper holds out 531 of 2,161)",
+                    self.judge == "self",
+                    "judge",
+                    "be 'self' (the meta-judge is the policy, judging its own judgements)",
+                    "remove the key (an external judge belongs in an external_reward_dpo stage)",
                 ),
-                (
-                    self.max_examples is None or self.max_examples >= 1,
-                    "max_examples",
-                    "be at least 1 (or null: every kept example)",
-                    "use e.g. 1630 (the paper's count)",
-                ),
-                (self.chunk_size >= 1, "chunk_size", "be at least 1", "use e.g. 16"),
-                (js.num_samples >= 1, "judge_settings.num_samples", "be at least 1", "use 1"),
                 (
                     js.mode == "mean",
                     "judge_settings.mode",
-                    "be 'mean' (each judgement is a written text with its own score)",
+                    "be 'mean' (the meta-judge compares several written judgements)",
                     "remove the key",
                 ),
-                *_sampling_rules(
-                    js.temperature, js.top_p, "judge_settings.temperature", "judge_settings.top_p"
+                (
+                    js.num_samples >= 2,
+                    "judge_settings.num_samples",
+                    "be at least 2 (the meta-judge compares judgements of one response)",
+                    "use e.g. 3 or more",
                 ),
+                (
+                    js.temperature > 0,
+                    "judge_settings.temperature",
+                    "be above 0 (greedy judgements are all the same: nothing to compare)",
+                    "use e.g. 0.7",
+                ),
+                (
+                    self.judge_pairs_per_prompt >= 1,
+                    "judge_pairs_per_prompt",
+                    "be at least 1",
+                    "the paper meta-judges 1 response per prompt",
+                ),
+                (
+                    0 <= self.max_judge_pair_share < 1,
+                    "max_judge_pair_share",
+                    "lie in [0, 1)",
+                    "use e.g. 0.15 (more made the judge give every response the top score)",
+                ),
+                (
+                    self.max_judgement_chars is None or self.max_judgement_chars >= 1,
+                    "max_judgement_chars",
+                    "be at least 1 (or null: no limit)",
+                    "use e.g. 2000",
+                ),
+                (ms.num_samples >= 1, "meta_judge_settings.num_samples", "be at least 1", "use 1"),
             ],
         )
-        js.validate("judge_settings")
-        check_generation_override(self.generation, "generation")
+        ms.validate("meta_judge_settings")
 
 
-Stage = SFTStage | SPINStage | PromptGenerationStage | PreferenceStage | EFTBuildStage
+Stage = (
+    SFTStage
+    | SPINStage
+    | PromptGenerationStage
+    | PreferenceStage
+    | MetaRewardStage
+    | EFTBuildStage
+    | HeadToHeadStage
+)
 # settings that cannot change a stage's records or model: not part of its fingerprint
 _FREE_STAGE_KEYS = ("min_parse_rate",)
 _FREE_TRAINER_KEYS = ("progress", "log_every", "project_name")
-# a preference stage's judge settings: when only these change in an unfinished stage,
-# its candidates are judged again instead of refused
-_JUDGE_KEYS = ("judge", "judge_settings")
+# a preference stage's judge settings (and a meta-reward stage's meta-judge settings): when
+# only these change in an unfinished stage, its candidates are judged again instead of refused
+_JUDGE_KEYS = (
+    "judge",
+    "judge_settings",
+    "judge_model",
+    "meta_judge_settings",
+    "meta_template",
+    "judge_pairs_per_prompt",
+    "max_judgement_chars",
+)
 STAGE_TYPES: dict[str, type] = {
     "sft": SFTStage,
     "spin": SPINStage,
     "prompt_generation": PromptGenerationStage,
     "self_reward_dpo": PreferenceStage,
     "external_reward_dpo": PreferenceStage,
+    "meta_reward_dpo": MetaRewardStage,
     "eft_build": EFTBuildStage,
+    "head_to_head": HeadToHeadStage,
 }
-STAGE_TRAINERS = {SFTStage: SFTTrainer, SPINStage: SPINTrainer, PreferenceStage: DPOTrainer}
+STAGE_TRAINERS = {
+    SFTStage: SFTTrainer,
+    SPINStage: SPINTrainer,
+    PreferenceStage: DPOTrainer,
+    MetaRewardStage: DPOTrainer,
+}
 #: the stages that sample the policy (and take a generation: override)
-SAMPLING_STAGES = (SPINStage, PromptGenerationStage, PreferenceStage, EFTBuildStage)
-
-
-#: how a run that cannot resume starts afresh (one spelling in every message that says so)
-START_AFRESH = "--overwrite (overwrite=True) or another --out (checkpoints_folder)"
+SAMPLING_STAGES = (
+    SPINStage,
+    PromptGenerationStage,
+    PreferenceStage,
+    EFTBuildStage,
+    HeadToHeadStage,
+    MetaRewardStage,
+)
 
 
 def _plain_trainer(stage: Any) -> None:
@@ -441,43 +515,6 @@ def _plain_trainer(stage: Any) -> None:
 
 def _stage_slug(stage: Stage) -> str:
     return stage.kind.replace("_", "-")
-
-
-def _check(stage: Any, rules: list[tuple[bool, str, str, str]]) -> None:
-    """``(ok, key, rule, fix)``: the first rule that fails raises, naming key and value
-    (a dotted key names a field of a nested config, e.g. ``judge_settings.top_p``)."""
-    for ok, key, rule, fix in rules:
-        if not ok:
-            value = functools.reduce(getattr, key.split("."), stage)
-            raise ConfigError(f"{key} must {rule}, got {value!r}; {fix}")
-
-
-def _sampling_rules(temperature: float, top_p: float, t_key: str, p_key: str) -> list:
-    return [
-        (_non_negative(temperature), t_key, "be a finite number >= 0 (0 = greedy)", "use e.g. 0.7"),
-        (0 < top_p <= 1, p_key, "lie in (0, 1] (1 disables it)", "use e.g. 0.9"),
-    ]
-
-
-def _did_you_mean(value: Any, valid: Sequence[str]) -> str:
-    """``"did you mean 'x'?"`` for the valid name closest to ``value``, or ``""``."""
-    close = difflib.get_close_matches(str(value), list(valid), n=1)
-    return f"did you mean {close[0]!r}?" if close else ""
-
-
-def _non_negative(x: float) -> bool:
-    return math.isfinite(x) and x >= 0
-
-
-def _check_types(stage: Any) -> None:
-    """Each field of a stage config against its annotation (the rules of the YAML loader)."""
-    from ..config import _convert
-
-    hints = typing.get_type_hints(type(stage))
-    for f in dataclasses.fields(stage):
-        if f.name == "pair_strategy":  # a name or a callable: checked by validate()
-            continue
-        _convert(getattr(stage, f.name), hints[f.name], f.name)
 
 
 def check_trainer_kwargs(stage: Stage) -> None:
