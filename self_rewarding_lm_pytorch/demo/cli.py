@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .arms import ARM_TABLE, check_arms
+from .arms import ARM_TABLE, DEFAULT_ARMS, check_arms
 from .config import DemoSetupError
 
 __all__ = ["main"]
@@ -36,8 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         type=_parse_arms,
-        default=list(ARM_TABLE),
-        help="comma-separated arms to run (default all): "
+        default=list(DEFAULT_ARMS),
+        help=f"comma-separated arms to run (default {','.join(DEFAULT_ARMS)}): "
         + "; ".join(f"{a.name}: {a.description}" for a in ARM_TABLE.values()),
     )
     p.add_argument(

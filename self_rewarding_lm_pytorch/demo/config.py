@@ -81,6 +81,12 @@ class DemoConfig:
     # M1's SFT and the EFT replay; 0 = off (the skill is still measured on every model)
     n_meta_eft: int = 0
     n_meta_eval: int = 200
+    # the meta arm: judge pairs at most this share of an iteration's DPO pairs (NeMo-Aligner
+    # saw the judge collapse above ~15%)
+    meta_judge_pair_share: float = 0.15
+    # the health arm: prompts its judge is measured on, and the drop that freezes it
+    n_health_prompts: int = 100
+    health_max_drop: float = 0.03
     n_eval_prompts: int = 1000
     n_judge_eval_prompts: int = 200
     judge_eval_responses: int = 4
@@ -99,6 +105,7 @@ class DemoConfig:
             "judge_samples",
             "judge_max_new_tokens",
             "n_eval_prompts",
+            "n_health_prompts",
             "n_judge_eval_prompts",
             "judge_eval_responses",
             "n_headroom_prompts",
@@ -111,6 +118,15 @@ class DemoConfig:
         n = self.n_meta_eft
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"DemoConfig.n_meta_eft must be an int >= 0 (0 = off), got {n!r}")
+        if not 0 <= self.meta_judge_pair_share < 1:
+            raise ValueError(
+                "DemoConfig.meta_judge_pair_share must lie in [0, 1), got "
+                f"{self.meta_judge_pair_share!r}"
+            )
+        if not 0 <= self.health_max_drop <= 1:
+            raise ValueError(
+                f"DemoConfig.health_max_drop must lie in [0, 1], got {self.health_max_drop!r}"
+            )
         if self.num_candidates < 2:
             raise ValueError(
                 f"DemoConfig.num_candidates must be >= 2 to form a pair, got {self.num_candidates}"
@@ -157,6 +173,7 @@ def quick_config() -> DemoConfig:
         n_headroom_prompts=30,
         n_meta_eft=150,
         n_meta_eval=20,
+        n_health_prompts=12,
     )
 
 

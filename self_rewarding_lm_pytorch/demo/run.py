@@ -60,10 +60,10 @@ from .. import (
 from ..generation import (
     TorchBackend,
 )
-from ..pipeline import JudgeParseError, NotEnoughPairsError
+from ..pipeline import STAGE_TYPES, JudgeParseError, NotEnoughPairsError
 from ..store import atomic_write_json, read_jsonl
 from . import task
-from .arms import ARM_TABLE, ARMS, check_arms
+from .arms import ARM_TABLE, DEFAULT_ARMS, HEALTH_PROMPTS, check_arms
 from .cli import main
 from .config import DemoConfig, DemoSetupError, demo_reward_config, quick_config
 from .evaluate import (
@@ -121,6 +121,10 @@ class _Data:
         return self.eft + self.meta
 
 
+#: the fresh-prompt stream of the health arm's check prompts (far above any iteration's)
+_HEALTH_STREAM = 1000
+
+
 def _make_data(cfg: DemoConfig, seed: int) -> _Data:
     ift = task.ift_data(cfg.n_ift, seed, config=cfg.task_config, noise=cfg.ift_noise)
     eft = task.eft_data(cfg.n_eft, seed, config=cfg.task_config, letters=cfg.judge_letters)
@@ -128,6 +132,10 @@ def _make_data(cfg: DemoConfig, seed: int) -> _Data:
         f"prompts_{t}": task.fresh_prompts(cfg.prompt_pool, seed, t, config=cfg.task_config)
         for t in range(1, len(cfg.iterations) + 1)
     }
+    # the health arm's check prompts: a stream of their own (no iteration uses it)
+    prompts[HEALTH_PROMPTS] = task.fresh_prompts(
+        cfg.n_health_prompts, seed, _HEALTH_STREAM, config=cfg.task_config
+    )
     eval_prompts = task.eval_prompts(cfg.n_eval_prompts, seed, config=cfg.task_config)
     return _Data(
         ift=[{"prompt": e.prompt, "response": e.response} for e in ift],
@@ -177,7 +185,8 @@ def _arm_stages(
             },
         )
         built = ARM_TABLE[arm].iteration(cfg, seed, t, it)
-        stages.append(PreferenceStage(**{**common, **built.stage}))
+        stage = {**common, **built.stage}
+        stages.append(STAGE_TYPES[stage["kind"]](**stage))
         judges.update(built.judges)
     return stages, judges
 
@@ -261,7 +270,7 @@ def run_demo(
     out: str | Path,
     *,
     seed: int = 0,
-    arms: Sequence[str] = ARMS,
+    arms: Sequence[str] = DEFAULT_ARMS,
     config: DemoConfig | None = None,
     overwrite: bool = False,
     quick: bool = False,
