@@ -17,7 +17,7 @@ import torch
 
 from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
 from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
-from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS, Arm, ArmIteration
+from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS, Arm, ArmIteration, check_arms
 from self_rewarding_lm_pytorch.demo.config import (
     IterationConfig,
     RandomJudge,
@@ -471,8 +471,6 @@ def test_letters_judgement_form_round_trips_and_matches_the_oracle() -> None:
 
 
 def test_arm_names_are_checked_against_the_table() -> None:
-    from self_rewarding_lm_pytorch.demo.arms import check_arms
-
     assert check_arms(["random", "self", "random"]) == ["random", "self"]
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['bogus'\]; .*self,oracle,random"):
         check_arms(["self", "bogus"])
