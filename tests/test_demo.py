@@ -4,6 +4,7 @@ candidate and pair files) and from the saved checkpoints themselves."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -16,14 +17,15 @@ import torch
 
 from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
 from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
+from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS, Arm, ArmIteration, check_arms
 from self_rewarding_lm_pytorch.demo.config import (
-    ARMS,
+    IterationConfig,
     RandomJudge,
     demo_reward_config,
     quick_config,
 )
 from self_rewarding_lm_pytorch.demo.report import aggregate, render_aggregate, render_table
-from self_rewarding_lm_pytorch.demo.run import main
+from self_rewarding_lm_pytorch.demo.run import main, run_demo
 from self_rewarding_lm_pytorch.generation import GenerationConfig, generate_text
 from self_rewarding_lm_pytorch.store import read_jsonl
 
@@ -210,6 +212,85 @@ def test_judge_metrics_recomputed_from_the_saved_judgements(run: tuple[Path, dic
         assert j["verdicts"]["accuracy"] == pytest.approx(right / total)
 
 
+# ---------------------------------------------------------------------- meta-judge
+
+
+def test_meta_judge_metrics_recomputed_from_the_saved_files(run: tuple[Path, dict]) -> None:
+    """Each model's meta-judge records are the held-out meta set asked in both orders;
+    accuracy and position consistency follow from the saved texts alone."""
+    out, report = run
+    held = task.meta_eval_set(quick_config().n_meta_eval, SEED)
+    for name, folder in _model_dirs(report).items():
+        records = read_jsonl(out / folder / "meta.jsonl")
+        assert [(r["task_prompt"], r["right"], r["wrong"]) for r in records] == [
+            (e.task_prompt, e.right, e.wrong) for e in held
+        ]
+        first = [r["text_right_first"].strip()[:1] for r in records]
+        second = [r["text_right_second"].strip()[:1] for r in records]
+        right = sum(a == "A" for a in first) + sum(b == "B" for b in second)
+        same = sum({a, b} == {"A", "B"} for a, b in zip(first, second))
+        m = report["models"][name]["meta_judge"]
+        assert m["accuracy"] == pytest.approx(right / (2 * len(records)))
+        assert m["position_consistency"] == pytest.approx(same / len(records))
+        assert m["parse_rate"] == pytest.approx(
+            sum(x in ("A", "B", "=") for x in first + second) / (2 * len(records))
+        )
+    # the saved texts are what the checkpoint writes for those prompts (asked as the
+    # evaluation asks them: each example right-first, then right-second, in one batch)
+    model = build_demo_model(SEED, quick_config().model)
+    load_checkpoint(model, _checkpoint(out, "M1"))
+    records = read_jsonl(out / "eval" / "M1" / "meta.jsonl")
+    prompts = [
+        task.render_meta_prompt(r["task_prompt"], r["task_response"], *pair)
+        for r in records
+        for pair in ((r["right"], r["wrong"]), (r["wrong"], r["right"]))
+    ]
+    config = GenerationConfig(max_new_tokens=2, temperature=0.0)
+    fresh = generate_text(model, DemoTokenizer(), prompts, config)
+    saved = [t for r in records for t in (r["text_right_first"], r["text_right_second"])]
+    assert [f[0] for f in fresh] == saved
+    assert "meta-judge acc" in render_table(report)
+
+
+def test_an_arm_is_one_table_entry_and_any_iteration_count_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new arm added to ARM_TABLE runs, with three iterations, through the run, the
+    report, the plot and the seeds table without any other change."""
+
+    def half_oracle(cfg: object, seed: int, t: int, it: IterationConfig) -> ArmIteration:
+        return ArmIteration(
+            stage={"kind": "external_reward_dpo", "judge": f"half_{t}", "pair_margin": 0.0},
+            judges={f"half_{t}": lambda p, r: task.score(p, r) / 2},
+        )
+
+    monkeypatch.setitem(ARM_TABLE, "half", Arm("half", "the oracle's score halved", half_oracle))
+    cfg = dataclasses.replace(
+        quick_config(),
+        sft_steps=20,
+        n_eval_prompts=20,
+        n_headroom_prompts=10,
+        pairs_per_iteration=12,
+        iterations=(IterationConfig(num_epochs=1, batch_size=16),) * 3,
+    )
+    report = run_demo(tmp_path / "r", seed=SEED, arms=["half"], config=cfg)
+    assert report["arms"] == ["half"] and not report["failures"]
+    assert report["summary"]["arms"]["half"]["models"] == ["M1", "half/M2", "half/M3", "half/M4"]
+    assert len(report["iterations"]["half"]) == 3
+    fc = [report["models"][n]["task"]["pct_fully_correct"] for n in ("M1", "half/M4")]
+    assert report["summary"]["checks"]["half_clears_bar"] == (fc[1] - fc[0] >= 10)
+    assert report["summary"]["checks"]["controls_ordered"] is None
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "- half: the oracle's score halved" in md and "M1 -> M4" in md
+    assert (tmp_path / "r" / "report.png").read_bytes()[:4] == b"\x89PNG"
+    for it in report["iterations"]["half"]:  # the arm's judge made the pairs
+        for p in read_jsonl(tmp_path / "r" / "half" / it["stage"] / "pairs.jsonl"):
+            assert p["score_chosen"] == task.score(p["prompt"], p["chosen"]) / 2
+    agg = aggregate([report, report])
+    assert len(agg["arms"]["half"]["pct_fully_correct"]) == 4
+    assert "| half | M4 - M1 |" in render_aggregate(agg)
+
+
 # ---------------------------------------------------------------------- iterations
 
 
@@ -387,3 +468,13 @@ def test_letters_judgement_form_round_trips_and_matches_the_oracle() -> None:
     assert task.format_judgement(prompt, response) == "yyyy Score: 5"
     with pytest.raises(ValueError, match="one y/n verdict per criterion"):
         task.judgement_text(prompt, "yyy")
+
+
+def test_arm_names_are_checked_against_the_table() -> None:
+    assert check_arms(["random", "self", "random"]) == ["random", "self"]
+    with pytest.raises(ValueError, match=r"unknown arm\(s\) \['bogus'\]; .*self,oracle,random"):
+        check_arms(["self", "bogus"])
+    with pytest.raises(ValueError, match="no arm given"):
+        check_arms([])
+    assert [a.name for a in ARM_TABLE.values()] == list(ARMS)
+    assert all(a.description for a in ARM_TABLE.values())

@@ -19,6 +19,7 @@ from self_rewarding_lm_pytorch.demo import (
     count_parameters,
 )
 from self_rewarding_lm_pytorch.demo import task as T
+from self_rewarding_lm_pytorch.demo.config import DemoConfig
 from self_rewarding_lm_pytorch.models import Tokenizer, wrap_model
 
 # ---------------------------------------------------------------------- oracle
@@ -326,3 +327,64 @@ def test_max_prompt_length_is_attained() -> None:
     rng = random.Random(0)
     longest = max(len(T.sample_spec(rng).to_prompt()) for _ in range(3000))
     assert longest == T.max_prompt_length()
+
+
+# ---------------------------------------------------------------------- meta-judge data
+
+
+def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> None:
+    examples = T.meta_eft_data(1500, 0)
+    labels = Counter(e.response for e in examples)
+    assert set(labels) == {"A", "B"} and 0.45 < labels["A"] / len(examples) < 0.55
+    missed = 0
+    for e in examples:
+        spec = T.parse_prompt(e.task_prompt)
+        assert e.right == T.format_judgement(spec, e.task_response, letters=True)
+        right_v = T.parse_judgement(e.right, len(spec.criteria)).verdicts
+        wrong = T.parse_judgement(e.wrong, len(spec.criteria))
+        diff = [c for c, a, b in zip(spec.criteria, right_v, wrong.verdicts) if a != b]
+        assert diff == [e.flipped]  # exactly one verdict differs: the flipped criterion's
+        assert (
+            wrong.score == T.score_from_verdicts(wrong.verdicts) != T.score(spec, e.task_response)
+        )
+        # the letters restated are the prompt's in both judgements (only a verdict differs)
+        assert [c for c in e.wrong if c.isupper()] == [c for c in e.right if c.isupper()]
+        a, b = (e.right, e.wrong) if e.response == "A" else (e.wrong, e.right)
+        assert e.prompt == T.render_meta_prompt(e.task_prompt, e.task_response, a, b)
+        missed += "n" in right_v and wrong.verdicts.count("y") > right_v.count("y")
+    # a failure is there to miss in most examples, and then the wrong judgement misses it
+    assert missed / len(examples) > 0.6
+    flips = Counter(e.flipped for e in examples)
+    # among responses that fail, the letter criteria (the judge's blind spots) dominate
+    assert flips["end"] + flips["has"] + flips["start"] > 3 * flips["upper"]
+
+
+def test_meta_template_renders_the_prompt_and_fits_the_context() -> None:
+    kw = T.meta_template_kwargs()
+    assert kw["labels"] == ("A", "B", "=") and kw["verdict_template"] == "{{ verdict }}"
+    env = SandboxedEnvironment()
+    e = T.meta_eft_data(1, 3)[0]
+    a, b = (e.right, e.wrong) if e.response == "A" else (e.wrong, e.right)
+    rendered = env.from_string(kw["prompt_template"]).render(
+        prompt=e.task_prompt, response=e.task_response, judgement_a=a, judgement_b=b
+    )
+    assert rendered == e.prompt and rendered.startswith("meta ") and rendered.endswith(">")
+    # the worst case fits the model: every example, with its label and EOS, is within it
+    bound = T.max_meta_sequence_length()
+    assert bound <= DEMO_MAX_SEQ_LEN
+    longest = max(T.meta_eft_data(3000, 1), key=lambda x: len(x.prompt))
+    assert len(longest.prompt) + len(longest.response) + 1 <= bound
+    assert T.parse_meta_verdict(" B") == "B" and T.parse_meta_verdict("x") is None
+
+
+def test_meta_sets_are_seeded_and_held_out() -> None:
+    assert T.meta_eft_data(50, 2) == T.meta_eft_data(50, 2) != T.meta_eft_data(50, 3)
+    held = T.meta_eval_set(150, 2)
+    assert len({e.task_prompt for e in held}) == 150
+    assert all(T.prompt_split(e.task_prompt) == "eval" for e in held)
+    assert all(T.prompt_split(e.task_prompt) == "train" for e in T.meta_eft_data(300, 2))
+    with pytest.raises(ValueError, match="non-negative int"):
+        T.meta_eft_data(-1, 0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"n_meta_eft must be an int >= 0 \(0 = off\)"):
+            DemoConfig(n_meta_eft=bad)  # type: ignore[arg-type]

@@ -6,19 +6,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ARMS, DemoSetupError
+from .arms import ARM_TABLE, check_arms
+from .config import DemoSetupError
 
 __all__ = ["main"]
 
 
 def _parse_arms(text: str) -> list[str]:
-    arms = [a.strip() for a in text.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        raise argparse.ArgumentTypeError(
-            f"unknown arm(s) {unknown or text!r}; give a comma-separated subset of {','.join(ARMS)}"
-        )
-    return arms
+    try:
+        return check_arms([a.strip() for a in text.split(",") if a.strip()])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="srlm demo",
         description=(
             "Train a tiny model from scratch on a synthetic instruction-following task and "
-            "run two self-rewarding iterations, with oracle-pair and random-pair controls; "
+            "run self-rewarding iterations, with oracle-pair and random-pair controls; "
             "writes report.md, report.json and report.png to --out."
         ),
     )
@@ -38,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         type=_parse_arms,
-        default=list(ARMS),
-        help="comma-separated arms to run: self,oracle,random (default all)",
+        default=list(ARM_TABLE),
+        help="comma-separated arms to run (default all): "
+        + "; ".join(f"{a.name}: {a.description}" for a in ARM_TABLE.values()),
     )
     p.add_argument(
         "--overwrite", action="store_true", help="delete --out first instead of resuming"

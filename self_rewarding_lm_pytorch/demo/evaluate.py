@@ -1,6 +1,6 @@
 """The demo's measurements: task accuracy of a model on held-out prompts (scored by the
-oracle), the judge's agreement with the oracle, best-of-N headroom, and the statistics of
-one iteration's candidates and pairs."""
+oracle), the judge's agreement with the oracle, the meta-judge's accuracy, best-of-N
+headroom, and the statistics of one iteration's candidates and pairs."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from .tokenizer import DemoTokenizer
 __all__ = [
     "evaluate_headroom",
     "evaluate_judge",
+    "evaluate_meta_judge",
     "evaluate_task",
     "headroom_metrics",
     "iteration_metrics",
     "judge_metrics",
+    "meta_judge_metrics",
 ]
 
 
@@ -141,6 +143,76 @@ def evaluate_judge(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, _jsonl_text(records))
     return records, judge_metrics(records)
+
+
+def meta_judge_metrics(records: Sequence[dict]) -> dict[str, Any]:
+    """Meta-judge metrics of records with ``verdict_right_first`` (gold ``A``) and
+    ``verdict_right_second`` (gold ``B``): ``accuracy`` over both orders, ``both_right``
+    (right in both orders), ``position_consistency`` (the same judgement picked in both
+    orders, right or wrong), ``parse_rate`` and ``accuracy`` per flipped criterion."""
+    if not records:
+        raise ValueError("no meta-judge records; evaluate at least one example")
+    first = [r["verdict_right_first"] for r in records]
+    second = [r["verdict_right_second"] for r in records]
+    right = [(a == "A") + (b == "B") for a, b in zip(first, second)]
+    per: dict[str, list[int]] = {}
+    for r, k in zip(records, right):
+        per.setdefault(r["flipped"], []).append(k)
+    n = len(records)
+    return {
+        "n": n,
+        "accuracy": sum(right) / (2 * n),
+        "both_right": sum(k == 2 for k in right) / n,
+        "position_consistency": sum(
+            (a, b) in (("A", "B"), ("B", "A")) for a, b in zip(first, second)
+        )
+        / n,
+        "parse_rate": sum(v is not None for v in first + second) / (2 * n),
+        "per_flipped_criterion": {
+            c: sum(ks) / (2 * len(ks)) for c, ks in sorted(per.items(), key=lambda x: x[0])
+        },
+    }
+
+
+def evaluate_meta_judge(
+    model: torch.nn.Module | GenerationBackend,
+    tokenizer: DemoTokenizer,
+    examples: Sequence[task.MetaExample],
+    path: Path,
+) -> tuple[list[dict], dict[str, Any]]:
+    """The model as a greedy meta-judge of held-out examples, each asked in both orders
+    (right judgement first, then second: position consistency).
+
+    Records (task prompt and response, the two judgements, the flipped criterion, both
+    verdicts and the raw texts) go to ``path`` and are reused if the file is complete.
+    Returns them and :func:`meta_judge_metrics`.
+    """
+    records = _cached(path, len(examples))
+    if records is None:
+        prompts = [
+            task.render_meta_prompt(e.task_prompt, e.task_response, *pair)
+            for e in examples
+            for pair in ((e.right, e.wrong), (e.wrong, e.right))
+        ]
+        config = GenerationConfig(max_new_tokens=2, temperature=0.0)
+        texts = [rs[0] for rs in generate_text(as_backend(model), tokenizer, prompts, config)]
+        records = [
+            {
+                "task_prompt": e.task_prompt,
+                "task_response": e.task_response,
+                "right": e.right,
+                "wrong": e.wrong,
+                "flipped": e.flipped,
+                "text_right_first": texts[2 * i],
+                "text_right_second": texts[2 * i + 1],
+                "verdict_right_first": task.parse_meta_verdict(texts[2 * i]),
+                "verdict_right_second": task.parse_meta_verdict(texts[2 * i + 1]),
+            }
+            for i, e in enumerate(examples)
+        ]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, _jsonl_text(records))
+    return records, meta_judge_metrics(records)
 
 
 def headroom_metrics(records: Sequence[dict]) -> dict[str, Any]:

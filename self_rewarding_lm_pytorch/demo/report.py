@@ -37,9 +37,13 @@ __all__ = [
 ]
 
 BAR_FULLY_CORRECT = 10.0
-"""Issue 6: M3's % fully correct must beat M1's by at least this many points."""
+"""Issue 6: the last model's (M3 by default) % fully correct must beat M1's by at least
+this many points."""
 BAR_JUDGE_DROP = 2.0
-"""Issue 6: M3's judge pairwise accuracy may fall at most this many points below M1's."""
+"""Issue 6: the last model's judge pairwise accuracy may fall at most this many points below
+M1's."""
+_NAMED_ARMS = ("oracle", "self", "random")
+"""The arms the issue's checks name; their ``*_clears_bar`` keys are always present."""
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -75,12 +79,33 @@ def ordered_models(report: dict[str, Any]) -> list[str]:
 # ====================================================================== summary
 
 
-def summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """Per-arm series over M1, M2, M3 and the issue's checks, read from ``report``.
+def _checks(
+    report_arms: Sequence[str],
+    delta_fc: dict[str, float],
+    delta_pa: dict[str, float],
+    last: dict[str, float],
+) -> dict[str, Any]:
+    checks: dict[str, Any] = {}
+    for arm in dict.fromkeys((*_NAMED_ARMS, *report_arms)):
+        checks[f"{arm}_clears_bar"] = (
+            delta_fc[arm] >= BAR_FULLY_CORRECT if arm in delta_fc else None
+        )
+    checks["self_judge_kept"] = delta_pa["self"] >= -BAR_JUDGE_DROP if "self" in delta_pa else None
+    checks["controls_ordered"] = (
+        last["oracle"] >= last["self"] >= last["random"]
+        if all(a in last for a in _NAMED_ARMS)
+        else None
+    )
+    return checks
 
-    ``checks`` (``None`` where an arm did not run): ``<arm>_clears_bar`` (M3 % fully
-    correct >= M1 + 10 points), ``self_judge_kept`` (M3 judge pairwise accuracy >= M1's
-    - 2 points), ``controls_ordered`` (M3: oracle >= self >= random).
+
+def summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """Per-arm series over M1 ... M_{T+1} and the issue's checks, read from ``report``.
+
+    ``checks`` (``None`` where an arm did not run), on each arm's last model:
+    ``<arm>_clears_bar`` for every arm (% fully correct >= M1 + 10 points),
+    ``self_judge_kept`` (judge pairwise accuracy >= M1's - 2 points), ``controls_ordered``
+    (oracle >= self >= random).
     """
     models = report["models"]
     arms: dict[str, Any] = {}
@@ -102,22 +127,19 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 100.0 * it["judge_pairwise_accuracy_on_policy"] for it in its
             ],
             "pairs_oracle_correct_pct": [100.0 * it["pairs_oracle_correct"] for it in its],
+            "model_judge": any("verdicts" in it for it in its),
             "delta_fully_correct": fc[-1] - fc[0],
             "delta_judge_pairwise_accuracy": pa[-1] - pa[0],
         }
-    last = {arm: a["pct_fully_correct"][-1] for arm, a in arms.items()}
-    checks: dict[str, Any] = {}
-    for arm in ("oracle", "self", "random"):
-        checks[f"{arm}_clears_bar"] = (
-            arms[arm]["delta_fully_correct"] >= BAR_FULLY_CORRECT if arm in arms else None
-        )
-    checks["self_judge_kept"] = (
-        arms["self"]["delta_judge_pairwise_accuracy"] >= -BAR_JUDGE_DROP if "self" in arms else None
-    )
-    checks["controls_ordered"] = (
-        last["oracle"] >= last["self"] >= last["random"]
-        if all(a in last for a in ("oracle", "self", "random"))
-        else None
+        if all("meta_judge" in models[n] for n in names):
+            arms[arm]["meta_judge_accuracy_pct"] = [
+                100.0 * models[n]["meta_judge"]["accuracy"] for n in names
+            ]
+    checks = _checks(
+        report["arms"],
+        {arm: a["delta_fully_correct"] for arm, a in arms.items()},
+        {arm: a["delta_judge_pairwise_accuracy"] for arm, a in arms.items()},
+        {arm: a["pct_fully_correct"][-1] for arm, a in arms.items()},
     )
     return {"arms": arms, "checks": checks}
 
@@ -127,20 +149,27 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
 
 def render_table(report: dict[str, Any]) -> str:
     """The results table printed at the end of a run (Markdown)."""
+    names = ordered_models(report)
+    meta = bool(names) and all("meta_judge" in report["models"][n] for n in names)
     header = (
         "| model | mean score | % fully correct | mean length | judge pairwise acc | "
         "exact match | Spearman | Kendall tau | parse rate |"
     )
-    lines = [header, "|" + "---|" * 9]
-    for name in ordered_models(report):
+    header += " meta-judge acc | meta position consistency |" if meta else ""
+    lines = [header, "|" + "---|" * (11 if meta else 9)]
+    for name in names:
         m = report["models"][name]
         t, j = m["task"], m["judge"]
-        lines.append(
+        row = (
             f"| {name} | {_fmt(t['mean_score'], 2)} | {_fmt(t['pct_fully_correct'])} | "
             f"{_fmt(t['mean_response_length'], 2)} | {_fmt(j['pairwise_accuracy'], 3)} | "
             f"{_fmt(j['exact_match'], 3)} | {_fmt(j['spearman'], 3)} | "
             f"{_fmt(j['kendall_tau'], 3)} | {_fmt(j['parse_rate'], 3)} |"
         )
+        if meta:
+            mj = m["meta_judge"]
+            row += f" {_fmt(mj['accuracy'], 3)} | {_fmt(mj['position_consistency'], 3)} |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -203,13 +232,28 @@ def _verdict_tables(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _last_label(arms: dict[str, Any]) -> str:
+    """``M<k>``: the last model of the arm with the most iterations (M3 by default)."""
+    return f"M{max((len(a['pct_fully_correct']) for a in arms.values()), default=1)}"
+
+
+def _other_arm_checks(checks: dict[str, Any], arms: Sequence[str]) -> list[str]:
+    """The bar check of every arm the issue does not name, one line each."""
+    return [
+        f"- {arm} gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(checks[f'{arm}_clears_bar'])}"
+        for arm in arms
+        if arm not in _NAMED_ARMS
+    ]
+
+
 def _checks_lines(summary: dict[str, Any]) -> list[str]:
+    last = _last_label(summary["arms"])
     lines = [
-        "| arm | % fully correct M1 -> M3 | change | judge pairwise acc M1 -> M3 (%) | change |",
+        f"| arm | % fully correct M1 -> {last} | change | judge pairwise acc M1 -> {last} (%) "
+        "| change |",
         "|---|---|---|---|---|",
     ]
-    for arm in [a for a in ("self", "oracle", "random") if a in summary["arms"]]:
-        a = summary["arms"][arm]
+    for arm, a in summary["arms"].items():
         fc, pa = a["pct_fully_correct"], a["judge_pairwise_accuracy_pct"]
         lines.append(
             f"| {arm} | {' -> '.join(_fmt(x) for x in fc)} | {a['delta_fully_correct']:+.1f} | "
@@ -218,14 +262,14 @@ def _checks_lines(summary: dict[str, Any]) -> list[str]:
     c = summary["checks"]
     lines += [
         "",
-        f"- oracle pairs gain at least {BAR_FULLY_CORRECT:g} points (M3 >= M1 + "
+        f"- oracle pairs gain at least {BAR_FULLY_CORRECT:g} points ({last} >= M1 + "
         f"{BAR_FULLY_CORRECT:g} % fully correct): {_fmt(c['oracle_clears_bar'])}",
         f"- self-reward gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(c['self_clears_bar'])}",
-        f"- self-reward judge kept (M3 pairwise accuracy >= M1 - {BAR_JUDGE_DROP:g} points): "
-        f"{_fmt(c['self_judge_kept'])}",
-        f"- controls ordered at M3 (oracle >= self >= random): {_fmt(c['controls_ordered'])}",
+        f"- self-reward judge kept ({last} pairwise accuracy >= M1 - {BAR_JUDGE_DROP:g} "
+        f"points): {_fmt(c['self_judge_kept'])}",
+        f"- controls ordered at {last} (oracle >= self >= random): {_fmt(c['controls_ordered'])}",
     ]
-    return lines
+    return lines + _other_arm_checks(c, summary["arms"])
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -244,11 +288,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"mode {cfg['judge_mode']}. Held-out: {cfg['n_eval_prompts']} prompts (greedy), "
         f"{cfg['n_judge_eval_prompts']} x {cfg['judge_eval_responses']} judge examples.",
         "",
+        "## Arms",
+        "",
+        *[f"- {arm}: {desc}" for arm, desc in report.get("arm_descriptions", {}).items()],
+        "",
         "## Results (held-out)",
         "",
         render_table(report),
         "",
-        "## M1 -> M3 against the demo's goals",
+        f"## M1 -> {_last_label(report['summary']['arms'])} against the demo's goals",
         "",
         *_checks_lines(report["summary"]),
         "",
@@ -310,15 +358,17 @@ def plot(report: dict[str, Any], path: str | Path) -> Path:
     summary = report["summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     colors = {"self": "tab:blue", "oracle": "tab:green", "random": "tab:gray"}
-    for arm in [a for a in ("self", "oracle", "random") if a in summary["arms"]]:
-        a = summary["arms"][arm]
+    spare = iter(("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive"))
+    for arm, a in summary["arms"].items():
         xs = list(range(1, len(a["pct_fully_correct"]) + 1))
-        c = colors.get(arm)
+        c = colors.get(arm) or next(spare, None)
         ax1.plot(xs, a["pct_fully_correct"], "o-", color=c, label=arm)
         ax2.plot(xs, a["judge_pairwise_accuracy_pct"], "o-", color=c, label=f"{arm} (held-out)")
         on_policy = a["on_policy_judge_pairwise_accuracy_pct"]
-        if arm == "self" and on_policy:
-            ax2.plot(xs[: len(on_policy)], on_policy, "s--", color=c, label="self (own candidates)")
+        if a.get("model_judge") and on_policy:
+            ax2.plot(
+                xs[: len(on_policy)], on_policy, "s--", color=c, label=f"{arm} (own candidates)"
+            )
     for ax, title in (
         (ax1, "held-out prompts: % fully correct (greedy)"),
         (ax2, "judge pairwise accuracy (%)"),
@@ -360,13 +410,14 @@ def _spread(xs: Sequence[float]) -> dict[str, float]:
 
 
 def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and spread over seeds of each arm's M1/M2/M3 % fully correct and judge pairwise
-    accuracy, their M3 - M1 changes, and the issue's checks on the means."""
+    """Mean and spread over seeds of each arm's M1 ... M_{T+1} % fully correct and judge
+    pairwise accuracy, their last - M1 changes, and the issue's checks on the means (for
+    every arm that all ``reports`` ran, in the first report's order)."""
     if not reports:
         raise ValueError("no reports to aggregate; pass at least one run directory")
     seeds = [r["seed"] for r in reports]
     arms: dict[str, Any] = {}
-    for arm in ("self", "oracle", "random"):
+    for arm in dict.fromkeys(a for r in reports for a in r["summary"]["arms"]):
         runs = [r["summary"]["arms"][arm] for r in reports if arm in r["summary"]["arms"]]
         if len(runs) != len(reports):
             continue
@@ -390,22 +441,11 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 [a["delta_judge_pairwise_accuracy"] for a in runs]
             ),
         }
-    mean_last = {arm: a["pct_fully_correct"][-1]["mean"] for arm, a in arms.items()}
-    checks = {
-        f"{arm}_clears_bar": (
-            arms[arm]["delta_fully_correct"]["mean"] >= BAR_FULLY_CORRECT if arm in arms else None
-        )
-        for arm in ("oracle", "self", "random")
-    }
-    checks["self_judge_kept"] = (
-        arms["self"]["delta_judge_pairwise_accuracy"]["mean"] >= -BAR_JUDGE_DROP
-        if "self" in arms
-        else None
-    )
-    checks["controls_ordered"] = (
-        mean_last["oracle"] >= mean_last["self"] >= mean_last["random"]
-        if len(mean_last) == 3
-        else None
+    checks = _checks(
+        list(arms),
+        {arm: a["delta_fully_correct"]["mean"] for arm, a in arms.items()},
+        {arm: a["delta_judge_pairwise_accuracy"]["mean"] for arm, a in arms.items()},
+        {arm: a["pct_fully_correct"][-1]["mean"] for arm, a in arms.items()},
     )
     return {"seeds": seeds, "arms": arms, "checks": checks}
 
@@ -442,15 +482,16 @@ def render_aggregate(agg: dict[str, Any]) -> str:
         ):
             lines.append(f"| {arm} | {i} | {_ms(op)} | {_ms(pc)} |")
     c = agg["checks"]
+    last = _last_label(agg["arms"])
     lines += [
         "",
-        f"- oracle gains at least {BAR_FULLY_CORRECT:g} points (mean M3 - M1 >= "
+        f"- oracle gains at least {BAR_FULLY_CORRECT:g} points (mean {last} - M1 >= "
         f"{BAR_FULLY_CORRECT:g}): {_fmt(c['oracle_clears_bar'])}",
         f"- self-reward gains at least {BAR_FULLY_CORRECT:g} points: {_fmt(c['self_clears_bar'])}",
         f"- self-reward judge kept (mean change >= -{BAR_JUDGE_DROP:g}): {_fmt(c['self_judge_kept'])}",
-        f"- controls ordered (mean M3: oracle >= self >= random): {_fmt(c['controls_ordered'])}",
+        f"- controls ordered (mean {last}: oracle >= self >= random): {_fmt(c['controls_ordered'])}",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _other_arm_checks(c, agg["arms"]))
 
 
 def main(argv: list[str] | None = None) -> int:

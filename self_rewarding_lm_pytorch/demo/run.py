@@ -10,15 +10,17 @@ Phases (each timed in wall-clock and process CPU seconds, each with a progress b
 3. **Headroom**: pass@N of M1 at the candidates' temperature on held-out prompts.
    Preference training can only sharpen what the model sometimes does (feasibility note,
    round 1, lesson 5), so this is checked and reported before any DPO.
-4. **Arms**: for each arm a fresh model loaded with M1 and a SelfRewardingTrainer with two
-   :class:`~self_rewarding_lm_pytorch.PreferenceStage` iterations (N candidates at T=1,
-   best vs worst, DPO with an NLL term on the chosen response and EFT replay):
+4. **Arms** (:mod:`.arms`, one table entry each): for each arm a fresh model loaded with
+   M1 and a SelfRewardingTrainer with one
+   :class:`~self_rewarding_lm_pytorch.PreferenceStage` per ``DemoConfig.iterations`` entry
+   (N candidates at T=1, best vs worst, DPO with an NLL term on the chosen response and EFT
+   replay):
 
    * ``self``: the model judges its own candidates (section 2.3, ``judge_samples``
-     judgements averaged) -- gives M2 and M3;
+     judgements averaged) -- gives M2, M3, ...;
    * ``oracle``: the task's exact oracle judges (upper bound: ``external_reward_dpo``);
    * ``random``: a seeded random judge (lower bound).
-5. **Evaluation** of M1 and every arm's M2, M3 on held-out data: greedy responses scored
+5. **Evaluation** of M1 and every arm's M2 ... M_{T+1} on held-out data: greedy responses scored
    by the oracle (mean score, % fully correct, mean length, per-criterion satisfaction)
    and the model as a greedy judge of a held-out judge set against the oracle (pairwise
    accuracy, exact match, Spearman, Kendall tau, parse rate, per-criterion verdict
@@ -58,13 +60,19 @@ from .. import (
 from ..generation import (
     TorchBackend,
 )
-from ..judge import JudgeConfig
 from ..pipeline import JudgeParseError, NotEnoughPairsError
 from ..store import atomic_write_json, read_jsonl
 from . import task
+from .arms import ARM_TABLE, ARMS, check_arms
 from .cli import main
-from .config import ARMS, DemoConfig, DemoSetupError, RandomJudge, demo_reward_config, quick_config
-from .evaluate import evaluate_headroom, evaluate_judge, evaluate_task, iteration_metrics
+from .config import DemoConfig, DemoSetupError, demo_reward_config, quick_config
+from .evaluate import (
+    evaluate_headroom,
+    evaluate_judge,
+    evaluate_meta_judge,
+    evaluate_task,
+    iteration_metrics,
+)
 from .model import build_demo_model, count_parameters
 from .tokenizer import DemoTokenizer
 
@@ -105,6 +113,12 @@ class _Data:
     eval_prompts: list[str]
     judge_eval: list[task.JudgeEvalExample]
     headroom_prompts: list[str]
+    meta: list[dict]
+    meta_eval: list[task.MetaExample]
+
+    def judge_data(self) -> list[dict]:
+        """The judge-skill SFT data: EFT, then the meta-judge examples (if any)."""
+        return self.eft + self.meta
 
 
 def _make_data(cfg: DemoConfig, seed: int) -> _Data:
@@ -127,11 +141,20 @@ def _make_data(cfg: DemoConfig, seed: int) -> _Data:
             config=cfg.task_config,
         ),
         headroom_prompts=eval_prompts[: cfg.n_headroom_prompts],
+        meta=[
+            {"prompt": e.prompt, "response": e.response}
+            for e in task.meta_eft_data(cfg.n_meta_eft, seed, config=cfg.task_config)
+        ],
+        meta_eval=task.meta_eval_set(cfg.n_meta_eval, seed, config=cfg.task_config),
     )
 
 
-def _preference_stages(cfg: DemoConfig, arm: str) -> list[PreferenceStage]:
-    stages = []
+def _arm_stages(
+    cfg: DemoConfig, arm: str, seed: int
+) -> tuple[list[PreferenceStage], dict[str, Callable[[str, str], float]]]:
+    """``arm``'s preference stages (the demo's common settings, then what its
+    :data:`~.arms.ARM_TABLE` entry adds) and the Python judges they name."""
+    stages, judges = [], {}
     for t, it in enumerate(cfg.iterations, start=1):
         common: dict[str, Any] = dict(
             prompts=f"prompts_{t}",
@@ -141,7 +164,6 @@ def _preference_stages(cfg: DemoConfig, arm: str) -> list[PreferenceStage]:
             top_p=1.0,
             max_new_tokens=cfg.max_new_tokens,
             chunk_size=cfg.chunk_size,
-            pair_margin=it.pair_margin if arm == "self" else 0.0,
             replay="eft",
             trainer={
                 "beta": it.beta,
@@ -154,33 +176,10 @@ def _preference_stages(cfg: DemoConfig, arm: str) -> list[PreferenceStage]:
                 "group_by_length": cfg.group_by_length,
             },
         )
-        if arm == "self":
-            stage = PreferenceStage(
-                kind="self_reward_dpo",
-                judge="self",
-                judge_settings=JudgeConfig(
-                    num_samples=cfg.judge_samples,
-                    mode=cfg.judge_mode,  # type: ignore[arg-type]
-                    temperature=cfg.judge_temperature,
-                    top_p=cfg.judge_top_p,
-                    max_new_tokens=cfg.judge_max_new_tokens,
-                ),
-                **common,
-            )
-        else:
-            stage = PreferenceStage(kind="external_reward_dpo", judge=f"{arm}_{t}", **common)
-        stages.append(stage)
-    return stages
-
-
-def _judges(arm: str, cfg: DemoConfig, seed: int) -> dict[str, Callable[[str, str], float]]:
-    out: dict[str, Callable[[str, str], float]] = {}
-    for t in range(1, len(cfg.iterations) + 1):
-        if arm == "oracle":
-            out[f"oracle_{t}"] = task.score
-        elif arm == "random":
-            out[f"random_{t}"] = RandomJudge(seed, salt=f"iteration-{t}")
-    return out
+        built = ARM_TABLE[arm].iteration(cfg, seed, t, it)
+        stages.append(PreferenceStage(**{**common, **built.stage}))
+        judges.update(built.judges)
+    return stages, judges
 
 
 def _trainer_common(cfg: DemoConfig, seed: int, tokenizer: DemoTokenizer) -> dict[str, Any]:
@@ -249,7 +248,13 @@ def _evaluate_model(
         folder / "judge.jsonl",
         max_new_tokens=cfg.judge_max_new_tokens,
     )
-    return {"task": task_m, "judge": judge_m, "files": str(folder.relative_to(out))}
+    _, meta_m = evaluate_meta_judge(backend, tokenizer, data.meta_eval, folder / "meta.jsonl")
+    return {
+        "task": task_m,
+        "judge": judge_m,
+        "meta_judge": meta_m,
+        "files": str(folder.relative_to(out)),
+    }
 
 
 def run_demo(
@@ -266,10 +271,7 @@ def run_demo(
 
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    arms = list(dict.fromkeys(arms))
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown or not arms:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    arms = check_arms(list(arms))
     cfg = config or (quick_config() if quick else DemoConfig())
     out = Path(out)
     settings = {"seed": seed, "config": cfg.to_dict()}
@@ -303,7 +305,7 @@ def run_demo(
                     },
                 )
             ],
-            datasets={"ift": data.ift, "eft": data.eft},
+            datasets={"ift": data.ift, "eft": data.judge_data()},
             checkpoints_folder=out / "m1",
             **_trainer_common(cfg, seed, tokenizer),
         )
@@ -328,18 +330,20 @@ def run_demo(
         f"M1: {models['M1']['task']['pct_fully_correct']:.1f}% fully correct (greedy); "
         f"pass@1 {100 * headroom['pass_at_1']:.1f}%, pass@{cfg.num_candidates} "
         f"{100 * headroom['pass_at_n']:.1f}% at T={cfg.candidate_temperature}; judge pairwise "
-        f"accuracy {models['M1']['judge']['pairwise_accuracy']:.3f}"
+        f"accuracy {models['M1']['judge']['pairwise_accuracy']:.3f}; meta-judge accuracy "
+        f"{models['M1']['meta_judge']['accuracy']:.3f}"
     )
 
     iterations: dict[str, list[dict[str, Any]]] = {}
     for arm in arms:
         with timer.phase(f"arm {arm}"):
             arm_model = _load(cfg, seed, m1_checkpoint)
+            stages, judges = _arm_stages(cfg, arm, seed)
             trainer = SelfRewardingTrainer(
                 arm_model,
-                stages=_preference_stages(cfg, arm),
-                datasets={"eft": data.eft, **data.prompts},
-                judges=_judges(arm, cfg, seed),
+                stages=stages,
+                datasets={"eft": data.judge_data(), **data.prompts},
+                judges=judges,
                 oracle=task.score,
                 reward_prompt_config=reward_config,
                 checkpoints_folder=out / arm,
@@ -382,6 +386,7 @@ def run_demo(
         "seed": seed,
         "quick": quick,
         "arms": arms,
+        "arm_descriptions": {arm: ARM_TABLE[arm].description for arm in arms},
         "config": cfg.to_dict(),
         "model_parameters": n_params,
         "machine": {

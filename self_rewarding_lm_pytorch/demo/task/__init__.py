@@ -37,6 +37,8 @@ Data generators (all deterministic given ``seed``; each uses its own
   errors.  The wrong behaviour is the mode, but the right one is in the data too.
 * :func:`eft_data`: judge prompt -> per-criterion verdicts and ``Score: N`` from the
   oracle, with responses whose failures cover every criterion evenly.
+* :func:`meta_eft_data`, :func:`meta_eval_set`: meta-judge examples, a response and two
+  judgements of it (one with a realistic wrong verdict) -> which one is right (:mod:`.meta`).
 * :func:`fresh_prompts`, :func:`eval_prompts`, :func:`judge_eval_set`: prompts for each
   self-reward iteration and held-out sets.  Prompts are split by a stable hash into a
   training part and a held-out part, so no held-out prompt ever appears in training data.
@@ -68,6 +70,17 @@ from .judgement import (
     parse_judgement,
     render_judge_prompt,
     reward_config_kwargs,
+)
+from .meta import (
+    META_LABELS,
+    META_PROMPT_TEMPLATE,
+    MetaExample,
+    max_meta_sequence_length,
+    meta_eft_data,
+    meta_eval_set,
+    meta_template_kwargs,
+    parse_meta_verdict,
+    render_meta_prompt,
 )
 from .oracle import (
     CONSONANTS,
@@ -103,6 +116,8 @@ __all__ = [
     "JUDGE_PROMPT_TEMPLATE",
     "JUDGE_REWARD_REGEX_TEMPLATE",
     "MAX_SCORE",
+    "META_LABELS",
+    "META_PROMPT_TEMPLATE",
     "LETTERS",
     "PROMPT_END",
     "VOWELS",
@@ -111,6 +126,7 @@ __all__ = [
     "IFTExample",
     "IFTNoise",
     "JudgeEvalExample",
+    "MetaExample",
     "ParsedJudgement",
     "Spec",
     "TaskConfig",
@@ -125,12 +141,18 @@ __all__ = [
     "instruction_metrics",
     "judgement_text",
     "judge_eval_set",
+    "max_meta_sequence_length",
     "max_prompt_length",
+    "meta_eft_data",
+    "meta_eval_set",
+    "meta_template_kwargs",
     "max_sequence_length",
     "parse_judgement",
+    "parse_meta_verdict",
     "parse_prompt",
     "prompt_split",
     "render_judge_prompt",
+    "render_meta_prompt",
     "reward_config_kwargs",
     "sample_spec",
     "score",
