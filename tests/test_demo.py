@@ -17,7 +17,7 @@ import torch
 
 from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
 from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
-from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS, Arm, ArmIteration
+from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS, Arm, ArmIteration, check_arms
 from self_rewarding_lm_pytorch.demo.config import (
     IterationConfig,
     RandomJudge,
@@ -468,3 +468,13 @@ def test_letters_judgement_form_round_trips_and_matches_the_oracle() -> None:
     assert task.format_judgement(prompt, response) == "yyyy Score: 5"
     with pytest.raises(ValueError, match="one y/n verdict per criterion"):
         task.judgement_text(prompt, "yyy")
+
+
+def test_arm_names_are_checked_against_the_table() -> None:
+    assert check_arms(["random", "self", "random"]) == ["random", "self"]
+    with pytest.raises(ValueError, match=r"unknown arm\(s\) \['bogus'\]; .*self,oracle,random"):
+        check_arms(["self", "bogus"])
+    with pytest.raises(ValueError, match="no arm given"):
+        check_arms([])
+    assert [a.name for a in ARM_TABLE.values()] == list(ARMS)
+    assert all(a.description for a in ARM_TABLE.values())

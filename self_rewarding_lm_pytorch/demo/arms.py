@@ -157,7 +157,6 @@ def check_arms(arms: list[str]) -> list[str]:
     arms = list(dict.fromkeys(arms))
     unknown = [a for a in arms if a not in ARM_TABLE]
     if unknown or not arms:
-        raise ValueError(
-            f"unknown arm(s) {unknown or arms!r}; give a comma-separated subset of {','.join(ARMS)}"
-        )
+        problem = f"unknown arm(s) {unknown}" if unknown else "no arm given"
+        raise ValueError(f"{problem}; give a comma-separated subset of {','.join(ARM_TABLE)}")
     return arms
