@@ -17,7 +17,14 @@ import torch
 
 from self_rewarding_lm_pytorch import LLMJudge, load_checkpoint
 from self_rewarding_lm_pytorch.demo import DemoTokenizer, build_demo_model, task
-from self_rewarding_lm_pytorch.demo.arms import ARM_TABLE, ARMS, Arm, ArmIteration, check_arms
+from self_rewarding_lm_pytorch.demo.arms import (
+    ARM_TABLE,
+    ARMS,
+    DEFAULT_ARMS,
+    Arm,
+    ArmIteration,
+    check_arms,
+)
 from self_rewarding_lm_pytorch.demo.config import (
     IterationConfig,
     RandomJudge,
@@ -80,8 +87,8 @@ def test_report_files_and_structure(run: tuple[Path, dict]) -> None:
     assert (out / "report.md").read_text().startswith("# srlm demo report")
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["seed"] == SEED and report["quick"] is True
-    assert report["arms"] == list(ARMS) and not report["failures"]
-    expected = {"M1"} | {f"{arm}/M{t}" for arm in ARMS for t in (2, 3)}
+    assert report["arms"] == list(DEFAULT_ARMS) and not report["failures"]
+    expected = {"M1"} | {f"{arm}/M{t}" for arm in DEFAULT_ARMS for t in (2, 3)}
     assert set(report["models"]) == expected
     for m in report["models"].values():
         assert 0 <= m["task"]["mean_score"] <= 5
@@ -94,7 +101,7 @@ def test_report_files_and_structure(run: tuple[Path, dict]) -> None:
             "parse_rate",
             "verdicts",
         }
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         assert len(report["iterations"][arm]) == 2
         assert report["summary"]["arms"][arm]["models"] == ["M1", f"{arm}/M2", f"{arm}/M3"]
     for phase in ("data", "sft", "eval M1", "arm self", "total"):
@@ -107,7 +114,7 @@ def test_report_files_and_structure(run: tuple[Path, dict]) -> None:
 def test_summary_and_checks_follow_the_model_metrics(run: tuple[Path, dict]) -> None:
     _, report = run
     models, summary = report["models"], report["summary"]
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         a = summary["arms"][arm]
         fc = [models[n]["task"]["pct_fully_correct"] for n in a["models"]]
         pa = [100 * models[n]["judge"]["pairwise_accuracy"] for n in a["models"]]
@@ -115,7 +122,7 @@ def test_summary_and_checks_follow_the_model_metrics(run: tuple[Path, dict]) -> 
         assert a["delta_fully_correct"] == pytest.approx(fc[2] - fc[0])
         assert a["delta_judge_pairwise_accuracy"] == pytest.approx(pa[2] - pa[0])
         assert summary["checks"][f"{arm}_clears_bar"] == (fc[2] - fc[0] >= 10)
-    last = {arm: summary["arms"][arm]["pct_fully_correct"][-1] for arm in ARMS}
+    last = {arm: summary["arms"][arm]["pct_fully_correct"][-1] for arm in DEFAULT_ARMS}
     assert summary["checks"]["controls_ordered"] == (
         last["oracle"] >= last["self"] >= last["random"]
     )
@@ -296,7 +303,7 @@ def test_an_arm_is_one_table_entry_and_any_iteration_count_is_reported(
 
 def test_iteration_metrics_recomputed_from_the_pipeline_files(run: tuple[Path, dict]) -> None:
     out, report = run
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         for it in report["iterations"][arm]:
             stage_dir = out / arm / it["stage"]
             candidates = read_jsonl(stage_dir / "candidates.jsonl")
@@ -322,7 +329,7 @@ def test_iteration_metrics_recomputed_from_the_pipeline_files(run: tuple[Path, d
             )
             if arm == "oracle":
                 assert it["pairs_oracle_correct"] == 1.0
-            if arm == "self":  # per-criterion accuracy of the model's own judge samples
+            if arm in ("self", "meta"):  # per-criterion accuracy of the own judge samples
                 n_ok: dict[str, list[int]] = {}
                 for r in candidates:
                     spec = task.parse_prompt(r["prompt"])
@@ -421,11 +428,11 @@ def test_aggregate_over_seeds(run: tuple[Path, dict]) -> None:
     _, report = run
     other = json.loads(json.dumps(report))
     other["seed"] = SEED + 1
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         other["summary"]["arms"][arm]["pct_fully_correct"][2] += 4.0
         other["summary"]["arms"][arm]["delta_fully_correct"] += 4.0
     agg = aggregate([report, other])
-    for arm in ARMS:
+    for arm in DEFAULT_ARMS:
         a = report["summary"]["arms"][arm]
         m3 = agg["arms"][arm]["pct_fully_correct"][2]
         assert m3["mean"] == pytest.approx(a["pct_fully_correct"][2] + 2.0)
@@ -478,3 +485,35 @@ def test_arm_names_are_checked_against_the_table() -> None:
         check_arms([])
     assert [a.name for a in ARM_TABLE.values()] == list(ARMS)
     assert all(a.description for a in ARM_TABLE.values())
+
+
+def test_meta_arm_judge_pairs_are_its_own_judgements_meta_judged(run: tuple[Path, dict]) -> None:
+    """The meta arm's judge pairs: two of the model's own judgements of one of its
+    candidates (from candidates.jsonl), the judge prompt as the judge saw it, the
+    Bradley-Terry stronger one chosen (meta_judgements.jsonl), at most the configured
+    share of the iteration's pairs."""
+    out, report = run
+    cfg = quick_config()
+    stages = sorted((out / "meta").glob("*-meta-reward-dpo"))
+    assert len(stages) == len(cfg.iterations)
+    for stage in stages:
+        by_id = {r["id"]: r for r in read_jsonl(stage / "candidates.jsonl")}
+        metas = {m["id"]: m for m in read_jsonl(stage / "meta_judgements.jsonl")}
+        judge_pairs = read_jsonl(stage / "judge_pairs.jsonl")
+        actor = read_jsonl(stage / "pairs.jsonl")
+        stats = json.loads((stage / "stats.json").read_text())
+        assert stats["judge_pairs"] == len(judge_pairs) > 0
+        assert len(judge_pairs) / (len(judge_pairs) + len(actor)) <= cfg.meta_judge_pair_share
+        for p in judge_pairs:
+            record = by_id[p["prompt_id"]]
+            response = record["responses"][p["candidate"]]
+            texts = record["judgements"][p["candidate"]]["samples"]
+            assert p["prompt"] == task.render_judge_prompt(record["prompt"], response)
+            assert (p["chosen"], p["rejected"]) == (
+                texts[p["chosen_index"]],
+                texts[p["rejected_index"]],
+            )
+            meta = metas[f"{p['prompt_id']}/{p['candidate']}"]
+            strength = dict(zip(meta["judgement_indices"], meta["strengths"]))
+            assert strength[p["chosen_index"]] == max(strength.values())
+            assert strength[p["rejected_index"]] == min(strength.values())

@@ -78,10 +78,10 @@ class DemoConfig:
     judge_max_new_tokens: int = 20
     judge_letters: bool = True
     # meta-judge examples (a response and two judgements -> which is right) mixed into
-    # M1's SFT and the EFT replay; 0 = off (the skill is still measured on every model).
-    # 1,000 gives meta-judge accuracy 0.63-0.68 (0 without) at 1.36x the SFT time, but
-    # M1 held on seed 0 only (seed 1: 27.8% fully correct); off until settled (docs/demo.md)
-    n_meta_eft: int = 0
+    # M1's SFT and the EFT replay, so that the meta arm's M1 can meta-judge; 0 = off (the
+    # skill is still measured on every model). 1,000 gives meta-judge accuracy 0.63-0.68
+    # (0 without) at about 1.4x the SFT time (docs/demo.md)
+    n_meta_eft: int = 1000
     n_meta_eval: int = 200
     # the meta arm: judge pairs at most this share of an iteration's DPO pairs (NeMo-Aligner
     # saw the judge collapse above ~15%)
