@@ -92,9 +92,15 @@ def server():
                 script.headers.append(dict(self.headers))
                 script.in_flight += 1
                 script.peak = max(script.peak, script.in_flight)
+            counted = True
             try:
                 status, headers, sleep_s = script.next()
                 time.sleep(sleep_s)
+                # no longer in flight once the answer is ready: the client may send its next
+                # request as soon as the answer arrives, before this thread's finally runs
+                with script.lock:
+                    script.in_flight -= 1
+                    counted = False
                 if status == 200:
                     self._send(200, _answer(self.path, body), headers)
                 else:
@@ -104,8 +110,9 @@ def server():
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up (timeout)
             finally:
-                with script.lock:
-                    script.in_flight -= 1
+                if counted:
+                    with script.lock:
+                        script.in_flight -= 1
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
