@@ -496,6 +496,94 @@ def test_length_grouped_batches_cover_every_item_once_with_less_padding():
     assert firsts != sorted(firsts, reverse=True)
 
 
+def test_length_bucketed_batches_keep_each_batch_in_one_bucket():
+    from self_rewarding_lm_pytorch.trainers.schedules import length_bucketed_batches
+
+    g = torch.Generator().manual_seed(0)
+    # a mix like the demo's: many short rows and a few long ones
+    lengths = torch.randint(10, 60, (900,), generator=g).tolist()
+    lengths += torch.randint(61, 90, (100,), generator=g).tolist()
+    bounds = (30, 60)
+
+    def bucket(n: int) -> int:
+        return 0 if n <= 30 else 1 if n <= 60 else 2
+
+    batches = length_bucketed_batches(
+        lengths, 16, bounds, generator=torch.Generator().manual_seed(1)
+    )
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(len({bucket(lengths[i]) for i in b}) == 1 for b in batches)
+    per_bucket = [sum(bucket(n) == k for n in lengths) for k in range(3)]
+    assert len(batches) == sum(-(-n // 16) for n in per_bucket)  # one short batch a bucket
+    assert sum(len(b) < 16 for b in batches) <= 3
+    # the long rows no longer set the padded length of most batches
+    pad = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    plain = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    plain_pad = sum(
+        len(plain[i : i + 16]) * max(lengths[j] for j in plain[i : i + 16])
+        for i in range(0, 1000, 16)
+    )
+    assert pad < 0.85 * plain_pad
+    # rows of different lengths inside a bucket stay mixed (not sorted as group_by_length)
+    assert any(max(lengths[i] for i in b) - min(lengths[i] for i in b) > 20 for b in batches)
+    # the batch order is shuffled (buckets interleaved) and seeded
+    order = [bucket(lengths[b[0]]) for b in batches]
+    assert order != sorted(order)
+    again = length_bucketed_batches(lengths, 16, bounds, generator=torch.Generator().manual_seed(1))
+    assert again == batches
+    with pytest.raises(ValueError, match="strictly increasing"):
+        length_bucketed_batches(lengths, 16, (60, 30))
+
+
+def test_sft_length_buckets_batch_within_buckets_and_learn():
+    from x_transformers import Decoder, TransformerWrapper
+
+    from self_rewarding_lm_pytorch.config import ConfigError
+    from self_rewarding_lm_pytorch.data import SFTExample, collate_sft
+    from self_rewarding_lm_pytorch.losses import nll_loss
+    from self_rewarding_lm_pytorch.trainers import SFTTrainer
+
+    torch.manual_seed(0)
+    model = TransformerWrapper(
+        num_tokens=32, max_seq_len=64, attn_layers=Decoder(dim=32, depth=1, heads=2)
+    )
+    examples = [SFTExample([1, 2] + [3 + (i % 7)] * (2 + i % 9), 2) for i in range(64)]
+
+    def loss() -> float:
+        batch = collate_sft(examples)
+        with torch.no_grad():
+            return float(
+                nll_loss(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
+            )
+
+    before = loss()
+    trainer = SFTTrainer(
+        model,
+        train_dataset=examples,
+        batch_size=8,
+        num_epochs=3,
+        length_buckets=(6, 8),
+        start_learning_rate=3e-3,
+        end_learning_rate=3e-3,
+        seed=0,
+        progress=False,
+        accelerate_kwargs=dict(cpu=True),
+    )
+    seen = []
+    for batch in trainer.sft_loader(trainer.train_examples, batch_size=8, shuffle=True):
+        n = (batch["input_ids"] != 0).sum(-1)  # tokens are 1..9, pads 0
+        seen.append({0 if k <= 6 else 1 if k <= 8 else 2 for k in n.tolist()})
+    assert seen and all(len(s) == 1 for s in seen) and len(set().union(*seen)) == 3
+    trainer.train()
+    assert loss() < 0.5 * before
+    with pytest.raises(ConfigError, match="length_buckets must be strictly increasing"):
+        SFTTrainer(model, train_dataset=examples, length_buckets=(8, 8), progress=False)
+    with pytest.raises(ConfigError, match="group_by_length and length_buckets"):
+        SFTTrainer(
+            model, train_dataset=examples, group_by_length=True, length_buckets=(8,), progress=False
+        )
+
+
 def test_sft_with_group_by_length_learns():
     from x_transformers import Decoder, TransformerWrapper
 

@@ -85,8 +85,11 @@ def build(cls: type, tmp_path, **kw):
 @pytest.mark.parametrize("cls", [SFTTrainer, DPOTrainer, SPINTrainer])
 def test_every_training_setting_reaches_every_trainer(cls, tmp_path):
     # optimizer "adamw8bit" needs bitsandbytes: tests/test_memory_options.py covers it
+    # length_buckets excludes group_by_length: checked on its own below
     fields = {f.name for f in dataclasses.fields(TrainingConfig)}
-    assert {*CHANGED, "lr_schedule", "optimizer"} == fields
+    assert {*CHANGED, "lr_schedule", "optimizer", "length_buckets"} == fields
+    bucketed = build(cls, tmp_path, length_buckets=(4, 9))
+    assert bucketed.config.length_buckets == bucketed.length_buckets == (4, 9)
     default = cls.config_class()
     schedule = "linear" if default.lr_schedule == "cosine" else "cosine"
     changed = {**CHANGED, "lr_schedule": schedule}

@@ -204,7 +204,8 @@ class BaseTrainer:
     ) -> DataLoader:
         """A loader over ``items``, sharded by accelerate. With ``group_by_length`` (and
         ``lengths``), shuffled batches are drawn from length-sorted mega-batches of 50
-        batches, so little compute goes to padding (the order of batches stays random)."""
+        batches, so little compute goes to padding (the order of batches stays random);
+        with ``length_buckets``, every batch from one bucket of rows of those lengths."""
         generator = None
         if shuffle and self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -214,7 +215,8 @@ class BaseTrainer:
             shuffle=shuffle,
             batch_size=batch_size,
             generator=generator,
-            lengths=lengths if self.group_by_length else None,
+            lengths=lengths if self.group_by_length or self.length_buckets else None,
+            boundaries=self.length_buckets,
         )
         prepared = self.accelerator.prepare(loader)
         self._prepared += [loader, prepared]

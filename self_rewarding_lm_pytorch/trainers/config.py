@@ -99,6 +99,9 @@ class TrainingConfig:
     dropout: float | None = _opt(None, "p of every nn.Dropout during training (None: as is)")
     max_seq_len: int | None = _opt(None, "truncate rows to this many tokens")
     group_by_length: bool = _opt(False, "batch rows of similar length (less padding)")
+    length_buckets: tuple[int, ...] = _opt(
+        (), "token-length boundaries; every batch takes rows of one bucket (less padding)"
+    )
     early_stop_mode: str = _opt("min", "'min' or 'max': which early-stop scores are better")
     check_early_stop_every: int = _opt(200, "steps between early-stop evaluations")
     early_stop_patience: int = _opt(1, "evaluations without improvement before stopping")
@@ -195,6 +198,11 @@ class TrainingConfig:
             ("checkpoint_every", _at_least(1), "or None for no periodic checkpoints"),
             ("keep_last_checkpoints", _at_least(1), "or None to keep them all"),
             ("log_every", _at_least(1), "use 1 to log every step"),
+            (
+                "length_buckets",
+                (_increasing_lengths, "be strictly increasing token counts >= 1"),
+                "e.g. (64, 256), or () for no buckets",
+            ),
         ]
 
     def validate(self) -> None:
@@ -215,10 +223,19 @@ class TrainingConfig:
             value = getattr(self, key)
             if value is not None and not ok(value):
                 raise ConfigError(f"{key} must {rule}, got {value!r}; {fix}")
+        if self.group_by_length and self.length_buckets:
+            raise ConfigError(
+                f"group_by_length and length_buckets {self.length_buckets!r} are both set; "
+                "batches are either length-sorted or bucketed: keep one"
+            )
         self._validate_more()
 
     def _validate_more(self) -> None:
         """Subclass hook: checks across fields, run after the per-field ones."""
+
+
+def _increasing_lengths(bounds: tuple[int, ...]) -> bool:
+    return all(b >= 1 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:]))
 
 
 def _loss_check(key: str, call: Any) -> None:

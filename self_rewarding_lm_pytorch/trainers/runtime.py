@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..data import ListDataset
 from ..models import detect_kind, is_peft_model
-from .schedules import length_grouped_batches
+from .schedules import length_bucketed_batches, length_grouped_batches
 from .sharding import _decoder_layers
 
 __all__ = [
@@ -156,11 +156,17 @@ def make_loader(
     batch_size: int,
     generator: torch.Generator | None,
     lengths: Sequence[int] | None = None,
+    boundaries: Sequence[int] = (),
 ) -> DataLoader:
     """A loader over ``items``; with ``lengths`` (and ``shuffle``), shuffled batches are drawn
-    from length-sorted mega-batches of 50 batches, so little compute goes to padding."""
+    from length-sorted mega-batches of 50 batches, so little compute goes to padding, or,
+    with ``boundaries`` too, from the length buckets they bound
+    (:func:`~.schedules.length_bucketed_batches`)."""
     if shuffle and lengths is not None:
-        sampler = length_grouped_batches(lengths, batch_size, generator=generator)
+        if boundaries:
+            sampler = length_bucketed_batches(lengths, batch_size, boundaries, generator=generator)
+        else:
+            sampler = length_grouped_batches(lengths, batch_size, generator=generator)
         return DataLoader(ListDataset(items), batch_sampler=sampler, collate_fn=collate_fn)
     return DataLoader(
         ListDataset(items),

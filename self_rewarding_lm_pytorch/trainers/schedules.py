@@ -1,13 +1,15 @@
-"""Learning-rate schedules (warmup then linear / cosine decay) and length-grouped batching."""
+"""Learning-rate schedules (warmup then linear / cosine decay), length-grouped and
+length-bucketed batching."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["length_grouped_batches", "lr_multiplier", "make_scheduler"]
+__all__ = ["length_bucketed_batches", "length_grouped_batches", "lr_multiplier", "make_scheduler"]
 
 
 def lr_multiplier(
@@ -53,6 +55,34 @@ def length_grouped_batches(
     for start in range(0, len(order), mega):
         group = sorted(order[start : start + mega], key=lambda i: -lengths[i])
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    perm = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in perm]
+
+
+def length_bucketed_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    boundaries: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Batches whose rows all lie in one length bucket, in random order (the buckets of
+    ``tf.data``'s ``bucket_by_sequence_length``).
+
+    Bucket ``k`` holds the rows with ``boundaries[k - 1] < length <= boundaries[k]`` (the
+    last one every row longer than the last boundary). Within a bucket the rows are
+    shuffled and cut into batches (the last one may be short); the batch order is
+    shuffled. Unlike :func:`length_grouped_batches`, rows of different lengths inside a
+    bucket stay mixed, so data sets of similar lengths are still batched together while
+    the rare long rows no longer set the padded length of every batch. Every index
+    appears exactly once.
+    """
+    if list(boundaries) != sorted(set(boundaries)):
+        raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)}")
+    buckets: list[list[int]] = [[] for _ in range(len(boundaries) + 1)]
+    for i in torch.randperm(len(lengths), generator=generator).tolist():
+        buckets[bisect.bisect_left(boundaries, lengths[i])].append(i)
+    batches = [b[i : i + batch_size] for b in buckets for i in range(0, len(b), batch_size)]
     perm = torch.randperm(len(batches), generator=generator).tolist()
     return [batches[i] for i in perm]
 
