@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from self_rewarding_lm_pytorch.judge.meta import (
     bradley_terry,
 )
 from self_rewarding_lm_pytorch.pipeline import MetaRewardStage, SelfRewardingTrainer
-from self_rewarding_lm_pytorch.pipeline.meta import balance_by_score, cap_share
+from self_rewarding_lm_pytorch.pipeline.meta import balance_by_score, cap_share, judge_pair_room
 
 HERE = Path(__file__).parent
 EXAMPLE = HERE.parent / "examples" / "meta_rewarding.yaml"
@@ -240,15 +241,33 @@ def test_a_position_biased_meta_judge_yields_no_judge_pair():
 def test_balance_and_share_cap_count_exactly():
     scores = [5, 5, 5, 4, 4, 3, 5, 4]
     pairs = [{"id": str(i), "score_chosen": s} for i, s in enumerate(scores)]
-    balanced = balance_by_score(pairs, random.Random(0))
-    assert sorted(p["score_chosen"] for p in balanced) == [3, 4, 5]  # the rarest count: 1
-    assert [p["id"] for p in balanced] == sorted((p["id"] for p in balanced), key=int)
-    # floor(0.15 / 0.85 * 20) = 3 of 8; share 0 keeps none; room enough keeps all
-    capped = cap_share(pairs, 20, 0.15, random.Random(0))
-    assert len(capped) == 3 and all(p in pairs for p in capped)
-    assert cap_share(pairs, 20, 0.0, random.Random(0)) == []
-    assert cap_share(pairs, 100, 0.15, random.Random(0)) == pairs
+    # floor(0.15 / 0.85 * 20) = 3 of 8
+    assert judge_pair_room(20, 0.15) == 3 and judge_pair_room(20, 0.0) == 0
     assert 3 / (3 + 20) <= 0.15 < 4 / (4 + 20)
+    # room 3: one of each score (the old rule's rarest count: 1)
+    balanced = balance_by_score(pairs, 3, random.Random(0))
+    assert sorted(p["score_chosen"] for p in balanced) == [3, 4, 5]
+    assert [p["id"] for p in balanced] == sorted((p["id"] for p in balanced), key=int)
+    # room 6: the rare score keeps its one pair and the room is still filled, evenly:
+    # level 2 (1 + 2 + 2 = 5), the sixth pair to a seeded score above the level
+    six = Counter(p["score_chosen"] for p in balance_by_score(pairs, 6, random.Random(0)))
+    assert six[3] == 1 and sorted([six[4], six[5]]) == [2, 3] and sum(six.values()) == 6
+    # a skewed set: 40 pairs of score 5, 2 of score 1; room 10 keeps both rare ones
+    skewed = [{"id": str(i), "score_chosen": 5 if i < 40 else 1} for i in range(42)]
+    assert Counter(p["score_chosen"] for p in balance_by_score(skewed, 10, random.Random(1))) == {
+        5: 8,
+        1: 2,
+    }
+    assert balance_by_score(pairs, 8, random.Random(0)) == pairs  # room for all: all
+    assert balance_by_score(pairs, 0, random.Random(0)) == []
+    # seeded: the same choice again
+    assert balance_by_score(skewed, 10, random.Random(1)) == balance_by_score(
+        skewed, 10, random.Random(1)
+    )
+    capped = cap_share(pairs, 3, random.Random(0))
+    assert len(capped) == 3 and all(p in pairs for p in capped)
+    assert cap_share(pairs, 0, random.Random(0)) == []
+    assert cap_share(pairs, 100, random.Random(0)) == pairs
 
 
 def test_an_interrupted_meta_judging_resumes_to_the_same_bytes(tmp_path):

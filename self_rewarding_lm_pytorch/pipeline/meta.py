@@ -6,8 +6,8 @@ its judgements in both orders, the battle matrix gives Bradley–Terry strengths
 strongest and weakest judgement form a DPO pair whose prompt is the judge prompt itself.
 Meta-judgements are appended to ``<stage>/meta_judgements.jsonl`` chunk by chunk (each
 chunk seeded by run seed, stage and chunk, so an interrupted stage resumes to the same
-bytes); the pairs, balanced over the chosen judgements' scores and capped to
-``max_judge_pair_share`` of the stage's pairs, go to ``<stage>/judge_pairs.jsonl`` and
+bytes); the pairs, capped to ``max_judge_pair_share`` of the stage's pairs and spread as
+evenly as they allow over the chosen judgements' scores, go to ``<stage>/judge_pairs.jsonl`` and
 their statistics into ``stats.json``.
 """
 
@@ -28,7 +28,7 @@ from ..store import JsonlStore, atomic_write_json, atomic_write_text
 from ..utils import derive_seed, make_generator
 from .stages import MetaRewardStage, _stage_slug
 
-__all__ = ["balance_by_score", "build_judge_pairs", "cap_share", "meta_items"]
+__all__ = ["balance_by_score", "build_judge_pairs", "cap_share", "judge_pair_room", "meta_items"]
 
 log = logging.getLogger(__name__)
 
@@ -151,23 +151,39 @@ def _score_key(score: float) -> str:
     return str(round(score)) if float(score).is_integer() else f"{score:.2f}"
 
 
-def balance_by_score(pairs: list[dict], rng: random.Random) -> list[dict]:
-    """Downsample the pairs of every chosen-judgement score to the rarest score's count (a
-    seeded choice; order kept): the judge is not taught to favour one score."""
+def judge_pair_room(num_actor_pairs: int, share: float) -> int:
+    """``floor(share / (1 - share) * num_actor_pairs)``: the most judge pairs that keep them
+    at most ``share`` of all the stage's pairs."""
+    return math.floor(share / (1 - share) * num_actor_pairs + 1e-9)
+
+
+def balance_by_score(pairs: list[dict], room: int, rng: random.Random) -> list[dict]:
+    """The most even spread over chosen-judgement scores of ``min(room, len(pairs))``
+    pairs (water-filling; a seeded choice, order kept).
+
+    Every score keeps at most ``c`` pairs, ``c`` the highest level at which the total fits
+    ``room``; what room is left goes one pair each to seeded scores that have more than
+    ``c``. A rare score therefore keeps all its pairs without emptying the others, and no
+    score gets more than one pair beyond any score that could have given more.
+    """
     groups: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
         groups[_score_key(p["score_chosen"])].append(i)
-    if not groups:
-        return []
-    n = min(len(g) for g in groups.values())
-    keep = {i for key in sorted(groups) for i in rng.sample(groups[key], n)}
+    if len(pairs) <= room:
+        return list(pairs)
+    level = 0
+    while sum(min(len(g), level + 1) for g in groups.values()) <= room:
+        level += 1
+    take = {key: min(len(g), level) for key, g in groups.items()}
+    above = sorted(key for key, g in groups.items() if len(g) > level)
+    for key in rng.sample(above, room - sum(take.values())):  # fewer than len(above)
+        take[key] += 1
+    keep = {i for key in sorted(groups) for i in rng.sample(groups[key], take[key])}
     return [p for i, p in enumerate(pairs) if i in keep]
 
 
-def cap_share(pairs: list[dict], num_actor_pairs: int, share: float, rng: random.Random):
-    """At most ``floor(share / (1 - share) * num_actor_pairs)`` of ``pairs`` (a seeded
-    choice; order kept), so they are at most ``share`` of all the stage's pairs."""
-    room = math.floor(share / (1 - share) * num_actor_pairs + 1e-9)
+def cap_share(pairs: list[dict], room: int, rng: random.Random) -> list[dict]:
+    """At most ``room`` of ``pairs`` (a seeded choice; order kept)."""
     if len(pairs) <= room:
         return list(pairs)
     keep = set(rng.sample(range(len(pairs)), room))
@@ -281,8 +297,9 @@ def _write_judge_pairs(
     candidates = [_judge_pair(by_id[it["id"]], it, builder.judge.reward_config) for it in items]
     candidates = [p for p in candidates if p is not None]
     rng = random.Random(derive_seed(builder.seed, builder.index, "judge-pairs"))
-    balanced = balance_by_score(candidates, rng) if stage.balance_judge_scores else candidates
-    pairs = cap_share(balanced, len(actor_pairs), stage.max_judge_pair_share, rng)
+    room = judge_pair_room(len(actor_pairs), stage.max_judge_pair_share)
+    fill = balance_by_score if stage.balance_judge_scores else cap_share
+    pairs = fill(candidates, room, rng)
     text = "".join(json.dumps(p, sort_keys=True) + "\n" for p in pairs)
     atomic_write_text(stage_dir / "judge_pairs.jsonl", text)
     stats = json.loads((stage_dir / "stats.json").read_text())
@@ -292,8 +309,8 @@ def _write_judge_pairs(
         len(actor_pairs),
         judgements_too_long=too_long,
         judge_pair_candidates=len(candidates),
-        judge_pairs_dropped_by_balance=len(candidates) - len(balanced),
-        judge_pairs_dropped_by_cap=len(balanced) - len(pairs),
+        judge_pair_room=room,
+        judge_pairs_dropped_by_cap=len(candidates) - len(pairs),
     )
     if extra["meta_outputs"] and extra["meta_parse_rate"] < stage.min_parse_rate:
         log.warning(

@@ -369,7 +369,7 @@ class MetaRewardStage(PreferenceStage):
     )
     balance_judge_scores: bool = field(
         default=True,
-        metadata={"help": "downsample judge pairs to the rarest chosen-judgement score's count"},
+        metadata={"help": "spread the judge pairs kept evenly over the chosen judgements' scores"},
     )
     max_judgement_chars: int | None = field(
         default=None,
