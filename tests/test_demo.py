@@ -517,3 +517,25 @@ def test_meta_arm_judge_pairs_are_its_own_judgements_meta_judged(run: tuple[Path
             strength = dict(zip(meta["judgement_indices"], meta["strengths"]))
             assert strength[p["chosen_index"]] == max(strength.values())
             assert strength[p["rejected_index"]] == min(strength.values())
+        # every meta-judgement that ranks its judgements was a candidate pair; the pairs kept
+        # fill the share cap's room and are spread over the chosen scores by water-filling:
+        # a score that lost pairs keeps at least as many as any other score, less one
+        offered: dict[float, int] = {}
+        for m in metas.values():
+            st, idx = m["strengths"], m["judgement_indices"]
+            best = max(range(len(st)), key=lambda k: (st[k], -k))
+            worst = min(range(len(st)), key=lambda k: (st[k], k))
+            samples = by_id[m["prompt_id"]]["judgements"][m["candidate"]]["samples"]
+            if st[best] - st[worst] > 1e-9 and samples[idx[best]] != samples[idx[worst]]:
+                offered[m["scores"][best]] = offered.get(m["scores"][best], 0) + 1
+        room = math.floor(
+            cfg.meta_judge_pair_share / (1 - cfg.meta_judge_pair_share) * len(actor) + 1e-9
+        )
+        assert stats["judge_pair_candidates"] == sum(offered.values())
+        assert len(judge_pairs) == min(room, sum(offered.values()))
+        kept: dict[float, int] = {}
+        for p in judge_pairs:
+            kept[p["score_chosen"]] = kept.get(p["score_chosen"], 0) + 1
+        for score, n in offered.items():
+            if kept.get(score, 0) < n:
+                assert all(kept.get(score, 0) >= k - 1 for k in kept.values())

@@ -336,7 +336,8 @@ def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> Non
     examples = T.meta_eft_data(1500, 0)
     labels = Counter(e.response for e in examples)
     assert set(labels) == {"A", "B"} and 0.45 < labels["A"] / len(examples) < 0.55
-    missed = 0
+    directions: dict[bool, list[bool]] = {True: [], False: []}
+    missed_flips: Counter = Counter()
     for e in examples:
         spec = T.parse_prompt(e.task_prompt)
         assert e.right == T.format_judgement(spec, e.task_response, letters=True)
@@ -351,12 +352,21 @@ def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> Non
         assert [c for c in e.wrong if c.isupper()] == [c for c in e.right if c.isupper()]
         a, b = (e.right, e.wrong) if e.response == "A" else (e.wrong, e.right)
         assert e.prompt == T.render_meta_prompt(e.task_prompt, e.task_response, a, b)
-        missed += "n" in right_v and wrong.verdicts.count("y") > right_v.count("y")
-    # a failure is there to miss in most examples, and then the wrong judgement misses it
-    assert missed / len(examples) > 0.6
-    flips = Counter(e.flipped for e in examples)
-    # among responses that fail, the letter criteria (the judge's blind spots) dominate
-    assert flips["end"] + flips["has"] + flips["start"] > 3 * flips["upper"]
+        lenient = wrong.verdicts.count("y") > right_v.count("y")  # a missed failure
+        both = "n" in right_v and "y" in right_v  # either direction was possible
+        directions[both] += [lenient]
+        if lenient:
+            missed_flips[e.flipped] += 1
+    # the wrong judgement is a missed failure or a false failure, equally often where the
+    # response allows both, so "the harsher (or milder) judgement is right" is no shortcut
+    mixed = directions[True]
+    assert len(mixed) > 500 and 0.45 < sum(mixed) / len(mixed) < 0.55
+    overall = directions[True] + directions[False]
+    assert 0.35 < sum(overall) / len(overall) < 0.65
+    # among missed failures, the letter criteria (the judge's blind spots) dominate
+    assert missed_flips["end"] + missed_flips["has"] + missed_flips["start"] > (
+        3 * missed_flips["upper"]
+    )
 
 
 def test_meta_template_renders_the_prompt_and_fits_the_context() -> None:

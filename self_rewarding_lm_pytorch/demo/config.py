@@ -59,6 +59,10 @@ class DemoConfig:
     # length-grouped batches make SFT steps 1.6x faster but, with IFT and EFT then in
     # separate batches, the judge failed to learn (docs/demo.md): off by default
     group_by_length: bool = False
+    # the rows longer than any judge sequence (most meta-judge examples) are batched apart
+    # (``length_buckets``), so they no longer set the padded length of nearly every batch;
+    # IFT and EFT rows stay mixed (docs/demo.md)
+    bucket_long_rows: bool = True
     iterations: tuple[IterationConfig, ...] = (
         IterationConfig(pair_margin=1.0),
         # iteration 2 at 0.3x the learning rate: it holds iteration 1's gains where the
@@ -140,8 +144,19 @@ class DemoConfig:
             )
         if self.judge_mode not in ("mean", "expected"):
             raise ValueError(f"judge_mode must be 'mean' or 'expected', got {self.judge_mode!r}")
+        if self.group_by_length and self.bucket_long_rows:
+            raise ValueError(
+                "DemoConfig: group_by_length and bucket_long_rows are both set; keep one"
+            )
         if not self.iterations:
             raise ValueError("DemoConfig.iterations is empty; give at least one IterationConfig")
+
+    def length_buckets(self) -> tuple[int, ...]:
+        """The trainers' ``length_buckets``: one boundary at the longest judge sequence
+        (prompt, response and judgement) when ``bucket_long_rows``, else none."""
+        if not self.bucket_long_rows:
+            return ()
+        return (task.max_sequence_length(self.task_config, self.max_new_tokens),)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every setting."""

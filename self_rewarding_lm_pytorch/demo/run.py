@@ -182,6 +182,7 @@ def _arm_stages(
                 "start_learning_rate": it.learning_rate,
                 "end_learning_rate": it.end_learning_rate,
                 "group_by_length": cfg.group_by_length,
+                "length_buckets": cfg.length_buckets(),
             },
         )
         built = ARM_TABLE[arm].iteration(cfg, seed, t, it)
@@ -311,6 +312,7 @@ def run_demo(
                         "end_learning_rate": cfg.sft_end_learning_rate,
                         "warmup_steps": cfg.sft_warmup_steps,
                         "group_by_length": cfg.group_by_length,
+                        "length_buckets": cfg.length_buckets(),
                     },
                 )
             ],

@@ -6,9 +6,12 @@ Format (fits ``DEMO_MAX_SEQ_LEN``; :func:`max_meta_sequence_length` is the worst
     meta len6 start:b has:t>bxtrkl|yByTy Score: 5|yByTn Score: 3>   ->  A
 
 One judgement is the oracle's (:func:`~.judgement.format_judgement`, letters form); the
-other has one realistic wrong verdict: a criterion's verdict flipped, preferring the
-criteria the demo's judge tends to miss (:data:`MISS_WEIGHTS`), with the score recomputed
-to match.  They come in random order; the label names the right one (``A``: first).
+other has one realistic wrong verdict, with the score recomputed to match: half the time a
+missed failure (a failed criterion judged satisfied, preferring the criteria the demo's
+judge tends to miss, :data:`MISS_WEIGHTS`), half the time a false failure (a satisfied
+criterion judged failed).  Both directions equally often, so "the harsher (or the more
+lenient) judgement is right" is no shortcut: the meta-judge has to check the verdicts.  The
+judgements come in random order; the label names the right one (``A``: first).
 """
 
 from __future__ import annotations
@@ -92,12 +95,16 @@ class MetaExample:
 
 
 def _wrong_judgement(spec: Spec, gold: str, rng: random.Random) -> tuple[str, str]:
-    """The letters-form judgement with one verdict of ``gold`` flipped (a failed
-    criterion judged satisfied when there is one: a missed failure), and that criterion."""
+    """The letters-form judgement with one verdict of ``gold`` flipped, and that criterion:
+    a missed failure (a failed criterion, weighted by :data:`MISS_WEIGHTS`, judged
+    satisfied) or a false failure (a satisfied criterion, uniformly, judged failed), each
+    with probability 1/2 when the response allows both."""
     failed = [i for i, v in enumerate(gold) if v == "n"]
-    pool = failed or list(range(len(gold)))
-    weights = [MISS_WEIGHTS[spec.criteria[i]] for i in pool]
-    i = rng.choices(pool, weights=weights)[0]
+    satisfied = [i for i, v in enumerate(gold) if v == "y"]
+    if failed and (not satisfied or rng.random() < 0.5):
+        i = rng.choices(failed, weights=[MISS_WEIGHTS[spec.criteria[i]] for i in failed])[0]
+    else:
+        i = rng.choice(satisfied)
     flipped = gold[:i] + ("y" if gold[i] == "n" else "n") + gold[i + 1 :]
     return judgement_text(spec, flipped, letters=True), spec.criteria[i]
 
