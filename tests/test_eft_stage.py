@@ -4,6 +4,10 @@ scores are chosen per response; the plan rules of ``generated_eft``; SFT ``init`
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,6 +202,29 @@ def test_resume_after_a_crash_writes_the_same_files(tmp_path):
     for name in ("judgements.jsonl", "eft.jsonl", "eft_heldout.jsonl", "stats.json"):
         whole = (tmp_path / "whole" / "01-eft-build" / name).read_bytes()
         assert (stage_dir / name).read_bytes() == whole, name
+
+
+def test_two_processes_split_the_judging_and_write_the_files_of_one(tmp_path):
+    one = ScriptedJudgeBackend()
+    run_eft(tmp_path / "one", one)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    here = Path(__file__).parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(port), str(here / "eft_ddp_job.py"), str(tmp_path / "two")]
+    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    judged = [
+        json.loads((tmp_path / "two" / f"rank-{r}.json").read_text())["judged"] for r in (0, 1)
+    ]
+    # 3 chunks dealt to 2 ranks: each response judged once, by one of them
+    assert all(n > 0 for n in judged) and sum(judged) == one.judged == 15, judged
+    for name in ("judgements.jsonl", "eft.jsonl", "eft_heldout.jsonl", "stats.json"):
+        a = (tmp_path / "one" / "01-eft-build" / name).read_bytes()
+        assert (tmp_path / "two" / "run" / "01-eft-build" / name).read_bytes() == a, name
 
 
 def test_a_changed_judge_sets_the_judgements_of_an_unfinished_stage_aside(tmp_path):

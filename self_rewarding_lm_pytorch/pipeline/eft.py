@@ -18,6 +18,7 @@ from typing import Any
 
 from ..store import JsonlStore, atomic_write_json, atomic_write_text
 from ..utils import derive_seed, make_generator
+from .chunks import deal_rounds
 from .stages import EFTBuildStage
 
 __all__ = ["agrees", "balance", "build_eft", "check_eft_rows", "eft_examples", "heldout_prompts"]
@@ -168,19 +169,24 @@ def build_eft(
     reward_config: Any,
     seed: int,
     device: Any,
-    main: bool,
+    accelerator: Any,
 ) -> dict:
-    """Judge ``rows`` with ``judge`` (resuming ``judgements.jsonl``), then write
-    ``eft.jsonl``, ``eft_heldout.jsonl`` and ``stats.json`` (on the ``main`` process);
-    returns the statistics."""
-    store = JsonlStore(stage_dir / "judgements.jsonl", repair=main)
+    """Judge ``rows`` with ``judge`` (resuming ``judgements.jsonl``; with several processes
+    the chunks are dealt round-robin to them, see :mod:`.chunks`), then write ``eft.jsonl``,
+    ``eft_heldout.jsonl`` and ``stats.json`` (on the main process); returns the statistics."""
+    main = accelerator.is_main_process
+    store = JsonlStore(stage_dir / "judgements.jsonl", repair=main)  # one writer
     done = {r["id"] for r in store.records}
+    accelerator.wait_for_everyone()  # every rank read the file before the main one appends
     chunk = stage.chunk_size
-    for c in range(math.ceil(len(rows) / chunk)):
-        ids = [f"{index + 1}-{i}" for i in range(c * chunk, min((c + 1) * chunk, len(rows)))]
-        if all(i in done for i in ids):
-            continue
-        part = rows[c * chunk : c * chunk + len(ids)]
+    chunk_ids = [
+        [f"{index + 1}-{i}" for i in range(c * chunk, min((c + 1) * chunk, len(rows)))]
+        for c in range(math.ceil(len(rows) / chunk))
+    ]
+    todo = [c for c, ids in enumerate(chunk_ids) if not all(i in done for i in ids)]
+
+    def work(c: int) -> list[dict]:
+        ids, part = chunk_ids[c], rows[c * chunk : c * chunk + len(chunk_ids[c])]
         prompts = [r["prompt"] for r in part for _ in r["responses"]]
         responses = [x for r in part for x in r["responses"]]
         generator = make_generator(derive_seed(seed, index, "eft", c), device)
@@ -204,9 +210,11 @@ def build_eft(
                         "judgements": [r.to_dict() for r in res],
                     }
                 )
+        return fresh
+
+    for parts in deal_rounds(accelerator, todo, work):
         if main:
-            store.extend(fresh)
-        done.update(rid for rid in ids)
+            store.extend(r for part in parts for r in part)
     if not main:  # the main process writes the files; the runner makes the others wait
         return {}
     records = sorted(store.records, key=lambda r: int(r["id"].rsplit("-", 1)[1]))

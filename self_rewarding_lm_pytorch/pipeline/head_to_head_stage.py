@@ -11,7 +11,7 @@ files. Chunks are dealt round-robin to the ranks of a launch; the main process w
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from ..judge import PairwiseJudge
 from ..models import encode_response
 from ..store import JsonlStore, atomic_write_json, read_jsonl
 from ..utils import derive_seed, make_generator
+from .chunks import deal_rounds
 from .stages import HeadToHeadStage, Stage
 
 __all__ = [
@@ -121,21 +122,6 @@ def preflight_head_to_head(
             ) from exc
 
 
-def _dealt(acc: Any, todo: list[int], work: Callable[[int], list[dict]]) -> Iterator[list[dict]]:
-    """``work(c)`` for the chunks ``todo``, dealt round-robin to the ranks; each round's
-    records, in chunk order, on every rank."""
-    world, rank = acc.num_processes, acc.process_index
-    for start in range(0, len(todo), world):
-        mine = todo[start + rank] if start + rank < len(todo) else None
-        fresh = [] if mine is None else work(mine)
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            parts = sorted(gather_object([fresh]), key=lambda p: p[0]["chunk"] if p else -1)
-            fresh = [r for part in parts for r in part]
-        yield fresh
-
-
 def _chunked(
     path: Path, ids: list[str], size: int, acc: Any, work: Callable[[int], list[dict]]
 ) -> list[dict]:
@@ -146,8 +132,8 @@ def _chunked(
     acc.wait_for_everyone()  # every rank read the file before the main one appends
     chunks = [ids[c : c + size] for c in range(0, len(ids), size)]
     todo = [c for c, part in enumerate(chunks) if not all(i in have for i in part)]
-    for fresh in _dealt(acc, todo, work):
-        fresh = [r for r in fresh if r["id"] not in have]
+    for parts in deal_rounds(acc, todo, work):
+        fresh = [r for part in parts for r in part if r["id"] not in have]
         if acc.is_main_process:
             store.extend(fresh)
         have.update((r["id"], r) for r in fresh)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..judge.meta import DEFAULT_META_TEMPLATE, MetaJudge, battle_matrix, bradley_terry
 from ..store import JsonlStore, atomic_write_json, atomic_write_text
 from ..utils import derive_seed, make_generator
+from .chunks import deal_rounds
 from .stages import MetaRewardStage, _stage_slug
 
 __all__ = ["balance_by_score", "build_judge_pairs", "cap_share", "judge_pair_room", "meta_items"]
@@ -249,28 +250,23 @@ def build_judge_pairs(builder: Any, actor_pairs: list[dict]) -> list[dict]:
         unit="response",
         disable=not (builder.progress and main),
     )
-    world, rank = acc.num_processes, acc.process_index
-    try:
-        for start in range(0, len(todo), world):
-            mine = todo[start + rank] if start + rank < len(todo) else None
-            fresh = []
-            if mine is not None:
-                seed = derive_seed(builder.seed, builder.index, "meta", mine)
-                generator = make_generator(seed, builder.device)
-                try:
-                    fresh = _judge_chunk(meta_judge, chunks[mine], mine, generator)
-                except ValueError as exc:  # a meta-judge prompt that does not fit the context
-                    raise ValueError(
-                        f"stage {builder.name}: the meta-judge: {exc}. In the stage: set "
-                        "meta_judge_settings.on_too_long: truncate_response, lower "
-                        "max_judgement_chars or meta_judge_settings.max_new_tokens (a rerun in "
-                        "the same run folder then judges the stage's candidates again)"
-                    ) from exc
-            if world > 1:
-                from accelerate.utils import gather_object
 
-                parts = gather_object([fresh])
-                fresh = sorted((r for part in parts for r in part), key=lambda r: r["chunk"])
+    def work(c: int) -> list[dict]:
+        generator = make_generator(derive_seed(builder.seed, builder.index, "meta", c), device)
+        try:
+            return _judge_chunk(meta_judge, chunks[c], c, generator)
+        except ValueError as exc:  # a meta-judge prompt that does not fit the context
+            raise ValueError(
+                f"stage {builder.name}: the meta-judge: {exc}. In the stage: set "
+                "meta_judge_settings.on_too_long: truncate_response, lower "
+                "max_judgement_chars or meta_judge_settings.max_new_tokens (a rerun in "
+                "the same run folder then judges the stage's candidates again)"
+            ) from exc
+
+    device = builder.device
+    try:
+        for parts in deal_rounds(acc, todo, work):
+            fresh = [r for part in parts for r in part]
             if main:
                 store.extend(fresh)
             bar.update(len(fresh))

@@ -24,6 +24,7 @@ from ..pairs import select_pairs
 from ..store import JsonlStore, atomic_write_json
 from ..utils import derive_seed, make_generator
 from .anchors import add_anchors, anchored_choice
+from .chunks import deal_rounds
 from .report import candidate_stats
 from .stages import START_AFRESH, PreferenceStage, _stage_slug
 
@@ -211,24 +212,14 @@ class PairBuilder:
             unit="pair",
             disable=not (self.progress and main),
         )
-        world, rank = acc.num_processes, acc.process_index
+        rounds = deal_rounds(
+            acc,
+            todo,
+            lambda c: self.judge_chunk(c, chunk_ids[c], prompts, gen_config, done_ids, budgets),
+            stop=lambda: len(pairs) >= target,
+        )
         try:
-            for start in range(0, len(todo), world):
-                if len(pairs) >= target:
-                    break
-                mine = todo[start + rank] if start + rank < len(todo) else None
-                fresh = (
-                    []
-                    if mine is None
-                    else self.judge_chunk(
-                        mine, chunk_ids[mine], prompts, gen_config, done_ids, budgets
-                    )
-                )
-                parts = [fresh]
-                if world > 1:
-                    from accelerate.utils import gather_object
-
-                    parts = sorted((p for p in gather_object([fresh]) if p), key=_chunk_of)
+            for parts in rounds:
                 for part in parts:  # in chunk order, as one process makes them
                     if len(pairs) >= target:
                         break  # one process stops after the chunk that reached the target
@@ -338,10 +329,6 @@ def candidate_config(stage: PreferenceStage, eos_id: int | None) -> GenerationCo
         eos_token_id=eos_id,
         num_return_sequences=stage.num_candidates,
     )
-
-
-def _chunk_of(part: list[dict]) -> int:
-    return part[0]["chunk"]
 
 
 def _snapshot(backend: Any) -> dict[str, int] | None:

@@ -169,7 +169,7 @@ class StageContext:
             reward_config=judge.config,
             seed=self.seed,
             device=device,
-            main=self.accelerator.is_main_process,
+            accelerator=self.accelerator,
         )
         self.accelerator.wait_for_everyone()  # the files are complete before any rank reads
         return {"eft": str((stage_dir / "eft.jsonl").relative_to(self.run_dir)), "stats": stats}
