@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,12 +97,20 @@ class JudgeHealthConfig:
 
 
 def _count_pairs(gold: Sequence[float], groups: Sequence[Any]) -> int:
+    """Pairs inside one group whose gold scores differ (every pair of a group, less those
+    of equal gold)."""
+    by_group: dict[Any, Counter] = defaultdict(Counter)
+    for g, y in zip(groups, gold):
+        by_group[g][y] += 1
     return sum(
-        1
-        for i in range(len(gold))
-        for j in range(i + 1, len(gold))
-        if groups[i] == groups[j] and gold[i] != gold[j]
+        math.comb(sum(c.values()), 2) - sum(math.comb(k, 2) for k in c.values())
+        for c in by_group.values()
     )
+
+
+def _last_frozen(earlier: list[dict]) -> dict | None:
+    """The latest earlier measurement made under a ``freeze`` decision, if any."""
+    return next((e for e in reversed(earlier) if e.get("frozen")), None)
 
 
 def measure(
@@ -189,7 +198,7 @@ def check_health(
                 f"accuracy {accuracy:.3f} is more than max_drop={config.max_drop} below the "
                 f"best earlier accuracy {best['accuracy']:.3f} (stage {best['stage']})"
             )
-    frozen = next((e for e in reversed(earlier) if e.get("frozen")), None)
+    frozen = _last_frozen(earlier)
     record = {
         "stage": name,
         "settings": settings,
@@ -238,7 +247,7 @@ def check_health(
 def judge_to_measure(earlier: list[dict], own: str) -> str:
     """The model the next stage with health settings judges with: the one an earlier
     ``freeze`` decision set, else the stage's own (``own``)."""
-    frozen = next((e for e in reversed(earlier) if e.get("frozen")), None)
+    frozen = _last_frozen(earlier)
     return frozen["judge_model"] if frozen else own
 
 

@@ -147,19 +147,12 @@ class PreferenceIteration:
             return judge if hasattr(judge, "score") else CallableJudge(judge)
         settings = stage.judge_settings
         backend = self.backend if backend is None else backend
+        # settings that configure the torch engine need a judge engine of their own, over
+        # the same module (the live one, or the frozen copy of ``model``)
         if model is not None:
             frozen = self.snapshots.lm(model, self._finished)
             sampler = frozen if settings.engine_options() else TorchBackend(frozen)
-            return LLMJudge(
-                sampler, self.tokenizer, self.reward_config, **dataclasses.asdict(settings)
-            )
-        # settings that configure the torch engine need a judge engine of their own, over
-        # the same live module
-        torch_engine = backend is self.backend
-        sampler = self.lm if torch_engine and settings.engine_options() else backend
-        return LLMJudge(
-            sampler,
-            self.tokenizer,
-            self.reward_config,
-            **dataclasses.asdict(settings),
-        )
+        else:
+            torch_engine = backend is self.backend
+            sampler = self.lm if torch_engine and settings.engine_options() else backend
+        return LLMJudge(sampler, self.tokenizer, self.reward_config, **dataclasses.asdict(settings))
