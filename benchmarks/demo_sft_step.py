@@ -10,7 +10,9 @@ trainer's optimizer) split into collate / forward / backward / clip / optimizer;
 ``foreach=True`` and ``fused=True``; bf16 autocast; ``torch.compile`` (its compile time
 reported apart); and the library's ``SFTTrainer`` itself (its per-step overhead over the
 bare loop); and the plain step on the data with ``n_meta_eft`` meta-judge examples mixed
-in (their longer sequences set the batch's padded length).
+in (their longer sequences set the batch's padded length), in random batches and in the
+demo's length buckets (``DemoConfig.length_buckets``: the rows longer than any judge
+sequence batched apart).
 
     OMP_NUM_THREADS=1 python benchmarks/demo_sft_step.py              # 6 rounds of 8 steps
     OMP_NUM_THREADS=1 python benchmarks/demo_sft_step.py --rounds 3 --steps 4
@@ -20,10 +22,11 @@ in (their longer sequences set the batch's padded length).
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -34,6 +37,7 @@ from self_rewarding_lm_pytorch.demo.model import build_demo_model
 from self_rewarding_lm_pytorch.demo.tokenizer import DemoTokenizer
 from self_rewarding_lm_pytorch.losses import nll_loss
 from self_rewarding_lm_pytorch.trainers import SFTTrainer
+from self_rewarding_lm_pytorch.trainers.schedules import length_bucketed_batches
 
 
 def _examples(cfg: DemoConfig, n_meta: int = 0) -> list[SFTExample]:
@@ -46,6 +50,16 @@ def _examples(cfg: DemoConfig, n_meta: int = 0) -> list[SFTExample]:
         ids = tok.encode(p)
         out.append(SFTExample(input_ids=ids + tok.encode(r) + [tok.eos_id], prompt_len=len(ids)))
     return out
+
+
+def _bucketed(examples: list[SFTExample], cfg: DemoConfig) -> Iterator[list[SFTExample]]:
+    """The batches an epoch of the demo's length buckets gives, over and over."""
+    lengths = [len(e.input_ids) for e in examples]
+    g = torch.Generator().manual_seed(0)
+    batches = length_bucketed_batches(
+        lengths, cfg.sft_batch_size, cfg.length_buckets(), generator=g
+    )
+    return ([examples[i] for i in b] for b in itertools.cycle(batches))
 
 
 class _Loop:
@@ -100,13 +114,20 @@ def main() -> None:
         "AdamW fused": _Loop(cfg, adam={"fused": True}),
         f"plain, {args.n_meta} meta-judge examples mixed in": _Loop(cfg, adam={}),
     }
-    data = {name: examples for name in loops}
-    data[f"plain, {args.n_meta} meta-judge examples mixed in"] = with_meta
+    bucketed = f"plain, {args.n_meta} meta-judge examples mixed in, length buckets"
+    loops[bucketed] = _Loop(cfg, adam={})
+
+    def sampled(rows: list[SFTExample]) -> Callable[[], list[SFTExample]]:
+        return lambda: rng.sample(rows, cfg.sft_batch_size)
+
+    data = {name: sampled(examples) for name in loops}
+    data[f"plain, {args.n_meta} meta-judge examples mixed in"] = sampled(with_meta)
+    data[bucketed] = _bucketed(with_meta, cfg).__next__
     compile_s = None
     if not args.skip_slow:
         loops["bf16 autocast"] = _Loop(cfg, adam={}, bf16=True)
         loops["torch.compile"] = _Loop(cfg, adam={}, compile=True)
-        data["bf16 autocast"] = data["torch.compile"] = examples
+        data["bf16 autocast"] = data["torch.compile"] = sampled(examples)
         t = time.process_time()
         loops["torch.compile"].step(rng.sample(examples, cfg.sft_batch_size))  # compiles
         loops["torch.compile"].step(rng.sample(examples, cfg.sft_batch_size))  # new shape
@@ -129,7 +150,7 @@ def main() -> None:
         for name, loop in loops.items():
             t = time.process_time()
             for _ in range(args.steps):
-                loop.step(rng.sample(data[name], cfg.sft_batch_size))
+                loop.step(data[name]())
             per_round[name].append((time.process_time() - t) / args.steps)
         t = time.process_time()
         trainer.step = 0
