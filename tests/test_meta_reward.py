@@ -238,6 +238,20 @@ def test_a_position_biased_meta_judge_yields_no_judge_pair():
         judge.compare(["q"], ["a"], ["b"])
 
 
+def test_a_position_following_meta_judge_is_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="self_rewarding_lm_pytorch.pipeline.meta"):
+        report = run_meta(tmp_path / "biased", ScriptedPolicy(meta="biased"))
+    stats = report["stages"][0]["stats"]
+    assert stats["meta_outputs"] > 0 and stats["meta_position_consistency"] == 0.0
+    assert stats["judge_pairs"] == 0  # "always A" cancels: every judgement level
+    warned = [r.getMessage() for r in caplog.records if "follow the position" in r.getMessage()]
+    assert len(warned) == 1 and "in only 0.0% of its comparisons" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="self_rewarding_lm_pytorch.pipeline.meta"):
+        run_meta(tmp_path / "consistent", ScriptedPolicy())
+    assert not [r for r in caplog.records if "follow the position" in r.getMessage()]
+
+
 def test_balance_and_share_cap_count_exactly():
     scores = [5, 5, 5, 4, 4, 3, 5, 4]
     pairs = [{"id": str(i), "score_chosen": s} for i, s in enumerate(scores)]

@@ -33,6 +33,10 @@ __all__ = ["balance_by_score", "build_judge_pairs", "cap_share", "judge_pair_roo
 
 log = logging.getLogger(__name__)
 
+MIN_POSITION_CONSISTENCY = 0.5
+"""Below this share of comparisons whose two orders agree, the stage warns that the
+meta-judge follows the position more than the judgements."""
+
 
 def _variance(xs: list[float]) -> float:
     mean = math.fsum(xs) / len(xs)
@@ -315,5 +319,16 @@ def _write_judge_pairs(
             "match what the model writes",
             builder.name,
             100 * extra["meta_parse_rate"],
+        )
+    if extra["meta_outputs"] and extra["meta_position_consistency"] < MIN_POSITION_CONSISTENCY:
+        log.warning(
+            "stage %s: the meta-judge picked the same judgement in both orders in only "
+            "%.1f%% of its comparisons, so its verdicts mostly follow the position and the "
+            "%d judge pairs are close to noise; sample more verdicts per order "
+            "(meta_judge_settings.num_samples), let the meta-judge reason before its verdict "
+            "(meta_template), or set max_judge_pair_share: 0",
+            builder.name,
+            100 * extra["meta_position_consistency"],
+            len(pairs),
         )
     atomic_write_json(stage_dir / "stats.json", {**stats, **extra})
