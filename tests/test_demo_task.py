@@ -334,7 +334,7 @@ def test_max_prompt_length_is_attained() -> None:
 
 def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> None:
     examples = T.meta_eft_data(1500, 0)
-    labels = Counter(T.parse_meta_verdict(e.response) for e in examples)
+    labels = Counter(e.response for e in examples)
     assert set(labels) == {"A", "B"} and 0.45 < labels["A"] / len(examples) < 0.55
     directions: dict[bool, list[bool]] = {True: [], False: []}
     missed_flips: Counter = Counter()
@@ -350,12 +350,8 @@ def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> Non
         )
         # the letters restated are the prompt's in both judgements (only a verdict differs)
         assert [c for c in e.wrong if c.isupper()] == [c for c in e.right if c.isupper()]
-        label = T.parse_meta_verdict(e.response)
-        a, b = (e.right, e.wrong) if label == "A" else (e.wrong, e.right)
+        a, b = (e.right, e.wrong) if e.response == "A" else (e.wrong, e.right)
         assert e.prompt == T.render_meta_prompt(e.task_prompt, e.task_response, a, b)
-        # the answer: the right judgement's verdicts (no score), the mark, the label
-        assert e.response == e.right.split(" Score:")[0] + T.META_VERDICT_MARK + label
-        assert len(e.response) <= T.meta_max_new_tokens()
         lenient = wrong.verdicts.count("y") > right_v.count("y")  # a missed failure
         both = "n" in right_v and "y" in right_v  # either direction was possible
         directions[both] += [lenient]
@@ -375,11 +371,10 @@ def test_meta_examples_pair_the_oracle_judgement_with_one_wrong_verdict() -> Non
 
 def test_meta_template_renders_the_prompt_and_fits_the_context() -> None:
     kw = T.meta_template_kwargs()
-    assert kw["labels"] == ("A", "B", "=") and kw["verdict_template"] == "#{{ verdict }}"
-    assert kw["match"] == "last"
+    assert kw["labels"] == ("A", "B", "=") and kw["verdict_template"] == "{{ verdict }}"
     env = SandboxedEnvironment()
     e = T.meta_eft_data(1, 3)[0]
-    a, b = (e.right, e.wrong) if T.parse_meta_verdict(e.response) == "A" else (e.wrong, e.right)
+    a, b = (e.right, e.wrong) if e.response == "A" else (e.wrong, e.right)
     rendered = env.from_string(kw["prompt_template"]).render(
         prompt=e.task_prompt, response=e.task_response, judgement_a=a, judgement_b=b
     )
@@ -389,9 +384,7 @@ def test_meta_template_renders_the_prompt_and_fits_the_context() -> None:
     assert bound <= DEMO_MAX_SEQ_LEN
     longest = max(T.meta_eft_data(3000, 1), key=lambda x: len(x.prompt))
     assert len(longest.prompt) + len(longest.response) + 1 <= bound
-    assert T.parse_meta_verdict("yByTy#B") == "B" and T.parse_meta_verdict("x#A#=") == "="
-    # the restated letters are no verdict: only what follows the last mark counts
-    assert T.parse_meta_verdict("yAyB") is None and T.parse_meta_verdict("yA#x") is None
+    assert T.parse_meta_verdict(" B") == "B" and T.parse_meta_verdict("x") is None
 
 
 def test_meta_sets_are_seeded_and_held_out() -> None:

@@ -88,18 +88,13 @@ def _random(cfg: DemoConfig, seed: int, t: int, it: IterationConfig) -> ArmItera
 
 def _meta(cfg: DemoConfig, seed: int, t: int, it: IterationConfig) -> ArmIteration:
     """Meta-Rewarding (Wu et al. 2024): the self arm's actor pairs, plus judge pairs from the
-    model meta-judging two of its own judgements of a candidate (both orders; one greedy
-    answer each, its own verdicts then the label, weighed by the label probabilities), at
-    most ``meta_judge_pair_share`` of the data."""
+    model meta-judging two of its own judgements of a candidate (both orders, the label
+    probabilities of one greedy verdict each), at most ``meta_judge_pair_share`` of the data."""
     stage = _self(cfg, seed, t, it).stage
     stage.update(
         kind="meta_reward_dpo",
         meta_template=MetaJudgeTemplate(**task.meta_template_kwargs()),
-        meta_judge_settings=JudgeConfig(
-            num_samples=1,
-            mode="expected",
-            max_new_tokens=task.meta_max_new_tokens(cfg.task_config),
-        ),
+        meta_judge_settings=JudgeConfig(num_samples=1, mode="expected", max_new_tokens=1),
         max_judge_pair_share=cfg.meta_judge_pair_share,
     )
     return ArmIteration(stage=stage)

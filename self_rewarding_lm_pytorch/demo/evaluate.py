@@ -179,12 +179,9 @@ def evaluate_meta_judge(
     tokenizer: DemoTokenizer,
     examples: Sequence[task.MetaExample],
     path: Path,
-    *,
-    max_new_tokens: int | None = None,
 ) -> tuple[list[dict], dict[str, Any]]:
     """The model as a greedy meta-judge of held-out examples, each asked in both orders
-    (right judgement first, then second: position consistency); ``max_new_tokens``
-    (default :func:`~.task.meta_max_new_tokens` of the default task) bounds each answer.
+    (right judgement first, then second: position consistency).
 
     Records (task prompt and response, the two judgements, the flipped criterion, both
     verdicts and the raw texts) go to ``path`` and are reused if the file is complete.
@@ -197,8 +194,7 @@ def evaluate_meta_judge(
             for e in examples
             for pair in ((e.right, e.wrong), (e.wrong, e.right))
         ]
-        limit = task.meta_max_new_tokens() if max_new_tokens is None else max_new_tokens
-        config = GenerationConfig(max_new_tokens=limit, temperature=0.0)
+        config = GenerationConfig(max_new_tokens=2, temperature=0.0)
         texts = [rs[0] for rs in generate_text(as_backend(model), tokenizer, prompts, config)]
         records = [
             {

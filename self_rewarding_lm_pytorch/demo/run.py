@@ -258,13 +258,7 @@ def _evaluate_model(
         folder / "judge.jsonl",
         max_new_tokens=cfg.judge_max_new_tokens,
     )
-    _, meta_m = evaluate_meta_judge(
-        backend,
-        tokenizer,
-        data.meta_eval,
-        folder / "meta.jsonl",
-        max_new_tokens=task.meta_max_new_tokens(cfg.task_config),
-    )
+    _, meta_m = evaluate_meta_judge(backend, tokenizer, data.meta_eval, folder / "meta.jsonl")
     return {
         "task": task_m,
         "judge": judge_m,

@@ -3,13 +3,7 @@ which judgement is right (the paper's meta-rewarding step, in miniature).
 
 Format (fits ``DEMO_MAX_SEQ_LEN``; :func:`max_meta_sequence_length` is the worst case)::
 
-    meta len6 start:b has:t>bxtrkl|yByTy Score: 5|yByTn Score: 3>   ->  yByTy#A
-
-As the paper's meta-judge explains before its verdict, this one first writes its own
-verdicts of the response (the right judgement's, letters form, without the score), then
-``#`` and the label of the judgement that agrees with them.  Without that step the demo's
-model does not learn the skill: on examples with no shortcut its M1 picked the right
-judgement half the time (docs/demo.md).
+    meta len6 start:b has:t>bxtrkl|yByTy Score: 5|yByTn Score: 3>   ->  A
 
 One judgement is the oracle's (:func:`~.judgement.format_judgement`, letters form); the
 other has one realistic wrong verdict, with the score recomputed to match: half the time a
@@ -32,12 +26,10 @@ from .prompts import TaskConfig, _sample_prompt, max_prompt_length
 
 __all__ = [
     "META_LABELS",
-    "META_VERDICT_MARK",
     "META_PROMPT_TEMPLATE",
     "MISS_WEIGHTS",
     "MetaExample",
     "max_meta_sequence_length",
-    "meta_max_new_tokens",
     "meta_eft_data",
     "meta_eval_set",
     "meta_template_kwargs",
@@ -48,8 +40,6 @@ __all__ = [
 META_PROMPT_TEMPLATE = "meta {{ prompt }}{{ response }}|{{ judgement_a }}|{{ judgement_b }}>"
 """Jinja2 meta-judge prompt (variables ``prompt``, ``response``, ``judgement_a``,
 ``judgement_b``); the verdict follows it directly.  Render with autoescape off."""
-META_VERDICT_MARK = "#"
-"""Ends the meta-judge's own verdicts; the label follows it."""
 META_LABELS = ("A", "B", "=")
 """The verdicts: the first judgement is right, the second is, both equally (never a gold
 label here: the two judgements of an example always differ)."""
@@ -77,30 +67,23 @@ def meta_template_kwargs() -> dict[str, object]:
     ``verdict_template`` (the verdict right after the prompt) and ``labels``."""
     return {
         "prompt_template": META_PROMPT_TEMPLATE,
-        "verdict_template": META_VERDICT_MARK + "{{ verdict }}",
+        "verdict_template": "{{ verdict }}",
         "labels": META_LABELS,
-        "match": "last",
     }
 
 
 def parse_meta_verdict(text: str) -> str | None:
-    """The verdict a meta-judge wrote: the character after its last
-    :data:`META_VERDICT_MARK` if it is one of :data:`META_LABELS`, else ``None``."""
-    head, mark, tail = _require_str(text).rpartition(META_VERDICT_MARK)
-    return tail[:1] if mark and tail[:1] in META_LABELS else None
-
-
-def _own_verdicts(judgement: str) -> str:
-    """The verdicts of a letters-form judgement, without its score (``yByTy``)."""
-    return judgement.split(" ", 1)[0]
+    """The verdict a meta-judge wrote: its first non-blank character if it is one of
+    :data:`META_LABELS`, else ``None``."""
+    head = _require_str(text).lstrip()[:1]
+    return head if head in META_LABELS else None
 
 
 @dataclass(frozen=True)
 class MetaExample:
     """A meta-judge example: ``prompt`` (the rendered meta prompt) -> ``response`` (the
-    meta-judge's own verdicts, :data:`META_VERDICT_MARK` and the label of the right
-    judgement); ``right`` / ``wrong`` are the two judgements, ``flipped`` the criterion
-    whose verdict the wrong one gets wrong."""
+    label of the right judgement); ``right`` / ``wrong`` are the two judgements,
+    ``flipped`` the criterion whose verdict the wrong one gets wrong."""
 
     prompt: str
     response: str
@@ -141,7 +124,7 @@ def _meta_example(spec: Spec, rng: random.Random, mix: EFTMix) -> MetaExample:
     prompt = spec.to_prompt()
     return MetaExample(
         prompt=render_meta_prompt(prompt, response, a, b),
-        response=_own_verdicts(right) + META_VERDICT_MARK + ("A" if first_right else "B"),
+        response="A" if first_right else "B",
         task_prompt=prompt,
         task_response=response,
         right=right,
@@ -168,26 +151,11 @@ def meta_eval_set(
     return [_meta_example(spec, rng, mix) for spec in _distinct_eval_specs(n, rng, config)]
 
 
-def _max_verdicts_length(config: TaskConfig) -> int:
-    criteria = 1 + config.max_extra
-    return criteria + min(config.max_extra, len(_LETTER_CRITERIA))  # letters form
-
-
-def meta_max_new_tokens(config: TaskConfig = TaskConfig()) -> int:
-    """The longest meta-judge answer: its own verdicts, the mark and the label."""
-    return _max_verdicts_length(config) + 2
-
-
 def max_meta_sequence_length(config: TaskConfig = TaskConfig(), max_response_len: int = 16) -> int:
     """Characters in the longest meta-judge sequence: the meta prompt with a response of
-    ``max_response_len`` characters and two letters-form judgements, the answer and EOS."""
-    judgement = len(f"{'y' * _max_verdicts_length(config)} Score: 5")
+    ``max_response_len`` characters and two letters-form judgements, the label and EOS."""
+    criteria = 1 + config.max_extra
+    letters = min(config.max_extra, len(_LETTER_CRITERIA))
+    judgement = len(f"{'y' * (criteria + letters)} Score: 5")
     empty = render_meta_prompt("", "", "", "")
-    return (
-        len(empty)
-        + max_prompt_length(config)
-        + max_response_len
-        + 2 * judgement
-        + meta_max_new_tokens(config)
-        + 1
-    )
+    return len(empty) + max_prompt_length(config) + max_response_len + 2 * judgement + 1 + 1
