@@ -4,16 +4,12 @@ scores are chosen per response; the plan rules of ``generated_eft``; SFT ``init`
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import SFT_DATA, char_tokenizer, tiny_model
+from tiny import SFT_DATA, char_tokenizer, run_two_ranks, tiny_model
 
 from self_rewarding_lm_pytorch.config import ConfigError, parse_run_config
 from self_rewarding_lm_pytorch.generation import GenerationOutput
@@ -207,15 +203,7 @@ def test_resume_after_a_crash_writes_the_same_files(tmp_path):
 def test_two_processes_split_the_judging_and_write_the_files_of_one(tmp_path):
     one = ScriptedJudgeBackend()
     run_eft(tmp_path / "one", one)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = Path(__file__).parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(port), str(here / "eft_ddp_job.py"), str(tmp_path / "two")]
-    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_two_ranks(Path(__file__).parent / "eft_ddp_job.py", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-4000:]
     judged = [
         json.loads((tmp_path / "two" / f"rank-{r}.json").read_text())["judged"] for r in (0, 1)

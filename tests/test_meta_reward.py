@@ -11,7 +11,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from test_eft_stage import ScriptedJudgeBackend
-from tiny import char_tokenizer, tiny_model
+from tiny import char_tokenizer, run_two_ranks, tiny_model
 
 from self_rewarding_lm_pytorch.config import ConfigError, load_run_config
 from self_rewarding_lm_pytorch.data import preference_example
@@ -397,14 +396,7 @@ def test_a_judge_change_sets_the_meta_files_aside(tmp_path):
 
 def test_two_processes_write_the_files_of_one(tmp_path):
     run_meta(tmp_path / "one", ScriptedPolicy(), **DDP_STAGE)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(port), str(HERE / "meta_ddp_job.py"), str(tmp_path / "two")]
-    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = run_two_ranks(HERE / "meta_ddp_job.py", str(tmp_path / "two"))
     assert done.returncode == 0, done.stderr[-4000:]
     calls = [json.loads((tmp_path / "two" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert all(c["meta_calls"] > 0 for c in calls), calls  # both ranks meta-judged chunks

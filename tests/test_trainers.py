@@ -535,13 +535,13 @@ def test_length_bucketed_batches_keep_each_batch_in_one_bucket():
         length_bucketed_batches(lengths, 16, (60, 30))
 
 
-def test_sft_length_buckets_batch_within_buckets_and_learn():
+def _sft_lengths_task():
+    """A 1-layer model, 64 SFT rows of 4-12 tokens (tokens 1..9, pads 0) and the mean NLL
+    of every row under the model: the setting of the length-batching tests."""
     from x_transformers import Decoder, TransformerWrapper
 
-    from self_rewarding_lm_pytorch.config import ConfigError
     from self_rewarding_lm_pytorch.data import SFTExample, collate_sft
     from self_rewarding_lm_pytorch.losses import nll_loss
-    from self_rewarding_lm_pytorch.trainers import SFTTrainer
 
     torch.manual_seed(0)
     model = TransformerWrapper(
@@ -556,6 +556,14 @@ def test_sft_length_buckets_batch_within_buckets_and_learn():
                 nll_loss(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
             )
 
+    return model, examples, loss
+
+
+def test_sft_length_buckets_batch_within_buckets_and_learn():
+    from self_rewarding_lm_pytorch.config import ConfigError
+    from self_rewarding_lm_pytorch.trainers import SFTTrainer
+
+    model, examples, loss = _sft_lengths_task()
     before = loss()
     trainer = SFTTrainer(
         model,
@@ -585,25 +593,9 @@ def test_sft_length_buckets_batch_within_buckets_and_learn():
 
 
 def test_sft_with_group_by_length_learns():
-    from x_transformers import Decoder, TransformerWrapper
-
-    from self_rewarding_lm_pytorch.data import SFTExample, collate_sft
-    from self_rewarding_lm_pytorch.losses import nll_loss
     from self_rewarding_lm_pytorch.trainers import SFTTrainer
 
-    torch.manual_seed(0)
-    model = TransformerWrapper(
-        num_tokens=32, max_seq_len=64, attn_layers=Decoder(dim=32, depth=1, heads=2)
-    )
-    examples = [SFTExample([1, 2] + [3 + (i % 7)] * (2 + i % 9), 2) for i in range(64)]
-
-    def loss() -> float:
-        batch = collate_sft(examples)
-        with torch.no_grad():
-            return float(
-                nll_loss(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
-            )
-
+    model, examples, loss = _sft_lengths_task()
     before = loss()
     SFTTrainer(
         model,

@@ -3,7 +3,11 @@ by the kill test: ``python tests/tiny.py RUN_DIR``)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from x_transformers import Decoder, TransformerWrapper
@@ -122,6 +126,19 @@ def make_trainer(
         seed=seed,
         progress=False,
     )
+
+
+def run_two_ranks(job: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node 2 job *args`` on a free port, with
+    the tests folder importable and one thread per rank (bounded: 600 s)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(port), str(job), *args]
+    path = os.pathsep.join([str(job.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 if __name__ == "__main__":  # the kill test's job: a slower run with many small chunks
