@@ -57,7 +57,7 @@ def _bucketed(examples: list[SFTExample], cfg: DemoConfig) -> Iterator[list[SFTE
     lengths = [len(e.input_ids) for e in examples]
     g = torch.Generator().manual_seed(0)
     batches = length_bucketed_batches(
-        lengths, cfg.sft_batch_size, cfg.length_buckets(), generator=g
+        lengths, cfg.sft_batch_size, cfg.length_buckets() or [], generator=g
     )
     return ([examples[i] for i in b] for b in itertools.cycle(batches))
 

@@ -89,7 +89,7 @@ def test_every_training_setting_reaches_every_trainer(cls, tmp_path):
     fields = {f.name for f in dataclasses.fields(TrainingConfig)}
     assert {*CHANGED, "lr_schedule", "optimizer", "length_buckets"} == fields
     bucketed = build(cls, tmp_path, length_buckets=(4, 9))
-    assert bucketed.config.length_buckets == bucketed.length_buckets == (4, 9)
+    assert bucketed.config.length_buckets == bucketed.length_buckets == [4, 9]
     default = cls.config_class()
     schedule = "linear" if default.lr_schedule == "cosine" else "cosine"
     changed = {**CHANGED, "lr_schedule": schedule}

@@ -18,7 +18,12 @@ from .core import _type_name as _type_name
 #: the modules whose ``__all__`` names this package exports, loaded on first use
 _SUBMODULES = ("run", "load", "overrides")
 
-__all__ = ["ConfigError", "from_dict", "renamed_key", "to_dict"]  # and every name of _SUBMODULES' __all__
+__all__ = [
+    "ConfigError",
+    "from_dict",
+    "renamed_key",
+    "to_dict",
+]  # and every name of _SUBMODULES' __all__
 
 
 def __getattr__(name: str) -> Any:

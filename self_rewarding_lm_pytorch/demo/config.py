@@ -151,12 +151,12 @@ class DemoConfig:
         if not self.iterations:
             raise ValueError("DemoConfig.iterations is empty; give at least one IterationConfig")
 
-    def length_buckets(self) -> tuple[int, ...]:
+    def length_buckets(self) -> list[int] | None:
         """The trainers' ``length_buckets``: one boundary at the longest judge sequence
         (prompt, response and judgement) when ``bucket_long_rows``, else none."""
         if not self.bucket_long_rows:
-            return ()
-        return (task.max_sequence_length(self.task_config, self.max_new_tokens),)
+            return None
+        return [task.max_sequence_length(self.task_config, self.max_new_tokens)]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every setting."""

@@ -216,7 +216,7 @@ class BaseTrainer:
             batch_size=batch_size,
             generator=generator,
             lengths=lengths if self.group_by_length or self.length_buckets else None,
-            boundaries=self.length_buckets,
+            boundaries=self.length_buckets or (),
         )
         prepared = self.accelerator.prepare(loader)
         self._prepared += [loader, prepared]

@@ -99,8 +99,8 @@ class TrainingConfig:
     dropout: float | None = _opt(None, "p of every nn.Dropout during training (None: as is)")
     max_seq_len: int | None = _opt(None, "truncate rows to this many tokens")
     group_by_length: bool = _opt(False, "batch rows of similar length (less padding)")
-    length_buckets: tuple[int, ...] = _opt(
-        (), "token-length boundaries; every batch takes rows of one bucket (less padding)"
+    length_buckets: list[int] | None = _opt(
+        None, "token-length boundaries; every batch takes rows of one bucket (less padding)"
     )
     early_stop_mode: str = _opt("min", "'min' or 'max': which early-stop scores are better")
     check_early_stop_every: int = _opt(200, "steps between early-stop evaluations")
@@ -201,7 +201,7 @@ class TrainingConfig:
             (
                 "length_buckets",
                 (_increasing_lengths, "be strictly increasing token counts >= 1"),
-                "e.g. (64, 256), or () for no buckets",
+                "e.g. [64, 256], or None for no buckets",
             ),
         ]
 
@@ -234,7 +234,7 @@ class TrainingConfig:
         """Subclass hook: checks across fields, run after the per-field ones."""
 
 
-def _increasing_lengths(bounds: tuple[int, ...]) -> bool:
+def _increasing_lengths(bounds: list[int]) -> bool:
     return all(b >= 1 for b in bounds) and all(a < b for a, b in zip(bounds, bounds[1:]))
 
 
