@@ -4,23 +4,17 @@ how many responses that rank judged."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 from test_eft_stage import ScriptedJudgeBackend, run_eft
+from tiny import leave_ranks
 
 
 def main(out: Path) -> None:
     backend = ScriptedJudgeBackend()
     run_eft(out / "run", backend)
-    rank = int(os.environ.get("RANK", "0"))
-    (out / f"rank-{rank}.json").write_text(json.dumps({"judged": backend.judged}))
-    if torch.distributed.is_initialized():  # both ranks meet, then leave the group
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_ranks(out, judged=backend.judged)
 
 
 if __name__ == "__main__":

@@ -4,23 +4,17 @@ how many meta-judge calls that rank made."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
-import torch
 from test_meta_reward import DDP_STAGE, ScriptedPolicy, run_meta
+from tiny import leave_ranks
 
 
 def main(out: Path) -> None:
     policy = ScriptedPolicy()
     run_meta(out / "run", policy, **DDP_STAGE)
-    rank = int(os.environ.get("RANK", "0"))
-    (out / f"rank-{rank}.json").write_text(json.dumps({"meta_calls": policy.meta_calls}))
-    if torch.distributed.is_initialized():  # both ranks meet, then leave the group
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_ranks(out, meta_calls=policy.meta_calls)
 
 
 if __name__ == "__main__":

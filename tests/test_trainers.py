@@ -475,6 +475,17 @@ def test_peft_reference_current_adapter_or_disabled_adapter():
         DPOTrainer(tiny_lm(), ref_adapter="disabled", **kw)
 
 
+def _padding(batches: list[list[int]], lengths: list[int]) -> int:
+    """Tokens the batches hold once padded to their longest row."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def _random_batches_padding(lengths: list[int], size: int) -> int:
+    """The padded tokens of plain shuffled batches (seed 1) of ``size`` rows."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(1)).tolist()
+    return _padding([order[i : i + size] for i in range(0, len(order), size)], lengths)
+
+
 def test_length_grouped_batches_cover_every_item_once_with_less_padding():
     from self_rewarding_lm_pytorch.trainers.schedules import length_grouped_batches
 
@@ -484,12 +495,8 @@ def test_length_grouped_batches_cover_every_item_once_with_less_padding():
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(1000))
     assert all(len(b) <= 16 for b in batches) and len(batches) == 63
-    grouped_pad = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    plain = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
-    plain_pad = sum(
-        len(plain[i : i + 16]) * max(lengths[j] for j in plain[i : i + 16])
-        for i in range(0, 1000, 16)
-    )
+    grouped_pad = _padding(batches, lengths)
+    plain_pad = _random_batches_padding(lengths, 16)
     assert grouped_pad < 0.7 * plain_pad
     # the batch order is shuffled: not sorted by length across the epoch
     firsts = [max(lengths[i] for i in b) for b in batches]
@@ -517,12 +524,8 @@ def test_length_bucketed_batches_keep_each_batch_in_one_bucket():
     assert len(batches) == sum(-(-n // 16) for n in per_bucket)  # one short batch a bucket
     assert sum(len(b) < 16 for b in batches) <= 3
     # the long rows no longer set the padded length of most batches
-    pad = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    plain = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
-    plain_pad = sum(
-        len(plain[i : i + 16]) * max(lengths[j] for j in plain[i : i + 16])
-        for i in range(0, 1000, 16)
-    )
+    pad = _padding(batches, lengths)
+    plain_pad = _random_batches_padding(lengths, 16)
     assert pad < 0.85 * plain_pad
     # rows of different lengths inside a bucket stay mixed (not sorted as group_by_length)
     assert any(max(lengths[i] for i in b) - min(lengths[i] for i in b) > 20 for b in batches)

@@ -141,6 +141,18 @@ def run_two_ranks(job: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def leave_ranks(out: Path, **counts: int) -> None:
+    """A two-rank job's end: ``out/rank-<r>.json`` holds ``counts``; then both ranks meet
+    and leave the process group."""
+    import json
+
+    rank = int(os.environ.get("RANK", "0"))
+    (out / f"rank-{rank}.json").write_text(json.dumps(counts))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":  # the kill test's job: a slower run with many small chunks
     torch.set_num_threads(1)
     make_trainer(sys.argv[1], num_pairs=40, max_new_tokens=24, chunk_size=2).run()
