@@ -254,6 +254,7 @@ def build_judge_pairs(builder: Any, actor_pairs: list[dict]) -> list[dict]:
         unit="response",
         disable=not (builder.progress and main),
     )
+    device = builder.device
 
     def work(c: int) -> list[dict]:
         generator = make_generator(derive_seed(builder.seed, builder.index, "meta", c), device)
@@ -267,7 +268,6 @@ def build_judge_pairs(builder: Any, actor_pairs: list[dict]) -> list[dict]:
                 "the same run folder then judges the stage's candidates again)"
             ) from exc
 
-    device = builder.device
     try:
         for parts in deal_rounds(acc, todo, work):
             fresh = [r for part in parts for r in part]
