@@ -3,7 +3,9 @@ scores are chosen per response; the plan rules of ``generated_eft``; SFT ``init`
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -312,3 +314,38 @@ def test_sft_init_base_starts_from_the_initial_weights_and_previous_continues(tm
     changed = [first, SFTStage(datasets=["b"], init="previous", trainer=train)]
     with pytest.raises(RunDirError, match=r"stage 02-sft finished with other settings.*init"):
         _sft_trainer(tmp_path / "base", changed).run()
+
+
+def test_the_initial_weights_are_freed_after_the_last_stage_that_needs_them(tmp_path):
+    train = dict(batch_size=4, num_train_steps=2, start_learning_rate=1e-2)
+    stages = [
+        SFTStage(datasets=["a"], trainer=train),
+        SFTStage(datasets=["b"], init="base", trainer=train),
+        SFTStage(datasets=["a"], trainer=train),
+    ]
+    trainer = _sft_trainer(tmp_path / "run", stages)
+    kept = [weakref.ref(t) for t in trainer._base_weights.values()]
+    seen: list[bool] = []  # before each stage: is the CPU copy still alive?
+    run_stage = trainer._run_stage
+
+    def watched(index, stage, stage_dir):
+        gc.collect()
+        seen.append(all(r() is not None for r in kept))
+        return run_stage(index, stage, stage_dir)
+
+    trainer._run_stage = watched
+    trainer.run()
+    gc.collect()
+    # kept for stage 2 (init: base), freed once it finished: stage 3 trains without it
+    assert seen == [True, True, False]
+    assert all(r() is None for r in kept)
+    # running the plan again on this trainer would need them: refused, naming the fix,
+    # before the finished run's folder is emptied
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(RuntimeError, match=r"freed the weights it started from.*new Self"):
+        trainer.run(overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    # a new trainer (the weights as given) resumes and reruns as before
+    fresh = _sft_trainer(tmp_path / "run", stages)
+    assert fresh._base_weights is not None
+    fresh.run(overwrite=True)

@@ -404,6 +404,8 @@ class SelfRewardingTrainer(PreferenceIteration):
 
     def run(self, *, overwrite: bool = False) -> dict:
         """Run every stage not yet finished; returns the run report (also written to disk)."""
+        if overwrite:  # refused before the folder is emptied
+            self._check_base(self.stages)
         self.open_run_dir(overwrite=overwrite)
         try:
             return self._run_stages(self._state)
@@ -425,6 +427,9 @@ class SelfRewardingTrainer(PreferenceIteration):
         if last_ckpt is not None:
             load_checkpoint(self.model, self.run_dir / last_ckpt)
             self.samplers.weights = self.run_dir / last_ckpt  # a vLLM engine starts from it
+        remaining = [s for s, n in zip(self.stages, plan) if n not in finished]
+        self._check_base(remaining)
+        self._release_base(remaining)
 
         for index, stage in enumerate(self.stages):
             name = plan[index]
@@ -444,7 +449,22 @@ class SelfRewardingTrainer(PreferenceIteration):
             self._save_state(state)
             finished[name] = record
             self.snapshots.release(self.snapshots.keep_for(self.stages[index + 1 :]))
+            self._release_base(self.stages[index + 1 :])
         return write_report(self.run_dir, state["finished"], main=main)
+
+    def _check_base(self, remaining: Sequence[Stage]) -> None:
+        if self._base_weights is None and needs_base(remaining):
+            raise RuntimeError(
+                "this trainer freed the weights it started from after the last stage that "
+                "needed them, and the stages to run now need them again (init: base, "
+                "'initial', judge_health freeze); build a new SelfRewardingTrainer to run again"
+            )
+
+    def _release_base(self, remaining: Sequence[Stage]) -> None:
+        """Free the CPU copy of the initial weights once no ``remaining`` stage needs it
+        (a model's worth of host memory for the rest of the run)."""
+        if self._base_weights is not None and not needs_base(remaining):
+            self._base_weights = None
 
     def _run_stage(self, index: int, stage: Stage, stage_dir: Path) -> dict:
         sampler = None
