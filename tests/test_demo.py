@@ -443,6 +443,21 @@ def test_aggregate_over_seeds(run: tuple[Path, dict]) -> None:
         )
     text = render_aggregate(agg)
     assert f"Seeds {SEED}, {SEED + 1}" in text
+    # paired with self: seed 2 moved every arm alike, so each difference is the same twice
+    assert "vs_self" not in agg["arms"]["self"]
+    for arm in (a for a in DEFAULT_ARMS if a != "self"):
+        a, base = report["summary"]["arms"][arm], report["summary"]["arms"]["self"]
+        diff = a["pct_fully_correct"][2] - base["pct_fully_correct"][2]
+        v = agg["arms"][arm]["vs_self"]
+        assert v["fully_correct"]["values"] == pytest.approx([diff, diff])
+        assert v["fully_correct"]["std"] == pytest.approx(0.0)
+        assert v["seeds_above"] == (2 if diff > 0 else 0)
+        judge = a["judge_pairwise_accuracy_pct"][2] - base["judge_pairwise_accuracy_pct"][2]
+        assert v["judge_pairwise_accuracy"]["mean"] == pytest.approx(judge)
+        assert f"| {arm} | {diff:+.1f} / {diff:+.1f} | {diff:+.1f} ± 0.0 |" in text
+    other["summary"]["arms"]["meta"]["pct_fully_correct"][2] += 3.0  # meta alone, seed 2
+    v = aggregate([report, other])["arms"]["meta"]["vs_self"]["fully_correct"]
+    assert v["values"][1] - v["values"][0] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="no reports"):
         aggregate([])
 

@@ -411,8 +411,9 @@ def _spread(xs: Sequence[float]) -> dict[str, float]:
 
 def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread over seeds of each arm's M1 ... M_{T+1} % fully correct and judge
-    pairwise accuracy, their last - M1 changes, and the issue's checks on the means (for
-    every arm that all ``reports`` ran, in the first report's order)."""
+    pairwise accuracy, their last - M1 changes, each arm's paired difference to the self
+    arm (``vs_self``), and the issue's checks on the means (for every arm that all
+    ``reports`` ran, in the first report's order)."""
     if not reports:
         raise ValueError("no reports to aggregate; pass at least one run directory")
     seeds = [r["seed"] for r in reports]
@@ -441,6 +442,7 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 [a["delta_judge_pairwise_accuracy"] for a in runs]
             ),
         }
+    _paired_with_self(reports, arms)
     checks = _checks(
         list(arms),
         {arm: a["delta_fully_correct"]["mean"] for arm, a in arms.items()},
@@ -448,6 +450,29 @@ def aggregate(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
         {arm: a["pct_fully_correct"][-1]["mean"] for arm, a in arms.items()},
     )
     return {"seeds": seeds, "arms": arms, "checks": checks}
+
+
+def _paired_with_self(reports: Sequence[dict[str, Any]], arms: dict[str, Any]) -> None:
+    """Add ``vs_self`` to every arm but ``self``: per seed, the arm's last model minus the
+    self arm's (% fully correct, judge pairwise accuracy). Both start from the seed's M1,
+    so the paired difference leaves out the spread of M1 across seeds."""
+    if "self" not in arms:
+        return
+    for arm, a in arms.items():
+        if arm == "self":
+            continue
+        diffs = {"fully_correct": [], "judge_pairwise_accuracy": []}
+        for r in reports:
+            mine, base = r["summary"]["arms"][arm], r["summary"]["arms"]["self"]
+            k = min(len(mine["pct_fully_correct"]), len(base["pct_fully_correct"])) - 1
+            diffs["fully_correct"].append(
+                mine["pct_fully_correct"][k] - base["pct_fully_correct"][k]
+            )
+            diffs["judge_pairwise_accuracy"].append(
+                mine["judge_pairwise_accuracy_pct"][k] - base["judge_pairwise_accuracy_pct"][k]
+            )
+        a["vs_self"] = {key: _spread(xs) for key, xs in diffs.items()}
+        a["vs_self"]["seeds_above"] = sum(x > 0 for x in diffs["fully_correct"])
 
 
 def _ms(s: dict[str, float]) -> str:
@@ -483,6 +508,26 @@ def render_aggregate(agg: dict[str, Any]) -> str:
             lines.append(f"| {arm} | {i} | {_ms(op)} | {_ms(pc)} |")
     c = agg["checks"]
     last = _last_label(agg["arms"])
+    paired = {arm: a["vs_self"] for arm, a in agg["arms"].items() if "vs_self" in a}
+    if paired:
+        n = len(agg["seeds"])
+        lines += [
+            "",
+            f"Paired with the self arm (same seed, same M1): {last} of the arm minus {last} "
+            "of self.",
+            "",
+            "| arm | % fully correct, per seed | mean ± std | seeds above self | "
+            "judge pairwise acc (%), mean ± std |",
+            "|---|---|---|---|---|",
+        ]
+        for arm, v in paired.items():
+            fc = v["fully_correct"]
+            per_seed = " / ".join(f"{x:+.1f}" for x in fc["values"])
+            lines.append(
+                f"| {arm} | {per_seed} | {fc['mean']:+.1f} ± {fc['std']:.1f} | "
+                f"{v['seeds_above']} of {n} | {v['judge_pairwise_accuracy']['mean']:+.1f} ± "
+                f"{v['judge_pairwise_accuracy']['std']:.1f} |"
+            )
     lines += [
         "",
         f"- oracle gains at least {BAR_FULLY_CORRECT:g} points (mean {last} - M1 >= "
